@@ -1,0 +1,185 @@
+"""Configuration: one TOML file plus LISTSYNC_* environment overrides, validated at start.
+
+The file is found by `--config PATH`, else `$LISTSYNC_CONFIG`, else `./listsync.toml`, else the
+built-in defaults. Environment variables win over the file: `LISTSYNC_` + the key path joined by
+`__` (LISTSYNC_ITERABLE__API_KEY). Secrets are SecretStr so they never print by accident.
+`load_settings` is the only place that builds Settings; a bad value becomes one ConfigError line
+naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from listsync.domain import ProjectType
+from listsync.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = "listsync.toml"
+CONFIG_ENV_VAR = "LISTSYNC_CONFIG"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class IterableSettings(Section):
+    api_key: SecretStr = SecretStr("")
+    data_center: Literal["US", "EU"] = "US"
+    base_url: str = ""
+    project_type: ProjectType = ProjectType.HYBRID
+    timeout_seconds: float = Field(30.0, gt=0)
+    max_attempts: int = Field(5, ge=1, le=20)
+    retry_base_seconds: float = Field(0.5, ge=0)
+    retry_max_seconds: float = Field(30.0, ge=0)
+    rate_limits: dict[str, float] = Field(default_factory=dict)
+
+    @property
+    def dry_run(self) -> bool:
+        return not self.api_key.get_secret_value()
+
+
+class ReceiverSettings(Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8088, ge=0, le=65535)
+    write_keys: list[SecretStr] = Field(default_factory=list)
+
+
+class SyncSettings(Section):
+    interval_seconds: float = Field(10.0, gt=0)
+    batch_size: int = Field(1000, ge=1, le=1000)
+    max_unsubscribe_fraction: float = Field(0.5, ge=0, le=1)
+    retry_base_seconds: float = Field(30.0, ge=0)
+    retry_max_seconds: float = Field(3600.0, ge=0)
+    lease_seconds: float = Field(300.0, gt=0)
+    reconcile_interval_seconds: float = Field(0.0, ge=0)
+
+
+class AudienceSettings(Section):
+    campaign_id: int = Field(0, ge=0)
+    channel_unsubscribe: bool = False
+    update_existing_users_only: bool = False
+    data_fields: list[str] = Field(default_factory=list)
+
+
+class AudienceOverride(Section):
+    """Per-audience settings; a key left out takes its value from [audience_defaults]."""
+
+    campaign_id: int | None = Field(None, ge=0)
+    channel_unsubscribe: bool | None = None
+    update_existing_users_only: bool | None = None
+    data_fields: list[str] | None = None
+
+
+class FileSourceSettings(Section):
+    path: str = ""
+    interval_seconds: float = Field(5.0, gt=0)
+
+
+class SqlSourceSettings(Section):
+    url: SecretStr = SecretStr("")
+    query: str = ""
+    interval_seconds: float = Field(300.0, gt=0)
+
+
+class SourcesSettings(Section):
+    files: FileSourceSettings = Field(default_factory=FileSourceSettings)
+    sql: SqlSourceSettings = Field(default_factory=SqlSourceSettings)
+
+
+class LoggingSettings(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_format: bool = False
+
+
+class Settings(BaseSettings):
+    """Every key of listsync; config.example.toml documents each with its default."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LISTSYNC_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    database_url: str = "sqlite:///listsync.db"
+    iterable: IterableSettings = Field(default_factory=IterableSettings)
+    receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)
+    sync: SyncSettings = Field(default_factory=SyncSettings)
+    audience_defaults: AudienceSettings = Field(default_factory=AudienceSettings)
+    audiences: dict[str, AudienceOverride] = Field(default_factory=dict)
+    sources: SourcesSettings = Field(default_factory=SourcesSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's values arrive as init kwargs; environment variables must override them.
+        return (env_settings, init_settings)
+
+    def audience(self, audience_key: str) -> AudienceSettings:
+        """The effective settings of one audience: its override over the defaults."""
+        override = self.audiences.get(audience_key)
+        if override is None:
+            return self.audience_defaults
+        changes = override.model_dump(exclude_none=True)
+        return self.audience_defaults.model_copy(update=changes)
+
+
+def config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
+    """The file to read: --config, else $LISTSYNC_CONFIG, else ./listsync.toml if it exists."""
+    if explicit:
+        return Path(explicit)
+    from_env = os.environ.get(CONFIG_ENV_VAR)
+    if from_env:
+        return Path(from_env)
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.exists() else None
+
+
+def load_settings(explicit: str | os.PathLike[str] | None = None) -> Settings:
+    """Build Settings from the chosen file and the environment, or raise one clear ConfigError."""
+    path = config_path(explicit)
+    data = _read_toml(path) if path else {}
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    """One line naming each bad key and what is expected; values of secret keys are not echoed."""
+    where = f" in {path}" if path else ""
+    parts = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif not _is_secret_key(key) and "input" in error and not isinstance(error["input"], dict):
+            message += f" (got {error['input']!r})"
+        parts.append(f"{key}: {message}")
+    return f"invalid configuration{where}: " + "; ".join(parts)
+
+
+def _is_secret_key(key: str) -> bool:
+    return any(word in key for word in ("api_key", "write_keys", "url"))

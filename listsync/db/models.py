@@ -1,0 +1,324 @@
+"""The sync state as tables a person can read with SQL.
+
+Enum values are stored as readable text (VARCHAR + CHECK, never native enums), timestamps are UTC,
+and every column carries a comment. The views of the user-facing contract (audience_status,
+member_status, rejected_events) are defined in `views.py` and created by the migrations.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Dialect,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import DateTime, TypeDecorator
+
+from listsync.domain import Desired, Synced
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+Json = JSON().with_variant(JSONB(), "postgresql")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, whatever the database keeps."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        # SQLite compares timestamps as text, so store one uniform naive-UTC format there.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def text_enum(enum: type[StrEnum], name: str) -> Enum:
+    return Enum(
+        enum,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda members: [member.value for member in members],
+        validate_strings=True,
+    )
+
+
+class ListState(StrEnum):
+    PENDING = "pending"  # no Iterable list yet
+    READY = "ready"
+    MISSING = "missing"  # Iterable refused the stored list id; sending stopped
+
+
+class MemberState(StrEnum):
+    PENDING = "pending"
+    SYNCED = "synced"
+    FAILED = "failed"
+
+
+class RequestStatus(StrEnum):
+    IN_FLIGHT = "in_flight"  # written before the call: a crash leaves it for in-doubt recovery
+    OK = "ok"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    RESOLVED = "resolved"  # was in doubt after a crash; outcome read back from Iterable
+
+
+class RunStatus(StrEnum):
+    RUNNING = "running"
+    OK = "ok"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: Json}
+
+
+class Audience(Base):
+    __tablename__ = "audiences"
+    __table_args__ = {"comment": "One row per audience key; each maps to one Iterable list."}
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    audience_key: Mapped[str] = mapped_column(
+        String(255), unique=True, comment="Engage audience key; also the Iterable list name"
+    )
+    list_id: Mapped[int | None] = mapped_column(BigInteger, comment="Iterable list id, once found or created")
+    list_state: Mapped[ListState] = mapped_column(
+        text_enum(ListState, "list_state"),
+        default=ListState.PENDING,
+        comment="pending: no list yet; ready; missing: Iterable refused the list id",
+    )
+    settings: Mapped[dict[str, Any]] = mapped_column(
+        default=dict, comment="effective per-audience settings (config over event-supplied settings)"
+    )
+    hold_reason: Mapped[str | None] = mapped_column(
+        Text, comment="why sending is held (mass-unsubscribe guard); NULL when not held"
+    )
+    lease_owner: Mapped[str | None] = mapped_column(String(255), comment="replica currently syncing it")
+    lease_until: Mapped[datetime | None] = mapped_column(comment="the claim expires at this UTC time")
+    last_synced_at: Mapped[datetime | None] = mapped_column(comment="end of the last run that sent to it")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, comment="UTC")
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow, comment="UTC")
+
+
+class Membership(Base):
+    __tablename__ = "memberships"
+    __table_args__ = (
+        UniqueConstraint("audience_id", "user_id", "email", name="uq_memberships_identity"),
+        Index(
+            "ix_memberships_pending",
+            "audience_id",
+            "next_attempt_at",
+            sqlite_where=text("state = 'pending'"),
+            postgresql_where=text("state = 'pending'"),
+        ),
+        Index("ix_memberships_user_id", "user_id"),
+        {"comment": "Desired and last-synced list membership per audience and subscriber."},
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    audience_id: Mapped[int] = mapped_column(
+        ForeignKey("audiences.id", ondelete="CASCADE"), comment="audience"
+    )
+    user_id: Mapped[str] = mapped_column(
+        String(255), default="", comment="Segment userId, exactly; '' if none"
+    )
+    email: Mapped[str] = mapped_column(String(320), default="", comment="lower-cased email; '' if none")
+    desired: Mapped[Desired] = mapped_column(
+        text_enum(Desired, "desired"), comment="in / out per the latest event; unknown: no flag seen yet"
+    )
+    desired_at: Mapped[datetime] = mapped_column(comment="timestamp of the event that set `desired` (UTC)")
+    desired_message_id: Mapped[str] = mapped_column(String(255), comment="messageId of that event")
+    data_fields: Mapped[dict[str, Any] | None] = mapped_column(comment="dataFields sent on subscribe")
+    synced: Mapped[Synced | None] = mapped_column(
+        text_enum(Synced, "synced"), comment="in / out as last confirmed by Iterable; NULL: never sent"
+    )
+    synced_email: Mapped[str | None] = mapped_column(String(320), comment="email sent with the last change")
+    synced_user_id: Mapped[str | None] = mapped_column(
+        String(255), comment="userId sent with the last change"
+    )
+    synced_at: Mapped[datetime | None] = mapped_column(comment="when Iterable confirmed `synced` (UTC)")
+    state: Mapped[MemberState] = mapped_column(
+        text_enum(MemberState, "member_state"),
+        default=MemberState.PENDING,
+        comment="pending: to send; synced; failed: refused for good until desired changes",
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0, comment="sends of the current change")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(comment="not retried before this UTC time")
+    last_error: Mapped[str | None] = mapped_column(Text, comment="last failure, redacted")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, comment="UTC")
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow, comment="UTC")
+
+
+class InboxEvent(Base):
+    __tablename__ = "inbox"
+    __table_args__ = (
+        Index(
+            "ix_inbox_unapplied",
+            "id",
+            sqlite_where=text("applied_at IS NULL"),
+            postgresql_where=text("applied_at IS NULL"),
+        ),
+        {"comment": "Accepted raw events, committed before the receiver answers 200."},
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    message_id: Mapped[str] = mapped_column(String(255), unique=True, comment="Segment messageId; dedupe key")
+    type: Mapped[str] = mapped_column(String(16), comment="identify / track / page / screen / group / alias")
+    event: Mapped[str | None] = mapped_column(String(255), comment="track event name")
+    user_id: Mapped[str | None] = mapped_column(String(255), comment="Segment userId")
+    anonymous_id: Mapped[str | None] = mapped_column(String(255), comment="Segment anonymousId")
+    email: Mapped[str | None] = mapped_column(String(320), comment="normalised email, when present")
+    timestamp: Mapped[datetime] = mapped_column(comment="the event's own timestamp (UTC)")
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, comment="when listsync stored it (UTC)")
+    source: Mapped[str] = mapped_column(String(255), comment="receiver, file:<name>, sql")
+    payload: Mapped[dict[str, Any]] = mapped_column(comment="the event as received, secrets removed")
+    is_audience: Mapped[bool] = mapped_column(comment="true when it carried audience membership")
+    applied_at: Mapped[datetime | None] = mapped_column(comment="when its deltas reached memberships")
+
+
+class DeadLetter(Base):
+    __tablename__ = "dead_letters"
+    __table_args__ = {"comment": "Events and bodies that could not be accepted, with the reason."}
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, comment="UTC")
+    source: Mapped[str] = mapped_column(String(255), comment="receiver, file:<name>, sql")
+    reason: Mapped[str] = mapped_column(Text, comment="code: explanation")
+    payload: Mapped[str] = mapped_column(Text, comment="the raw event or body, secrets removed")
+
+
+class SyncRun(Base):
+    __tablename__ = "sync_runs"
+    __table_args__ = {"comment": "Ledger of sync runs (daemon ticks, one-shot syncs, reconciles)."}
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    trigger: Mapped[str] = mapped_column(String(32), comment="daemon / sync / reconcile / recovery")
+    owner: Mapped[str] = mapped_column(String(255), comment="replica that ran it")
+    status: Mapped[RunStatus] = mapped_column(
+        text_enum(RunStatus, "run_status"),
+        default=RunStatus.RUNNING,
+        comment="running / ok / failed / aborted",
+    )
+    started_at: Mapped[datetime] = mapped_column(default=utcnow, comment="UTC")
+    finished_at: Mapped[datetime | None] = mapped_column(comment="UTC")
+    requests: Mapped[int] = mapped_column(Integer, default=0, comment="requests sent to Iterable")
+    subscribed: Mapped[int] = mapped_column(Integer, default=0, comment="members confirmed in")
+    unsubscribed: Mapped[int] = mapped_column(Integer, default=0, comment="members confirmed out")
+    failed: Mapped[int] = mapped_column(Integer, default=0, comment="members that failed for good")
+    summary: Mapped[str | None] = mapped_column(Text, comment="human summary or the error that ended it")
+
+
+class ApiRequest(Base):
+    __tablename__ = "api_requests"
+    __table_args__ = (
+        Index(
+            "ix_api_requests_in_flight",
+            "audience_id",
+            sqlite_where=text("status = 'in_flight'"),
+            postgresql_where=text("status = 'in_flight'"),
+        ),
+        {"comment": "Every request sent to Iterable, written before the call and completed after."},
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("sync_runs.id", ondelete="SET NULL"), comment="run")
+    audience_id: Mapped[int | None] = mapped_column(
+        ForeignKey("audiences.id", ondelete="CASCADE"), comment="audience, for list calls"
+    )
+    endpoint: Mapped[str] = mapped_column(String(64), comment="e.g. lists/subscribe")
+    item_count: Mapped[int] = mapped_column(Integer, comment="subscribers / users / events in the body")
+    status: Mapped[RequestStatus] = mapped_column(
+        text_enum(RequestStatus, "request_status"), comment="in_flight / ok / partial / failed / resolved"
+    )
+    http_status: Mapped[int | None] = mapped_column(Integer, comment="HTTP status; NULL if none arrived")
+    iterable_code: Mapped[str | None] = mapped_column(String(64), comment="Iterable's code, e.g. BadParams")
+    success_count: Mapped[int | None] = mapped_column(Integer, comment="Iterable's successCount")
+    fail_count: Mapped[int | None] = mapped_column(Integer, comment="Iterable's failCount")
+    error: Mapped[str | None] = mapped_column(Text, comment="error text, redacted")
+    owner: Mapped[str] = mapped_column(String(255), comment="replica that sent it")
+    started_at: Mapped[datetime] = mapped_column(default=utcnow, comment="UTC")
+    finished_at: Mapped[datetime | None] = mapped_column(comment="UTC")
+    elapsed_ms: Mapped[int | None] = mapped_column(
+        Integer, comment="time spent on the call, retries included"
+    )
+
+
+class RequestItem(Base):
+    __tablename__ = "api_request_items"
+    __table_args__ = (
+        Index("ix_api_request_items_membership_id", "membership_id"),
+        {"comment": "Per-member outcome of each list request."},
+    )
+
+    request_id: Mapped[int] = mapped_column(
+        ForeignKey("api_requests.id", ondelete="CASCADE"), primary_key=True, comment="request"
+    )
+    membership_id: Mapped[int] = mapped_column(
+        ForeignKey("memberships.id", ondelete="CASCADE"), primary_key=True, comment="member"
+    )
+    outcome: Mapped[str | None] = mapped_column(
+        String(32), comment="ok / not_found / invalid / forgotten / ..."
+    )
+    error: Mapped[str | None] = mapped_column(Text, comment="why it failed, when it did")
+
+
+class SourceFile(Base):
+    __tablename__ = "source_files"
+    __table_args__ = {"comment": "Files read from the drop folder, with how far each was read."}
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    path: Mapped[str] = mapped_column(String(1024), unique=True, comment="absolute path")
+    lines_read: Mapped[int] = mapped_column(Integer, default=0, comment="lines committed so far")
+    completed_at: Mapped[datetime | None] = mapped_column(comment="UTC; NULL while being read")
+
+
+class Lease(Base):
+    __tablename__ = "leases"
+    __table_args__ = {"comment": "Named leases: one replica at a time runs each periodic job."}
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True, comment="job or lock name")
+    owner: Mapped[str] = mapped_column(String(255), comment="replica holding it")
+    until: Mapped[datetime] = mapped_column(comment="expiry, UTC")
+
+
+metadata = Base.metadata

@@ -1,0 +1,1 @@
+"""Alembic revisions of listsync (shipped in the wheel as listsync.migrations)."""
