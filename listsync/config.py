@@ -55,6 +55,7 @@ class SyncSettings(Section):
     interval_seconds: float = Field(10.0, gt=0)
     batch_size: int = Field(1000, ge=1, le=1000)
     max_unsubscribe_fraction: float = Field(0.5, ge=0, le=1)
+    guard_min_list_size: int = Field(10, ge=0)
     retry_base_seconds: float = Field(30.0, ge=0)
     retry_max_seconds: float = Field(3600.0, ge=0)
     lease_seconds: float = Field(300.0, gt=0)

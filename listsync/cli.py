@@ -1,0 +1,117 @@
+"""The `listsync` command: parse arguments, load configuration, hand over to the engine.
+
+One top-level error handler: a short message on stderr and the exit status of the contract
+(2 for configuration and connection problems), the traceback only at debug level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
+
+from listsync import __version__, logs
+from listsync.config import Settings, load_settings
+from listsync.errors import ConfigError, ListsyncError
+
+logger = logging.getLogger("listsync")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="listsync",
+        description=("Keep Iterable lists and profiles in step with your CDP's audiences and events."),
+    )
+    parser.add_argument(
+        "--config", metavar="PATH", help="TOML file (default: $LISTSYNC_CONFIG, ./listsync.toml)"
+    )
+    parser.add_argument(
+        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="overrides logging.level"
+    )
+    parser.add_argument("--version", action="version", version=f"listsync {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser(
+        "daemon", help="run the receiver, the pollers and periodic syncs until SIGTERM/SIGINT"
+    )
+    sync = commands.add_parser("sync", help="one-shot: poll sources, send everything due, then exit")
+    sync.add_argument("--allow-mass-unsubscribe", action="store_true", help="release runs held by the guard")
+    sync.add_argument(
+        "--recreate-missing-lists",
+        action="store_true",
+        help="recreate lists Iterable no longer knows and resend their members",
+    )
+    sync.add_argument(
+        "--reconcile", action="store_true", help="read each list back from Iterable and repair drift"
+    )
+    sync.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    ingest = commands.add_parser(
+        "ingest", help="read Segment-format NDJSON events (FILE, FILE.gz or - for stdin)"
+    )
+    ingest.add_argument("file", metavar="FILE")
+    status = commands.add_parser("status", help="a table per audience (the audience_status view)")
+    status.add_argument("--json", action="store_true", help="print the rows as JSON")
+    plan = commands.add_parser("plan", help="what the next sync would send, without sending")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    db = commands.add_parser("db", help="database schema")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_commands.add_parser("upgrade", help="apply the migrations")
+    db_commands.add_parser("current", help="print the schema revision")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        logs.configure(args.log_level or settings.logging.level, settings.logging.json_format)
+        return _dispatch(args, settings)
+    except ConfigError as exc:
+        print(f"listsync: {exc}", file=sys.stderr)
+        return 2
+    except OperationalError as exc:
+        logger.debug("database error", exc_info=True)
+        print(
+            f"listsync: cannot use the database: {exc.orig.__class__.__name__}: {_first_line(exc.orig)}",
+            file=sys.stderr,
+        )
+        return 2
+    except ListsyncError as exc:
+        logger.debug("error", exc_info=True)
+        print(f"listsync: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _first_line(error: BaseException | None) -> str:
+    return str(error).strip().splitlines()[0] if error and str(error).strip() else ""
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    from listsync import commands
+
+    handlers: dict[str, Any] = {
+        "daemon": lambda: commands.daemon(settings),
+        "sync": lambda: commands.sync(
+            settings,
+            allow_mass_unsubscribe=args.allow_mass_unsubscribe,
+            recreate_missing_lists=args.recreate_missing_lists,
+            reconcile=args.reconcile,
+            progress=not args.no_progress,
+        ),
+        "ingest": lambda: commands.ingest(settings, args.file),
+        "status": lambda: commands.status(settings, as_json=args.json),
+        "plan": lambda: commands.plan(settings, as_json=args.json),
+        "db": lambda: commands.db(settings, args.db_command),
+    }
+    result: int = handlers[args.command]()
+    return result
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))

@@ -1,0 +1,161 @@
+"""What each CLI verb does, in terms of the engine. Kept apart from argument parsing so tests can
+call the verbs directly and the parser stays a table."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from listsync import sync as engine
+from listsync.config import Settings
+from listsync.db import repo
+from listsync.db import session as dbs
+from listsync.iterable.client import client_from_settings
+
+
+@contextmanager
+def _database(settings: Settings, *, migrate: bool = True) -> Iterator[tuple[Engine, sessionmaker[Session]]]:
+    if migrate:
+        dbs.upgrade(settings.database_url)
+    db_engine = dbs.make_engine(settings.database_url)
+    try:
+        yield db_engine, dbs.session_factory(db_engine)
+    finally:
+        db_engine.dispose()
+
+
+@contextmanager
+def sync_context(settings: Settings) -> Iterator[engine.SyncContext]:
+    with _database(settings) as (_engine, factory), client_from_settings(settings.iterable) as client:
+        yield engine.SyncContext(settings=settings, factory=factory, client=client)
+
+
+def daemon(settings: Settings) -> int:
+    from listsync import daemon as daemon_module
+
+    return daemon_module.run(settings)
+
+
+def sync(
+    settings: Settings,
+    *,
+    allow_mass_unsubscribe: bool,
+    recreate_missing_lists: bool,
+    reconcile: bool,
+    progress: bool,
+) -> int:
+    from listsync.ingest import pollers
+
+    options = engine.RunOptions(
+        trigger="sync",
+        allow_mass_unsubscribe=allow_mass_unsubscribe,
+        recreate_missing_lists=recreate_missing_lists,
+        reconcile=reconcile,
+    )
+    with sync_context(settings) as ctx:
+        pollers.poll_configured_sources(ctx.factory, settings)
+        bar = _ProgressBar() if progress and sys.stderr.isatty() else None
+        report = engine.run_once(ctx, options, progress=bar)
+        if bar:
+            bar.done()
+    print(report.summary())
+    return report.exit_code
+
+
+def ingest(settings: Settings, path: str) -> int:
+    from listsync.ingest import pollers
+
+    with _database(settings) as (_engine, factory):
+        counts = pollers.ingest_path(factory, path)
+    print(f"accepted {counts.accepted}, duplicates {counts.duplicates}, rejected {counts.rejected}")
+    return 0
+
+
+def status(settings: Settings, *, as_json: bool) -> int:
+    with _database(settings) as (_engine, factory), factory() as session:
+        rows = repo.audience_status(session)
+    if as_json:
+        from listsync.cli import print_json
+
+        print_json(rows)
+    else:
+        print(
+            render_table(
+                rows,
+                [
+                    "audience_key",
+                    "list_id",
+                    "members",
+                    "synced_members",
+                    "pending_subscribe",
+                    "pending_unsubscribe",
+                    "failed",
+                    "last_synced_at",
+                    "list_state",
+                    "hold_reason",
+                ],
+            )
+        )
+    return 0
+
+
+def plan(settings: Settings, *, as_json: bool) -> int:
+    with sync_context(settings) as ctx:
+        rows = engine.preview(ctx)
+    if as_json:
+        from listsync.cli import print_json
+
+        print_json(rows)
+    else:
+        print(
+            render_table(
+                rows,
+                ["audience_key", "list_id", "subscribe", "unsubscribe", "requests", "unsendable", "note"],
+            )
+        )
+    return 0
+
+
+def db(settings: Settings, action: str) -> int:
+    if action == "upgrade":
+        dbs.upgrade(settings.database_url)
+        print("database is at the latest schema revision")
+        return 0
+    from alembic import command
+
+    command.current(dbs.alembic_config(settings.database_url))
+    return 0
+
+
+def render_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    if not rows:
+        return "(no audiences yet)"
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+class _ProgressBar:
+    """A one-line progress counter on stderr for terminals."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def __call__(self, audience_key: str, members: int) -> None:
+        self.sent += members
+        sys.stderr.write(f"\r{audience_key}: {self.sent} member changes sent")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        sys.stderr.write("\n")

@@ -1,0 +1,146 @@
+"""`listsync daemon`: the receiver, the pollers and periodic list syncs in one process.
+
+APScheduler 3 runs the periodic jobs from an in-memory job store (never a shared one: 3.x cannot
+coordinate several schedulers). Each job runs at most once at a time and missed ticks coalesce.
+SIGTERM/SIGINT stop the receiver first, let the batch in flight finish and be recorded, then exit 0.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy.engine import make_url
+
+from listsync import sync
+from listsync.config import Settings
+from listsync.db import session as dbs
+from listsync.errors import ListsyncError
+from listsync.iterable.client import client_from_settings
+
+logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def single_daemon(database_url: str) -> Iterator[None]:
+    """On SQLite, refuse a second daemon on the same file: it cannot share the work safely.
+    An OS file lock is released by the kernel even after kill -9, so it never goes stale."""
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        yield
+        return
+    lock_path = f"{os.path.abspath(url.database)}.daemon.lock"
+    handle: IO[str] = open(lock_path, "a+")  # noqa: SIM115 - held for the daemon's lifetime
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ListsyncError(
+            f"another listsync daemon is already running on {url.database}; SQLite supports one daemon per "
+            "database file (use PostgreSQL for several replicas)"
+        ) from None
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def _guarded(name: str, job: Callable[[], Any]) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            job()
+        except Exception:
+            logger.exception(
+                "%s failed; it will run again at the next tick",
+                name,
+                extra={"event": "job_failed", "job": name},
+            )
+
+    return run
+
+
+def _schedule(scheduler: BackgroundScheduler, name: str, seconds: float, job: Callable[[], Any]) -> None:
+    scheduler.add_job(
+        _guarded(name, job),
+        "interval",
+        seconds=seconds,
+        id=name,
+        name=name,
+        next_run_time=datetime.now(UTC),
+        coalesce=True,
+        max_instances=1,
+        misfire_grace_time=max(1, int(seconds)),
+    )
+
+
+def run(settings: Settings) -> int:
+    dbs.upgrade(settings.database_url)
+    stopping = threading.Event()
+    with single_daemon(settings.database_url):
+        engine = dbs.make_engine(settings.database_url)
+        factory = dbs.session_factory(engine)
+        with client_from_settings(settings.iterable) as client:
+            ctx = sync.SyncContext(
+                settings=settings, factory=factory, client=client, should_stop=stopping.is_set
+            )
+            _serve(settings, ctx, stopping)
+        engine.dispose()
+    logger.info("listsync daemon stopped", extra={"event": "daemon_stopped"})
+    return 0
+
+
+def _serve(settings: Settings, ctx: sync.SyncContext, stopping: threading.Event) -> None:
+    from listsync.ingest import pollers, receiver
+
+    if ctx.client.is_dry_run:
+        logger.warning(
+            "no iterable.api_key configured: dry run, requests are logged and nothing is sent",
+            extra={"event": "dry_run"},
+        )
+    scheduler = BackgroundScheduler(timezone=UTC)
+    _schedule(
+        scheduler,
+        "sync",
+        settings.sync.interval_seconds,
+        lambda: sync.run_once(ctx, sync.RunOptions(trigger="daemon")),
+    )
+    for name, seconds, job in pollers.scheduled_jobs(ctx.factory, settings):
+        _schedule(scheduler, name, seconds, job)
+    if settings.sync.reconcile_interval_seconds > 0:
+        _schedule(
+            scheduler,
+            "reconcile",
+            settings.sync.reconcile_interval_seconds,
+            lambda: sync.run_once(ctx, sync.RunOptions(trigger="reconcile", reconcile=True)),
+        )
+    server = receiver.ReceiverServer(settings, ctx.factory) if settings.receiver.enabled else None
+    _install_signal_handlers(stopping)
+    if server:
+        server.start()
+    scheduler.start()
+    logger.info(
+        "listsync daemon running",
+        extra={"event": "daemon_started", "receiver_port": server.port if server else None},
+    )
+    stopping.wait()
+    logger.info("stopping: finishing the batch in flight", extra={"event": "daemon_stopping"})
+    if server:
+        server.stop()
+    scheduler.shutdown(wait=True)
+
+
+def _install_signal_handlers(stopping: threading.Event) -> None:
+    def handle(signum: int, _frame: Any) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)

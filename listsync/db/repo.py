@@ -1,0 +1,714 @@
+"""The only module that queries the sync state. Sessions come in; domain values go out.
+
+Transactions are the caller's: each function does its part inside the session it is given, so a
+caller can put "record the response" and "update the members" in one commit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Select, and_, case, func, or_, select, text, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from listsync import membership as rules
+from listsync.db import models as m
+from listsync.domain import Desired, EmailChange, InboundEvent, MembershipDelta, ProjectType, Synced
+from listsync.planner import PendingMember
+
+KEY_CHUNK = 400
+
+
+def _insert(session: Session, table: Any) -> Any:
+    dialect = session.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+def _is_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _chunks(items: Sequence[Any], size: int = KEY_CHUNK) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# --- ingest -----------------------------------------------------------------------------------
+
+
+def store_events(
+    session: Session,
+    events: Sequence[InboundEvent],
+    *,
+    source: str,
+    now: datetime,
+    audience_flags: Sequence[bool],
+) -> int:
+    """Append events to the inbox; a messageId already there is skipped. Returns how many were new."""
+    if not events:
+        return 0
+    rows = [
+        {
+            "message_id": e.message_id,
+            "type": e.type,
+            "event": e.event,
+            "user_id": e.user_id,
+            "anonymous_id": e.anonymous_id,
+            "email": e.email,
+            "timestamp": e.timestamp,
+            "received_at": now,
+            "source": source,
+            "payload": dict(e.raw),
+            "is_audience": flag,
+        }
+        for e, flag in zip(events, audience_flags, strict=True)
+    ]
+    new = 0
+    for chunk in _chunks(rows, 500):
+        stmt = _insert(session, m.InboxEvent).on_conflict_do_nothing(index_elements=["message_id"])
+        result = session.execute(stmt.returning(m.InboxEvent.id), list(chunk))
+        new += len(result.all())
+    return new
+
+
+def store_rejections(
+    session: Session, rejections: Sequence[tuple[str, str]], *, source: str, now: datetime
+) -> None:
+    """Dead-letter (reason, redacted payload text) pairs."""
+    if rejections:
+        session.execute(
+            _insert(session, m.DeadLetter),
+            [{"received_at": now, "source": source, "reason": r, "payload": p} for r, p in rejections],
+        )
+
+
+def unapplied_events(session: Session, limit: int) -> list[m.InboxEvent]:
+    stmt = (
+        select(m.InboxEvent).where(m.InboxEvent.applied_at.is_(None)).order_by(m.InboxEvent.id).limit(limit)
+    )
+    if _is_postgres(session):
+        stmt = stmt.with_for_update(skip_locked=True)
+    return list(session.scalars(stmt))
+
+
+def mark_applied(session: Session, ids: Sequence[int], now: datetime) -> None:
+    for chunk in _chunks(list(ids), 1000):
+        session.execute(update(m.InboxEvent).where(m.InboxEvent.id.in_(chunk)).values(applied_at=now))
+
+
+def count_unapplied(session: Session) -> int:
+    return session.scalar(select(func.count()).where(m.InboxEvent.applied_at.is_(None))) or 0
+
+
+# --- memberships --------------------------------------------------------------------------------
+
+
+def ensure_audiences(session: Session, keys: Iterable[str], now: datetime) -> dict[str, int]:
+    """Audience ids by key, creating rows for keys seen for the first time."""
+    wanted = sorted(set(keys))
+    if not wanted:
+        return {}
+    stmt = _insert(session, m.Audience).on_conflict_do_nothing(index_elements=["audience_key"])
+    session.execute(
+        stmt,
+        [
+            {
+                "audience_key": k,
+                "list_state": m.ListState.PENDING,
+                "settings": {},
+                "created_at": now,
+                "updated_at": now,
+            }
+            for k in wanted
+        ],
+    )
+    found = session.execute(
+        select(m.Audience.audience_key, m.Audience.id).where(m.Audience.audience_key.in_(wanted))
+    )
+    return {key: audience_id for key, audience_id in found}
+
+
+def record_audience_settings(session: Session, audience_id: int, event_settings: Mapping[str, Any]) -> None:
+    session.execute(
+        update(m.Audience).where(m.Audience.id == audience_id).values(settings=dict(event_settings))
+    )
+
+
+_STATE_COLUMNS = (
+    "user_id",
+    "email",
+    "desired",
+    "desired_at",
+    "desired_message_id",
+    "data_fields",
+    "synced",
+    "synced_email",
+    "synced_user_id",
+    "state",
+    "attempts",
+    "last_error",
+)
+
+
+def _to_state(row: m.Membership) -> rules.MemberState:
+    return rules.MemberState(
+        user_id=row.user_id,
+        email=row.email,
+        desired=Desired(row.desired),
+        desired_at=row.desired_at,
+        desired_message_id=row.desired_message_id,
+        data_fields=row.data_fields,
+        synced=Synced(row.synced) if row.synced else None,
+        synced_email=row.synced_email,
+        synced_user_id=row.synced_user_id,
+        state=str(row.state),
+        attempts=row.attempts,
+        last_error=row.last_error,
+    )
+
+
+def _state_values(state: rules.MemberState) -> dict[str, Any]:
+    return {name: getattr(state, name) for name in _STATE_COLUMNS}
+
+
+def load_members(
+    session: Session, keys: Sequence[tuple[int, str, str]]
+) -> dict[tuple[int, str, str], m.Membership]:
+    """Memberships by (audience_id, user_id, email), for the keys that exist."""
+    found: dict[tuple[int, str, str], m.Membership] = {}
+    key_columns = tuple_(m.Membership.audience_id, m.Membership.user_id, m.Membership.email)
+    for chunk in _chunks(sorted(set(keys))):
+        stmt = select(m.Membership).where(key_columns.in_(list(chunk)))
+        if _is_postgres(session):
+            stmt = stmt.with_for_update()
+        for row in session.scalars(stmt):
+            found[(row.audience_id, row.user_id, row.email)] = row
+    return found
+
+
+def apply_deltas(
+    session: Session,
+    deltas: Sequence[tuple[int, MembershipDelta, dict[str, Any] | None]],
+    project_type: ProjectType,
+    now: datetime,
+) -> int:
+    """Fold (audience_id, delta, data_fields) into memberships, in event-time order per member.
+    Returns how many memberships changed."""
+    keys = [(a, d.user_id or "", d.email or "") for a, d, _ in deltas]
+    rows = load_members(session, keys)
+    existing = {key: _to_state(row) for key, row in rows.items()}
+    ids = {key: row.id for key, row in rows.items()}
+    changed: dict[tuple[int, str, str], rules.MemberState] = {}
+    for (_audience, delta, fields), key in zip(deltas, keys, strict=True):
+        current = changed.get(key) or existing.get(key)
+        if current is None:
+            if delta.desired is Desired.UNKNOWN:
+                continue
+            changed[key] = rules.new_member(delta, fields, project_type)
+        else:
+            updated = rules.apply_delta(current, delta, fields, project_type)
+            if updated is not None:
+                changed[key] = updated
+    _write_members(session, changed, ids, now)
+    return len(changed)
+
+
+def _write_members(
+    session: Session,
+    changed: Mapping[tuple[int, str, str], rules.MemberState],
+    ids: Mapping[tuple[int, str, str], int],
+    now: datetime,
+) -> None:
+    inserts = [
+        {
+            "audience_id": k[0],
+            **_state_values(s),
+            "created_at": now,
+            "updated_at": now,
+            "next_attempt_at": None,
+        }
+        for k, s in changed.items()
+        if k not in ids
+    ]
+    updates = [{"id": ids[k], **_state_values(s), "updated_at": now} for k, s in changed.items() if k in ids]
+    for reset in updates:
+        if reset["attempts"] == 0:
+            reset["next_attempt_at"] = None
+    if inserts:
+        session.execute(_insert(session, m.Membership), inserts)
+    if updates:
+        session.execute(update(m.Membership), updates)
+
+
+def apply_email_change(
+    session: Session, change: EmailChange, project_type: ProjectType, now: datetime
+) -> int:
+    """Move a user's single subscriber row per audience to the new email (hybrid projects only).
+
+    Several rows for one userId in an audience mean several addresses on purpose (Engage sends one
+    event per email), so those are left alone rather than guessed at.
+    """
+    if project_type is not ProjectType.HYBRID:
+        return 0
+    rows = list(session.scalars(select(m.Membership).where(m.Membership.user_id == change.user_id)))
+    by_audience: dict[int, list[m.Membership]] = defaultdict(list)
+    for row in rows:
+        by_audience[row.audience_id].append(row)
+    moved = 0
+    for members in by_audience.values():
+        if len(members) != 1 or members[0].email in ("", change.email):
+            continue
+        row = members[0]
+        state = rules.change_email(_to_state(row), change.email, project_type)
+        session.execute(
+            update(m.Membership)
+            .where(m.Membership.id == row.id)
+            .values(**_state_values(state), next_attempt_at=None, updated_at=now)
+        )
+        moved += 1
+    return moved
+
+
+# --- sync: claims, reading work, recording outcomes ---------------------------------------------
+
+
+def _due(now: datetime) -> Any:
+    return or_(m.Membership.next_attempt_at.is_(None), m.Membership.next_attempt_at <= now)
+
+
+def _audiences_with_work(now: datetime) -> Select[tuple[int]]:
+    pending = select(m.Membership.audience_id).where(m.Membership.state == m.MemberState.PENDING, _due(now))
+    in_flight = select(m.ApiRequest.audience_id).where(m.ApiRequest.status == m.RequestStatus.IN_FLIGHT)
+    return select(m.Audience.id).where(or_(m.Audience.id.in_(pending), m.Audience.id.in_(in_flight)))
+
+
+def claim_audience(
+    session: Session,
+    *,
+    owner: str,
+    now: datetime,
+    lease: timedelta,
+    skip: Iterable[int] = (),
+    only: Iterable[int] | None = None,
+) -> m.Audience | None:
+    """Lease one audience that has work and that no live replica holds."""
+    stmt = (
+        select(m.Audience)
+        .where(
+            m.Audience.id.in_(_audiences_with_work(now)) if only is None else m.Audience.id.in_(list(only))
+        )
+        .where(
+            or_(
+                m.Audience.lease_until.is_(None),
+                m.Audience.lease_until < now,
+                m.Audience.lease_owner == owner,
+            )
+        )
+        .where(m.Audience.id.not_in(list(skip)))
+        .order_by(m.Audience.id)
+        .limit(1)
+    )
+    if _is_postgres(session):
+        stmt = stmt.with_for_update(skip_locked=True)
+    audience = session.scalar(stmt)
+    if audience is not None:
+        audience.lease_owner, audience.lease_until = owner, now + lease
+    return audience
+
+
+def release_audience(session: Session, audience_id: int, owner: str) -> None:
+    session.execute(
+        update(m.Audience)
+        .where(m.Audience.id == audience_id, m.Audience.lease_owner == owner)
+        .values(lease_owner=None, lease_until=None)
+    )
+
+
+def guard_counts(session: Session, audience_id: int, now: datetime) -> tuple[int, int]:
+    """(pending unsubscribes due now, members Iterable has as subscribed)."""
+    row = session.execute(
+        select(
+            func.coalesce(
+                func.sum(
+                    func.cast(
+                        and_(
+                            m.Membership.state == m.MemberState.PENDING,
+                            m.Membership.desired != Desired.IN,
+                            _due(now),
+                        ),
+                        m.Integer,
+                    )
+                ),
+                0,
+            ),
+            func.coalesce(func.sum(func.cast(m.Membership.synced == Synced.IN, m.Integer)), 0),
+        ).where(m.Membership.audience_id == audience_id)
+    ).one()
+    return int(row[0]), int(row[1])
+
+
+def pending_members(
+    session: Session, audience_id: int, now: datetime, *, after_id: int, limit: int
+) -> list[PendingMember]:
+    """Members to send, in id order after `after_id` (keyset pages keep memory flat)."""
+    stmt = (
+        select(m.Membership)
+        .where(
+            m.Membership.audience_id == audience_id,
+            m.Membership.state == m.MemberState.PENDING,
+            _due(now),
+            m.Membership.id > after_id,
+        )
+        .order_by(m.Membership.id)
+        .limit(limit)
+    )
+    return [
+        PendingMember(
+            id=r.id,
+            user_id=r.user_id,
+            email=r.email,
+            desired=Desired(r.desired),
+            synced=Synced(r.synced) if r.synced else None,
+            synced_email=r.synced_email,
+            synced_user_id=r.synced_user_id,
+            data_fields=r.data_fields,
+        )
+        for r in session.scalars(stmt)
+    ]
+
+
+def members_by_id(session: Session, ids: Sequence[int]) -> dict[int, m.Membership]:
+    found: dict[int, m.Membership] = {}
+    for chunk in _chunks(list(ids), 1000):
+        stmt = select(m.Membership).where(m.Membership.id.in_(chunk))
+        if _is_postgres(session):
+            stmt = stmt.with_for_update()
+        found.update({row.id: row for row in session.scalars(stmt)})
+    return found
+
+
+def begin_request(
+    session: Session,
+    *,
+    run_id: int | None,
+    audience_id: int | None,
+    endpoint: str,
+    member_ids: Sequence[int],
+    owner: str,
+    now: datetime,
+) -> int:
+    """Write the request and its members before the call, so a crash leaves a trace to resolve."""
+    request = m.ApiRequest(
+        run_id=run_id,
+        audience_id=audience_id,
+        endpoint=endpoint,
+        item_count=len(member_ids),
+        status=m.RequestStatus.IN_FLIGHT,
+        owner=owner,
+        started_at=now,
+    )
+    session.add(request)
+    session.flush()
+    if member_ids:
+        session.execute(
+            _insert(session, m.RequestItem),
+            [{"request_id": request.id, "membership_id": i} for i in member_ids],
+        )
+    return request.id
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    status: m.RequestStatus
+    http_status: int | None = None
+    iterable_code: str | None = None
+    success_count: int | None = None
+    fail_count: int | None = None
+    error: str | None = None
+    elapsed_ms: int | None = None
+
+
+def finish_request(
+    session: Session,
+    request_id: int,
+    record: RequestRecord,
+    now: datetime,
+    outcomes: Mapping[int, tuple[str, str | None]],
+) -> None:
+    session.execute(
+        update(m.ApiRequest)
+        .where(m.ApiRequest.id == request_id)
+        .values(
+            status=record.status,
+            http_status=record.http_status,
+            iterable_code=record.iterable_code,
+            success_count=record.success_count,
+            fail_count=record.fail_count,
+            error=record.error,
+            elapsed_ms=record.elapsed_ms,
+            finished_at=now,
+        )
+    )
+    if outcomes:
+        session.execute(
+            update(m.RequestItem),
+            [
+                {"request_id": request_id, "membership_id": member_id, "outcome": outcome, "error": error}
+                for member_id, (outcome, error) in outcomes.items()
+            ],
+        )
+
+
+def save_members(
+    session: Session,
+    states: Mapping[int, rules.MemberState],
+    now: datetime,
+    next_attempts: Mapping[int, datetime | None] | None = None,
+) -> None:
+    if not states:
+        return
+    rows = []
+    for member_id, state in states.items():
+        row = {"id": member_id, **_state_values(state), "updated_at": now}
+        row["next_attempt_at"] = (next_attempts or {}).get(member_id)
+        rows.append(row)
+    session.execute(update(m.Membership), rows)
+
+
+def member_states(session: Session, ids: Sequence[int]) -> dict[int, rules.MemberState]:
+    return {i: _to_state(row) for i, row in members_by_id(session, ids).items()}
+
+
+def in_flight_requests(session: Session, audience_id: int) -> list[m.ApiRequest]:
+    return list(
+        session.scalars(
+            select(m.ApiRequest)
+            .where(m.ApiRequest.audience_id == audience_id, m.ApiRequest.status == m.RequestStatus.IN_FLIGHT)
+            .order_by(m.ApiRequest.id)
+        )
+    )
+
+
+def request_member_ids(session: Session, request_id: int) -> list[int]:
+    return list(
+        session.scalars(select(m.RequestItem.membership_id).where(m.RequestItem.request_id == request_id))
+    )
+
+
+def set_list(session: Session, audience_id: int, list_id: int | None, state: m.ListState) -> None:
+    session.execute(
+        update(m.Audience).where(m.Audience.id == audience_id).values(list_id=list_id, list_state=state)
+    )
+
+
+def set_hold(session: Session, audience_id: int, reason: str | None) -> None:
+    session.execute(update(m.Audience).where(m.Audience.id == audience_id).values(hold_reason=reason))
+
+
+def mark_synced_at(session: Session, audience_id: int, now: datetime) -> None:
+    session.execute(update(m.Audience).where(m.Audience.id == audience_id).values(last_synced_at=now))
+
+
+def resend_all(session: Session, audience_id: int, now: datetime) -> int:
+    """Forget what the (recreated) list held: every desired-in member becomes pending again."""
+    result = session.execute(
+        update(m.Membership)
+        .where(m.Membership.audience_id == audience_id)
+        .values(
+            synced=None,
+            synced_email=None,
+            synced_user_id=None,
+            attempts=0,
+            next_attempt_at=None,
+            last_error=None,
+            updated_at=now,
+            state=case(
+                (m.Membership.desired == Desired.IN, m.MemberState.PENDING), else_=m.MemberState.SYNCED
+            ),
+        )
+    )
+    return int(result.rowcount or 0)
+
+
+# --- runs and status -----------------------------------------------------------------------------
+
+
+def start_run(session: Session, *, trigger: str, owner: str, now: datetime) -> int:
+    run = m.SyncRun(trigger=trigger, owner=owner, started_at=now, status=m.RunStatus.RUNNING)
+    session.add(run)
+    session.flush()
+    return run.id
+
+
+def finish_run(
+    session: Session,
+    run_id: int,
+    *,
+    status: m.RunStatus,
+    now: datetime,
+    requests: int,
+    subscribed: int,
+    unsubscribed: int,
+    failed: int,
+    summary: str | None,
+) -> None:
+    session.execute(
+        update(m.SyncRun)
+        .where(m.SyncRun.id == run_id)
+        .values(
+            status=status,
+            finished_at=now,
+            requests=requests,
+            subscribed=subscribed,
+            unsubscribed=unsubscribed,
+            failed=failed,
+            summary=summary,
+        )
+    )
+
+
+def audience_status(session: Session) -> list[dict[str, Any]]:
+    rows = session.execute(text("SELECT * FROM audience_status ORDER BY audience_key")).mappings()
+    return [_jsonable_row(row) for row in rows]
+
+
+def _jsonable_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        out[key] = value.isoformat() if isinstance(value, datetime) else value
+    return json.loads(json.dumps(out, default=str))
+
+
+def renew_lease(session: Session, audience_id: int, owner: str, until: datetime) -> None:
+    session.execute(
+        update(m.Audience)
+        .where(m.Audience.id == audience_id, m.Audience.lease_owner == owner)
+        .values(lease_until=until)
+    )
+
+
+def audiences_with_lists(session: Session) -> list[int]:
+    return list(
+        session.scalars(
+            select(m.Audience.id).where(m.Audience.list_state == m.ListState.READY).order_by(m.Audience.id)
+        )
+    )
+
+
+def missing_list_audiences(session: Session) -> list[tuple[int, str]]:
+    rows = session.execute(
+        select(m.Audience.id, m.Audience.audience_key).where(m.Audience.list_state == m.ListState.MISSING)
+    )
+    return [(audience_id, key) for audience_id, key in rows]
+
+
+def audience_has_members_without_email(session: Session, audience_id: int) -> bool:
+    stmt = (
+        select(m.Membership.id)
+        .where(m.Membership.audience_id == audience_id, m.Membership.email == "")
+        .limit(1)
+    )
+    return session.scalar(stmt) is not None
+
+
+RECONCILE_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def reconcile_audience(
+    session: Session,
+    audience_id: int,
+    emails: set[str],
+    user_ids: set[str],
+    project_type: ProjectType,
+    now: datetime,
+) -> dict[str, int]:
+    """Repair stored state from the list Iterable really has, in both directions.
+
+    missing: should be in, Iterable lacks them -> resent. extra: Iterable has them, we want them
+    out (or never heard of them) -> queued for unsubscribe. adopted: in both but not recorded as
+    synced -> recorded, nothing sent.
+    """
+    counts = {"missing": 0, "extra": 0, "adopted": 0, "unknown_added": 0}
+    seen_emails: set[str] = set()
+    seen_ids: set[str] = set()
+    changed: dict[int, rules.MemberState] = {}
+    rows = session.scalars(
+        select(m.Membership).where(m.Membership.audience_id == audience_id).execution_options(yield_per=5000)
+    )
+    for row in rows:
+        state = _to_state(row)
+        present = bool((row.email and row.email in emails) or (row.user_id and row.user_id in user_ids))
+        seen_emails.add(row.email)
+        seen_ids.add(row.user_id)
+        fixed = _reconciled(state, present, project_type, counts)
+        if fixed is not None:
+            changed[row.id] = fixed
+    save_members(session, changed, now)
+    counts["unknown_added"] = _adopt_unknown(
+        session,
+        audience_id,
+        emails - seen_emails,
+        user_ids - seen_ids if project_type is ProjectType.USER_ID else set(),
+        now,
+    )
+    counts["extra"] += counts["unknown_added"]
+    return counts
+
+
+def _reconciled(
+    state: rules.MemberState, present: bool, project_type: ProjectType, counts: dict[str, int]
+) -> rules.MemberState | None:
+    if state.desired is Desired.IN and not present and state.synced is Synced.IN:
+        counts["missing"] += 1
+        return rules.settle(replace(state, synced=None, synced_email=None, synced_user_id=None), project_type)
+    if state.desired is Desired.IN and present and state.synced is not Synced.IN:
+        counts["adopted"] += 1
+        return rules.confirm(state, Synced.IN, state.email or None, state.user_id or None, project_type)
+    if state.desired is not Desired.IN and present and state.synced is not Synced.IN:
+        counts["extra"] += 1
+        return rules.settle(
+            replace(
+                state,
+                synced=Synced.IN,
+                synced_email=state.email or None,
+                synced_user_id=state.user_id or None,
+            ),
+            project_type,
+        )
+    return None
+
+
+def _adopt_unknown(
+    session: Session, audience_id: int, emails: set[str], user_ids: set[str], now: datetime
+) -> int:
+    """List members listsync never heard of: recorded as wanted out, so they get unsubscribed.
+    Their desired time is the epoch, so any real event about them wins."""
+    rows = [{"audience_id": audience_id, "user_id": "", "email": e} for e in sorted(emails)]
+    rows += [{"audience_id": audience_id, "user_id": u, "email": ""} for u in sorted(user_ids)]
+    for row in rows:
+        row.update(
+            desired=Desired.OUT,
+            desired_at=RECONCILE_EPOCH,
+            desired_message_id="reconcile",
+            data_fields=None,
+            synced=Synced.IN,
+            synced_email=row["email"] or None,
+            synced_user_id=row["user_id"] or None,
+            state=m.MemberState.PENDING,
+            attempts=0,
+            created_at=now,
+            updated_at=now,
+        )
+    for chunk in _chunks(rows, 500):
+        session.execute(_insert(session, m.Membership).on_conflict_do_nothing(), list(chunk))
+    return len(rows)
+
+
+def all_audiences(session: Session) -> list[m.Audience]:
+    return list(session.scalars(select(m.Audience).order_by(m.Audience.audience_key)))

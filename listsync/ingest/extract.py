@@ -1,0 +1,503 @@
+"""Receive -> **extract** -> store: turn Segment-format request bodies into domain values.
+
+The receiver (and `listsync ingest`) hands raw bytes to `parse_body`, checks each item with
+`validate_event`, and asks `extract_deltas` / `extract_email_change` what the event means for
+Iterable lists and profiles. Rejected items are stored through `redact`.
+
+This module is pure: no database, no HTTP, no clock. The time of receipt is passed in.
+
+Every rejection reason starts with a stable code followed by a colon, so people and scripts can
+group `rejected_events` by `split_part(reason, ':', 1)`:
+
+    body_too_large, malformed_json, not_an_object, invalid_batch, type_mismatch, missing_type,
+    unknown_type, event_too_large, wrong_type, invalid_user_id, invalid_anonymous_id,
+    invalid_message_id, missing_identifier, missing_event, missing_group_id, missing_previous_id,
+    invalid_timestamp, invalid_email, missing_audience_key
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from listsync.domain import Desired, EmailChange, InboundEvent, MembershipDelta, Rejection
+
+SEGMENT_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
+MAX_EVENT_BYTES = 32 * 1024
+MAX_BATCH_BYTES = 500 * 1024
+MAX_USER_ID_LENGTH = 52
+
+AUDIENCE_ENTERED = "Audience Entered"
+AUDIENCE_EXITED = "Audience Exited"
+
+_OBJECT_FIELDS = ("traits", "properties", "context")
+# Transport metadata that a client may change on a retry of the same event; left out of the
+# derived messageId so a retried event still dedupes.
+_UNHASHED_FIELDS = frozenset({"sentAt", "receivedAt", "writeKey"})
+_SECRET_MARKERS = ("writekey", "apikey", "password", "passwd", "secret", "token", "authorization")
+_EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+_FLAG_STRINGS = {"true": True, "false": False}
+
+
+@dataclass(frozen=True)
+class RawEvent:
+    """One event object out of a request body, not yet validated.
+
+    Attributes:
+        raw: the event, with its path type and the batch's context/integrations applied.
+        size: bytes of the item as sent (before merging), checked against MAX_EVENT_BYTES.
+    """
+
+    raw: dict[str, Any]
+    size: int
+
+
+@dataclass(frozen=True)
+class RejectedItem:
+    """One item of a body that was rejected before validation.
+
+    `payload` is the item's JSON text with secrets removed, ready for `rejected_events`.
+    """
+
+    rejection: Rejection
+    payload: str
+
+
+BodyItem = RawEvent | RejectedItem
+
+
+class _Invalid(Exception):
+    """Internal: carries a rejection reason out of the field checks."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Bodies
+
+
+def parse_body(body: bytes, *, path_type: str | None) -> Rejection | list[BodyItem]:
+    """Split a request body for `/v1/<path_type>` (or `/v1/batch` when None) into items.
+
+    Returns a `Rejection` when the whole body is unusable; otherwise one item per event, each
+    either a `RawEvent` to validate or a `RejectedItem`. One bad item never sinks its batch.
+    """
+    if path_type is not None and path_type not in SEGMENT_TYPES:
+        raise ValueError(f"not a Segment endpoint type: {path_type!r}")
+    if len(body) > MAX_BATCH_BYTES:
+        return Rejection(f"body_too_large: {len(body)} bytes > {MAX_BATCH_BYTES}")
+    try:
+        decoded = _loads(body)
+    except ValueError as exc:
+        return Rejection(f"malformed_json: {exc}")
+    if not isinstance(decoded, dict):
+        return Rejection(f"not_an_object: body must be a JSON object, got {_json_type(decoded)}")
+    if path_type is None:
+        return _split_batch(decoded)
+    return [_single_item(decoded, len(body), path_type)]
+
+
+def parse_line(line: bytes | str) -> BodyItem:
+    """Parse one line of a JSON-lines file (`listsync ingest`); the type comes from the event."""
+    text = line if isinstance(line, str) else line.decode("utf-8", errors="replace")
+    try:
+        decoded = _loads(text)
+    except ValueError as exc:
+        return RejectedItem(Rejection(f"malformed_json: {exc}"), text)
+    if not isinstance(decoded, dict):
+        reason = f"not_an_object: event must be a JSON object, got {_json_type(decoded)}"
+        return RejectedItem(Rejection(reason), _dump(_redact_value(decoded)))
+    return RawEvent(decoded, len(text.encode("utf-8")))
+
+
+def _loads(body: bytes | str) -> Any:
+    """json.loads, but NaN/Infinity and runaway nesting count as malformed too."""
+    try:
+        return json.loads(body, parse_constant=_refuse_constant)
+    except RecursionError as exc:
+        raise ValueError("nesting too deep") from exc
+    # JSONDecodeError and UnicodeDecodeError are both ValueErrors.
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _single_item(event: dict[str, Any], size: int, path_type: str) -> BodyItem:
+    explicit = event.get("type")
+    if explicit is not None and explicit != path_type:
+        reason = f"type_mismatch: type {explicit!r} sent to /v1/{path_type}"
+        return RejectedItem(Rejection(reason), _dump(redact(event)))
+    return RawEvent({**event, "type": path_type}, size)
+
+
+def _split_batch(body: dict[str, Any]) -> Rejection | list[BodyItem]:
+    batch = body.get("batch")
+    if not isinstance(batch, list):
+        got = "nothing" if batch is None else _json_type(batch)
+        return Rejection(f"invalid_batch: batch must be a list, got {got}")
+    shared: dict[str, dict[str, Any]] = {}
+    for key in ("context", "integrations"):
+        value = body.get(key)
+        if value is not None and not isinstance(value, dict):
+            return Rejection(f"wrong_type: batch {key} must be an object, got {_json_type(value)}")
+        shared[key] = value or {}
+    return [_batch_item(item, shared) for item in batch]
+
+
+def _batch_item(item: Any, shared: Mapping[str, Mapping[str, Any]]) -> BodyItem:
+    if not isinstance(item, dict):
+        reason = f"not_an_object: batch item must be an object, got {_json_type(item)}"
+        return RejectedItem(Rejection(reason), _dump(_redact_value(item)))
+    return RawEvent(_merge_shared(item, shared), _encoded_size(item))
+
+
+def _merge_shared(item: dict[str, Any], shared: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Apply the batch's context/integrations as defaults, as Segment does: the item's keys win.
+
+    An item whose own context is not an object is left alone for `validate_event` to reject.
+    """
+    merged = dict(item)
+    for key, defaults in shared.items():
+        own = item.get(key)
+        if defaults and (own is None or isinstance(own, dict)):
+            merged[key] = {**defaults, **(own or {})}
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# Events
+
+
+def validate_event(
+    raw: Mapping[str, Any], *, received_at: datetime, encoded_size: int | None = None
+) -> InboundEvent | Rejection:
+    """Check one Segment event and normalise it, or say precisely why it cannot be accepted.
+
+    Decisions beyond Segment's own rules:
+
+    * userId / anonymousId may be strings or integers (integers become strings, as Segment's
+      libraries allow numeric ids); an empty string counts as absent. userId is otherwise kept
+      exactly, but surrounding whitespace or more than 52 characters is a rejection, because
+      Iterable would store a different or truncated id.
+    * timestamp comes from `timestamp`, else `originalTimestamp`, else `received_at`. An
+      offset-less timestamp is read as UTC. A present but unreadable timestamp is a rejection,
+      not a silent fallback, so an event is never re-dated.
+    * email is the first non-empty of traits.email, properties.email, context.traits.email,
+      trimmed and lower-cased. An unusable value (not a string, no "name@domain.tld" shape) is
+      dropped, not fatal: it rejects the event only when the event is an audience event that
+      has no userId, since then nothing identifies the member.
+    * Audience events need a userId or an email (Iterable lists need one); audience events
+      without an audience key are rejected rather than passed on as ordinary events.
+    """
+    if received_at.tzinfo is None:
+        raise ValueError("received_at must be timezone-aware")
+    try:
+        return _validated(raw, received_at.astimezone(UTC), encoded_size)
+    except _Invalid as exc:
+        return Rejection(str(exc))
+
+
+def _validated(raw: Mapping[str, Any], received_at: datetime, encoded_size: int | None) -> InboundEvent:
+    _check_size(raw, encoded_size)
+    kind = _event_type(raw)
+    objects = {name: _object_field(raw, name) for name in _OBJECT_FIELDS}
+    user_id = _identifier(raw, "userId", "invalid_user_id")
+    anonymous_id = _identifier(raw, "anonymousId", "invalid_anonymous_id")
+    _check_user_id(user_id)
+    if user_id is None and anonymous_id is None:
+        raise _Invalid("missing_identifier: event has neither userId nor anonymousId")
+    _check_type_specific(raw, kind)
+    email, email_problem = _email(objects)
+    stored = {k: v for k, v in raw.items() if k != "writeKey"}
+    event = InboundEvent(
+        type=kind,
+        message_id=_message_id(raw),
+        timestamp=_timestamp(raw, received_at),
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        email=email,
+        event=_optional_string(raw, "event"),
+        name=_optional_string(raw, "name"),
+        traits=objects["traits"],
+        properties=objects["properties"],
+        context=objects["context"],
+        raw=stored,
+    )
+    _check_audience(event, email_problem)
+    return event
+
+
+def _check_size(raw: Mapping[str, Any], encoded_size: int | None) -> None:
+    size = _encoded_size(raw) if encoded_size is None else encoded_size
+    if size > MAX_EVENT_BYTES:
+        raise _Invalid(f"event_too_large: {size} bytes > {MAX_EVENT_BYTES}")
+
+
+def _event_type(raw: Mapping[str, Any]) -> str:
+    kind = raw.get("type")
+    if kind is None:
+        raise _Invalid("missing_type: event has no type")
+    if not isinstance(kind, str) or kind not in SEGMENT_TYPES:
+        known = ", ".join(sorted(SEGMENT_TYPES))
+        raise _Invalid(f"unknown_type: {kind!r} is not one of {known}")
+    return kind
+
+
+def _object_field(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    """A JSON object field; null counts as absent, as Segment's libraries send it."""
+    value = raw.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _Invalid(f"wrong_type: {name} must be an object, got {_json_type(value)}")
+    return value
+
+
+def _identifier(raw: Mapping[str, Any], name: str, code: str) -> str | None:
+    value = raw.get(name)
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise _Invalid(f"{code}: {name} must be a string, got {_json_type(value)}")
+    return str(value)
+
+
+def _check_user_id(user_id: str | None) -> None:
+    if user_id is None:
+        return
+    if user_id != user_id.strip():
+        raise _Invalid("invalid_user_id: userId has leading or trailing spaces")
+    if len(user_id) > MAX_USER_ID_LENGTH:
+        raise _Invalid(f"invalid_user_id: userId is longer than {MAX_USER_ID_LENGTH} characters")
+
+
+def _check_type_specific(raw: Mapping[str, Any], kind: str) -> None:
+    """Fields Segment's spec requires for one call type."""
+    if kind == "track":
+        name = raw.get("event")
+        if name is not None and not isinstance(name, str):
+            raise _Invalid(f"wrong_type: event must be a string, got {_json_type(name)}")
+        if not name:
+            raise _Invalid("missing_event: track without event name")
+    elif kind == "group" and _identifier(raw, "groupId", "wrong_type") is None:
+        raise _Invalid("missing_group_id: group without groupId")
+    elif kind == "alias" and _identifier(raw, "previousId", "wrong_type") is None:
+        raise _Invalid("missing_previous_id: alias without previousId")
+
+
+def _optional_string(raw: Mapping[str, Any], name: str) -> str | None:
+    value = raw.get(name)
+    if value is not None and not isinstance(value, str):
+        raise _Invalid(f"wrong_type: {name} must be a string, got {_json_type(value)}")
+    return value
+
+
+def _message_id(raw: Mapping[str, Any]) -> str:
+    """The sender's messageId, or one derived from the content so an identical replay dedupes."""
+    given = raw.get("messageId")
+    if given is not None and not isinstance(given, str):
+        raise _Invalid(f"invalid_message_id: messageId must be a string, got {_json_type(given)}")
+    if given:
+        return given
+    hashed = {k: v for k, v in raw.items() if k not in _UNHASHED_FIELDS}
+    digest = hashlib.sha256(_canonical(hashed).encode("utf-8")).hexdigest()
+    return f"ls-{digest[:32]}"
+
+
+def _timestamp(raw: Mapping[str, Any], received_at: datetime) -> datetime:
+    for name in ("timestamp", "originalTimestamp"):
+        value = raw.get(name)
+        if value is not None:
+            return _parse_time(name, value)
+    return received_at
+
+
+def _parse_time(name: str, value: Any) -> datetime:
+    if not isinstance(value, str):
+        raise _Invalid(f"invalid_timestamp: {name} must be an ISO-8601 string, got {_json_type(value)}")
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise _Invalid(f"invalid_timestamp: {name} {value[:40]!r} is not ISO-8601") from None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def _email(objects: Mapping[str, Mapping[str, Any]]) -> tuple[str | None, str | None]:
+    """(normalised email, None) or (None, why the given email is unusable)."""
+    context_traits = objects["context"].get("traits")
+    sources = [
+        ("traits.email", objects["traits"]),
+        ("properties.email", objects["properties"]),
+        ("context.traits.email", context_traits if isinstance(context_traits, dict) else {}),
+    ]
+    for where, source in sources:
+        value = source.get("email")
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str):
+            return None, f"{where} must be a string, got {_json_type(value)}"
+        email = value.strip().lower()
+        if not _EMAIL_RE.fullmatch(email):
+            return None, f"{where} {value[:60]!r} is not an email address"
+        return email, None
+    return None, None
+
+
+def _check_audience(event: InboundEvent, email_problem: str | None) -> None:
+    if not is_audience_event(event):
+        return
+    if _audience_key(event) is None:
+        raise _Invalid("missing_audience_key: audience event without a computation or audience key")
+    if event.user_id is None and event.email is None:
+        if email_problem:
+            raise _Invalid(f"invalid_email: {email_problem}")
+        raise _Invalid("missing_identifier: audience event has neither userId nor email")
+
+
+# ---------------------------------------------------------------------------------------------
+# Meaning
+
+
+def is_audience_event(event: InboundEvent) -> bool:
+    """An Engage audience enter/exit: an identify computed as an audience, or the two tracks.
+
+    Ordinary boolean traits (`newsletter: true`) never make an identify an audience event.
+    """
+    if event.type == "identify":
+        return _personas(event).get("computation_class") == "audience"
+    return event.type == "track" and event.event in (AUDIENCE_ENTERED, AUDIENCE_EXITED)
+
+
+def extract_deltas(event: InboundEvent) -> list[MembershipDelta]:
+    """The membership the event states, as at most one delta; [] for non-audience events.
+
+    The flag (traits[K] or properties[K]) decides when it is a boolean or "true"/"false". Any
+    other flag value is UNKNOWN rather than Segment's "truthy subscribes": an identify with a
+    missing or odd flag records that the member was seen and keeps the stored membership. A
+    track without a usable flag falls back to its name (Entered -> IN, Exited -> OUT); when the
+    flag and the name disagree the flag wins, as Segment's destination reads only the flag.
+    """
+    key = _audience_key(event) if is_audience_event(event) else None
+    if key is None:
+        return []
+    source = event.traits if event.type == "identify" else event.properties
+    return [
+        MembershipDelta(
+            audience_key=key,
+            user_id=event.user_id,
+            email=event.email,
+            desired=_desired(event, source.get(key)),
+            timestamp=event.timestamp,
+            message_id=event.message_id,
+            traits=_member_traits(event, source, key),
+            audience_settings=_audience_settings(event),
+        )
+    ]
+
+
+def extract_email_change(event: InboundEvent) -> EmailChange | None:
+    """A plain identify naming both a userId and a valid email; the store decides if it changed."""
+    if event.type != "identify" or is_audience_event(event):
+        return None
+    if event.user_id is None or event.email is None:
+        return None
+    return EmailChange(event.user_id, event.email, event.timestamp, event.message_id)
+
+
+def _personas(event: InboundEvent) -> Mapping[str, Any]:
+    personas = event.context.get("personas")
+    return personas if isinstance(personas, dict) else {}
+
+
+def _audience_key(event: InboundEvent) -> str | None:
+    candidates = [_personas(event).get("computation_key")]
+    if event.type == "track":
+        candidates.insert(0, event.properties.get("audience_key"))
+    return next((c for c in candidates if isinstance(c, str) and c), None)
+
+
+def _desired(event: InboundEvent, flag: Any) -> Desired:
+    if isinstance(flag, str):
+        flag = _FLAG_STRINGS.get(flag.strip().lower(), flag)
+    if isinstance(flag, bool):
+        return Desired.IN if flag else Desired.OUT
+    if event.type == "track":
+        return Desired.IN if event.event == AUDIENCE_ENTERED else Desired.OUT
+    return Desired.UNKNOWN
+
+
+def _member_traits(event: InboundEvent, source: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """Fields for the subscriber's dataFields: the event's own over context.traits, flag removed."""
+    base = event.context.get("traits")
+    traits = dict(base) if isinstance(base, dict) else {}
+    traits.update(source)
+    traits.pop(key, None)
+    if event.type == "track":
+        traits.pop("audience_key", None)
+    return traits
+
+
+def _audience_settings(event: InboundEvent) -> Mapping[str, Any] | None:
+    settings = _personas(event).get("audience_settings")
+    return settings if isinstance(settings, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage helpers
+
+
+def redact(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of an event without secrets, for storing rejected payloads.
+
+    Drops, at any depth (lists included), every key whose name, ignoring case and separators,
+    contains writekey, apikey, password, passwd, secret, token or authorization. This errs on
+    the side of dropping (a device push token goes too): the copy is for diagnosis, not replay.
+    """
+    return {k: _redact_value(v) for k, v in raw.items() if not _is_secret_key(k)}
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return redact(value)
+    if isinstance(value, list):
+        return [_redact_value(v) for v in value]
+    return value
+
+
+def _is_secret_key(key: Any) -> bool:
+    folded = re.sub(r"[^a-z0-9]", "", str(key).lower())
+    return any(marker in folded for marker in _SECRET_MARKERS)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON helpers
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type, for messages a sender can act on."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    names = {str: "string", list: "list", dict: "object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _encoded_size(value: Any) -> int:
+    return len(_dump(value).encode("utf-8"))

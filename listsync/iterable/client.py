@@ -1,0 +1,625 @@
+"""The Iterable REST client: one place that sends, paces, retries and classifies.
+
+Every method returns only on a 2xx and raises from `listsync.errors` otherwise, so callers decide
+what to do from the exception class alone. `classify_response` is the single judge of what an
+answer (or a failure to get one) means; the retry loop only acts on its verdict.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import math
+import random
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC
+from enum import StrEnum
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from listsync import __version__
+from listsync.config import IterableSettings
+from listsync.errors import (
+    AuthError,
+    ConfigError,
+    IterableError,
+    ListNotFoundError,
+    PermanentError,
+    RateLimitedError,
+    RetryableError,
+)
+from listsync.iterable.payloads import (
+    MAX_BATCH_ITEMS,
+    MAX_BODY_BYTES,
+    ApiResult,
+    BulkResult,
+    IterableList,
+    Subscriber,
+    dumps,
+)
+from listsync.iterable.ratelimit import RateLimiter
+from listsync.iterable.transports import DryRunTransport
+
+logger = logging.getLogger("listsync.iterable")
+
+US_BASE_URL = "https://api.iterable.com"
+EU_BASE_URL = "https://api.eu.iterable.com"
+_DATA_CENTERS = {"US": US_BASE_URL, "EU": EU_BASE_URL}
+# A connect that takes longer than this is a dead route, not a slow server; fail fast and retry.
+CONNECT_TIMEOUT = 5.0
+_MAX_DETAIL_CHARS = 300
+
+
+def base_url_for(data_center: str, override: str = "") -> str:
+    """The API host for a data centre ("US" or "EU"); a non-empty override wins."""
+    if override.strip():
+        return override.strip().rstrip("/")
+    try:
+        return _DATA_CENTERS[data_center.strip().upper()]
+    except KeyError:
+        # No silent fallback to US (Segment's choice): EU data sent to the US host is a compliance
+        # problem, and the key would be refused there anyway.
+        raise ConfigError(f"Iterable data center must be 'US' or 'EU', got {data_center!r}") from None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Capped exponential backoff with full jitter; a server's Retry-After replaces the guess."""
+
+    max_attempts: int = 5
+    base_delay: float = 0.5
+    max_delay: float = 30.0
+    # Retry-After gets its own, larger cap: the server knows its recovery time better than our
+    # backoff curve does, but a worker thread should not sleep for an hour on its say-so.
+    max_retry_after: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if self.base_delay < 0 or self.max_delay < 0 or self.max_retry_after < 0:
+            raise ValueError("retry delays must not be negative")
+
+    def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float | None:
+        """Seconds to wait after failed attempt number `attempt`; None means stop retrying now.
+
+        A Retry-After beyond max_retry_after stops at once: sleeping the cap and retrying early
+        would only earn another refusal, while the caller can reschedule the work for later.
+        """
+        if retry_after is not None:
+            return retry_after if retry_after <= self.max_retry_after else None
+        return rng.uniform(0.0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+
+
+class ResponseClass(StrEnum):
+    SUCCESS = "success"
+    RETRYABLE = "retryable"
+    RATE_LIMITED = "rate_limited"
+    PERMANENT = "permanent"
+    LIST_NOT_FOUND = "list_not_found"
+    AUTH = "auth"
+
+
+_ERROR_TYPES: dict[ResponseClass, type[IterableError]] = {
+    ResponseClass.RETRYABLE: RetryableError,
+    ResponseClass.RATE_LIMITED: RateLimitedError,
+    ResponseClass.PERMANENT: PermanentError,
+    ResponseClass.LIST_NOT_FOUND: ListNotFoundError,
+    ResponseClass.AUTH: AuthError,
+}
+
+
+def _identity(text: str) -> str:
+    return text
+
+
+@dataclass(frozen=True)
+class Classification:
+    """The verdict on one attempt. `body` is the parsed JSON, or the text for text endpoints."""
+
+    kind: ResponseClass
+    status: int | None
+    code: str | None = None
+    msg: str | None = None
+    params: Any = None
+    retry_after: float | None = None
+    body: Any = None
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.kind is ResponseClass.SUCCESS
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind in (ResponseClass.RETRYABLE, ResponseClass.RATE_LIMITED)
+
+    def to_error(
+        self, endpoint: str, *, attempts: int = 1, redact: Callable[[str], str] = _identity
+    ) -> IterableError:
+        if self.ok:
+            raise ValueError("a successful response is not an error")
+        message = redact(self._message(endpoint, attempts))
+        if self.kind is ResponseClass.RATE_LIMITED:
+            return RateLimitedError(message, status=self.status, code=self.code, retry_after=self.retry_after)
+        return _ERROR_TYPES[self.kind](message, status=self.status, code=self.code)
+
+    def _message(self, endpoint: str, attempts: int) -> str:
+        if self.kind is ResponseClass.AUTH:
+            # Iterable's msg is left out on purpose: a key-refusal message may echo the key.
+            code = f", code {self.code}" if self.code else ""
+            return f"{endpoint}: the API key was refused (HTTP {self.status}{code})"
+        message = f"{endpoint}: {self.detail}"
+        if self.retryable:
+            message += f" (gave up after {attempts} attempt{'s' if attempts != 1 else ''})"
+        return message
+
+
+# Iterable does not document the wording for an unknown list id, so accept the usual phrasings:
+# "List 123 does not exist", "listId 123 not found", "Unknown list", "No such list".
+_LIST_MISSING = re.compile(
+    r"\blist(?:\s*id)?(?:\s+with\s+id)?[\s:=#'\"]*\d*[\s'\"]*(?:was\s+|is\s+)?"
+    r"(?:not\s+found|does\s*n[o']t\s+exist|not\s+exist|no\s+longer\s+exists)"
+    r"|\b(?:unknown|no\s+such|non-?existent)\s+list\b",
+    re.IGNORECASE,
+)
+_RETRYABLE_EXCEPTIONS = (
+    httpx.TimeoutException,
+    httpx.NetworkError,
+    httpx.RemoteProtocolError,
+    httpx.ProxyError,
+    httpx.DecodingError,
+)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP date); None if absent or unreadable."""
+    if value is None or not value.strip():
+        return None
+    try:
+        seconds: float | None = float(value.strip())
+    except ValueError:
+        seconds = _seconds_until(value.strip(), time.time() if now is None else now)
+    if seconds is None or not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def _seconds_until(http_date: str, now: float) -> float | None:
+    try:
+        when = email.utils.parsedate_to_datetime(http_date)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)  # HTTP dates are always GMT
+    return when.timestamp() - now
+
+
+def _read_json(response: httpx.Response) -> tuple[Any, bool]:
+    try:
+        return response.json(), True
+    except ValueError:
+        return None, False
+
+
+def _snippet(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= _MAX_DETAIL_CHARS else flat[:_MAX_DETAIL_CHARS] + "..."
+
+
+def _class_for_status(status: int) -> ResponseClass:
+    if status in (401, 403):
+        return ResponseClass.AUTH
+    if status == 429:
+        return ResponseClass.RATE_LIMITED
+    if status == 408 or (status >= 500 and status not in (501, 505)):
+        return ResponseClass.RETRYABLE
+    return ResponseClass.PERMANENT
+
+
+def _says_list_missing(status: int, code: str | None, msg: str | None) -> bool:
+    if status not in (400, 404):
+        return False
+    if msg and _LIST_MISSING.search(msg):
+        return True
+    return status == 404 and code == "NotFound"
+
+
+def _classify_exception(exc: BaseException) -> Classification:
+    kind = ResponseClass.RETRYABLE if isinstance(exc, _RETRYABLE_EXCEPTIONS) else ResponseClass.PERMANENT
+    return Classification(kind, status=None, detail=_snippet(f"{type(exc).__name__}: {exc}"))
+
+
+def _classify_success(response: httpx.Response, expect_json: bool) -> Classification:
+    status = response.status_code
+    if not expect_json:
+        return Classification(ResponseClass.SUCCESS, status, body=response.text)
+    body, is_json = _read_json(response)
+    if not is_json:
+        # Typically a proxy or maintenance page. We cannot tell whether Iterable applied the
+        # request; every call here is safe to repeat, so retry rather than guess either way.
+        detail = f"HTTP {status} with a body that is not JSON: {_snippet(response.text)!r}"
+        return Classification(ResponseClass.RETRYABLE, status, detail=detail)
+    fields = body if isinstance(body, dict) else {}
+    return Classification(
+        ResponseClass.SUCCESS,
+        status,
+        code=fields.get("code"),
+        msg=fields.get("msg"),
+        params=fields.get("params"),
+        body=body,
+    )
+
+
+def _classify_failure(response: httpx.Response, list_scoped: bool, now: float | None) -> Classification:
+    status = response.status_code
+    body, is_json = _read_json(response)
+    fields = body if isinstance(body, dict) else {}
+    code = fields.get("code") if isinstance(fields.get("code"), str) else None
+    msg = fields.get("msg") if isinstance(fields.get("msg"), str) else None
+    kind = _class_for_status(status)
+    if kind is ResponseClass.PERMANENT and list_scoped and _says_list_missing(status, code, msg):
+        kind = ResponseClass.LIST_NOT_FOUND
+    if status == 413 and code is None:
+        # A bare 413 (usually from a proxy) means the same as Iterable's BatchTooLarge: callers halve.
+        code = "BatchTooLarge"
+    said = msg if msg is not None else ("" if is_json else _snippet(response.text))
+    detail = f"HTTP {status}" + (f" {code}" if code else "") + (f": {said}" if said else "")
+    return Classification(
+        kind,
+        status,
+        code=code,
+        msg=msg,
+        params=fields.get("params"),
+        body=body,
+        retry_after=parse_retry_after(response.headers.get("Retry-After"), now),
+        detail=_snippet(detail),
+    )
+
+
+def classify_response(
+    outcome: httpx.Response | BaseException,
+    *,
+    expect_json: bool = True,
+    list_scoped: bool = False,
+    now: float | None = None,
+) -> Classification:
+    """Decide what one attempt means: success, retry, or which permanent failure.
+
+    The HTTP status decides first and the body only refines it, because Iterable sometimes says
+    code "Success" on an error. `outcome` is a response, or the exception raised instead of one.
+    `list_scoped` marks endpoints that name a list id (subscribe, unsubscribe, getUsers) so that an
+    unknown list becomes ListNotFoundError. `now` (epoch seconds) is for Retry-After dates in tests.
+    """
+    if isinstance(outcome, BaseException):
+        return _classify_exception(outcome)
+    if 200 <= outcome.status_code < 300:
+        return _classify_success(outcome, expect_json)
+    return _classify_failure(outcome, list_scoped, now)
+
+
+@dataclass(frozen=True)
+class _Sent:
+    verdict: Classification
+    elapsed_ms: int
+    attempts: int
+
+
+def _encode_bulk(body: dict[str, Any], key: str) -> bytes:
+    count = len(body[key])
+    if count == 0:
+        raise ValueError(f"no {key} to send")
+    if count > MAX_BATCH_ITEMS:
+        raise ValueError(
+            f"{count} {key} in one request; the limit is {MAX_BATCH_ITEMS}: split them with chunk_by_limits"
+        )
+    content = dumps(body)
+    if len(content) > MAX_BODY_BYTES:
+        raise ValueError(
+            f"request body is {len(content)} bytes; the limit is {MAX_BODY_BYTES}: "
+            "split the items with chunk_by_limits"
+        )
+    return content
+
+
+class IterableClient:
+    """A thread-safe Iterable API client; one connection pool per instance.
+
+    api_key == "" selects dry run: requests go to DryRunTransport (any `transport` is ignored) and
+    are not rate-limited, since nothing reaches Iterable.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str,
+        transport: httpx.BaseTransport | None = None,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        rate_limits: Mapping[str, float] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._api_key = api_key
+        self._dry_run = api_key == ""
+        self._base_url = base_url.rstrip("/")
+        self._retry = retry or RetryPolicy()
+        self._sleep = sleep
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._limiter = RateLimiter(rate_limits, clock=clock, enabled=not self._dry_run)
+        self._http = httpx.Client(
+            base_url=self._base_url,
+            transport=DryRunTransport() if self._dry_run else transport,
+            timeout=httpx.Timeout(timeout, connect=min(CONNECT_TIMEOUT, timeout)),
+            headers={"User-Agent": f"listsync/{__version__}"},
+            follow_redirects=False,
+        )
+
+    @property
+    def is_dry_run(self) -> bool:
+        return self._dry_run
+
+    def __repr__(self) -> str:
+        return f"IterableClient(base_url={self._base_url!r}, dry_run={self._dry_run})"
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> IterableClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- lists ---------------------------------------------------------------------------------
+
+    def get_lists(self) -> list[IterableList]:
+        sent = self._send("GET", "/api/lists")
+        raw = self._field(sent, "GET /api/lists", "lists", list)
+        try:
+            return [IterableList.from_json(item) for item in raw]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise self._shape_error("GET /api/lists", sent, f"a list entry is malformed ({exc})") from None
+
+    def create_list(self, name: str) -> int:
+        sent = self._send("POST", "/api/lists", content=dumps({"name": name}), items=1)
+        list_id = self._field(sent, "POST /api/lists", "listId", int)
+        return int(list_id)
+
+    def subscribe(
+        self, list_id: int, subscribers: Sequence[Subscriber], *, update_existing_users_only: bool
+    ) -> BulkResult:
+        body = {
+            "listId": list_id,
+            "subscribers": [s.to_json() for s in subscribers],
+            "updateExistingUsersOnly": update_existing_users_only,
+        }
+        return self._bulk("/api/lists/subscribe", body, "subscribers", list_scoped=True)
+
+    def unsubscribe(
+        self,
+        list_id: int,
+        subscribers: Sequence[Subscriber],
+        *,
+        campaign_id: int | None,
+        channel_unsubscribe: bool,
+    ) -> BulkResult:
+        body: dict[str, Any] = {
+            "listId": list_id,
+            "subscribers": [s.identity_json() for s in subscribers],
+            "channelUnsubscribe": channel_unsubscribe,
+        }
+        if campaign_id is not None:
+            body["campaignId"] = campaign_id
+        return self._bulk("/api/lists/unsubscribe", body, "subscribers", list_scoped=True)
+
+    def get_list_users(self, list_id: int, *, prefer_user_id: bool) -> list[str]:
+        params: dict[str, str | int] = {"listId": list_id}
+        if prefer_user_id:
+            params["preferUserId"] = "true"
+        sent = self._send("GET", "/api/lists/getUsers", params=params, expect_json=False, list_scoped=True)
+        return [line.strip() for line in str(sent.verdict.body).splitlines() if line.strip()]
+
+    # -- users ---------------------------------------------------------------------------------
+
+    def update_user(self, body: dict[str, Any]) -> ApiResult:
+        return self._single("/api/users/update", body)
+
+    def bulk_update_users(self, users: Sequence[dict[str, Any]]) -> BulkResult:
+        return self._bulk("/api/users/bulkUpdate", {"users": list(users)}, "users")
+
+    def update_email(
+        self, *, new_email: str, current_email: str | None = None, current_user_id: str | None = None
+    ) -> ApiResult:
+        if not current_email and not current_user_id:
+            raise ValueError("update_email needs current_email or current_user_id")
+        body: dict[str, Any] = {"newEmail": new_email}
+        if current_email:
+            body["currentEmail"] = current_email
+        if current_user_id:
+            body["currentUserId"] = current_user_id
+        return self._single("/api/users/updateEmail", body)
+
+    # -- events and commerce -------------------------------------------------------------------
+
+    def track_event(self, body: dict[str, Any]) -> ApiResult:
+        return self._single("/api/events/track", body)
+
+    def track_bulk(self, events: Sequence[dict[str, Any]]) -> BulkResult:
+        return self._bulk("/api/events/trackBulk", {"events": list(events)}, "events")
+
+    def track_purchase(self, body: dict[str, Any]) -> ApiResult:
+        return self._single("/api/commerce/trackPurchase", body)
+
+    def update_cart(self, body: dict[str, Any]) -> ApiResult:
+        return self._single("/api/commerce/updateCart", body)
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _single(self, path: str, body: dict[str, Any]) -> ApiResult:
+        sent = self._send("POST", path, content=dumps(body), items=1)
+        verdict = sent.verdict
+        return ApiResult(
+            status=verdict.status or 0,
+            code=verdict.code,
+            msg=verdict.msg,
+            params=verdict.params,
+            elapsed_ms=sent.elapsed_ms,
+            attempts=sent.attempts,
+        )
+
+    def _bulk(self, path: str, body: dict[str, Any], key: str, *, list_scoped: bool = False) -> BulkResult:
+        content = _encode_bulk(body, key)
+        sent = self._send("POST", path, content=content, items=len(body[key]), list_scoped=list_scoped)
+        parsed = sent.verdict.body
+        if not isinstance(parsed, dict):
+            raise self._shape_error(f"POST {path}", sent, "expected a JSON object")
+        return BulkResult.from_json(
+            parsed, http_status=sent.verdict.status or 0, elapsed_ms=sent.elapsed_ms, attempts=sent.attempts
+        )
+
+    def _field(self, sent: _Sent, endpoint: str, key: str, kind: type) -> Any:
+        body = sent.verdict.body
+        value = body.get(key) if isinstance(body, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise self._shape_error(endpoint, sent, f"expected {key!r} of type {kind.__name__}")
+        return value
+
+    def _shape_error(self, endpoint: str, sent: _Sent, problem: str) -> RetryableError:
+        # A 2xx we cannot read is not the items' fault, so never a PermanentError that would
+        # dead-letter them; not retried here either, as the same answer would come back at once.
+        return RetryableError(
+            self._redact(f"{endpoint}: HTTP {sent.verdict.status} but {problem}"),
+            status=sent.verdict.status,
+            code=sent.verdict.code,
+        )
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._api_key, "[redacted]") if self._api_key else text
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None = None,
+        params: Mapping[str, str | int] | None = None,
+        items: int = 0,
+        expect_json: bool = True,
+        list_scoped: bool = False,
+    ) -> _Sent:
+        endpoint = f"{method} {path}"
+        started = self._clock()
+        attempt = 0
+        while True:
+            attempt += 1
+            self._limiter.acquire(endpoint, self._sleep)
+            verdict = self._attempt(method, path, content, params, expect_json, list_scoped)
+            if verdict.ok:
+                self._limiter.on_success(endpoint)
+                sent = _Sent(verdict, self._elapsed_ms(started), attempt)
+                self._log_success(endpoint, sent, items)
+                return sent
+            if verdict.kind is ResponseClass.RATE_LIMITED:
+                self._limiter.on_throttled(endpoint)
+            delay = self._next_delay(verdict, attempt)
+            if delay is None:
+                raise self._give_up(endpoint, verdict, attempt, items, started)
+            logger.warning(
+                "iterable request failed, retrying",
+                extra={
+                    "event": "iterable_retry",
+                    "endpoint": endpoint,
+                    "status": verdict.status,
+                    "code": verdict.code,
+                    "attempt": attempt,
+                    "delay_s": round(delay, 3),
+                },
+            )
+            self._sleep(delay)
+
+    def _attempt(
+        self,
+        method: str,
+        path: str,
+        content: bytes | None,
+        params: Mapping[str, str | int] | None,
+        expect_json: bool,
+        list_scoped: bool,
+    ) -> Classification:
+        headers = {"Api-Key": self._api_key} if self._api_key else {}
+        if content is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            response = self._http.request(method, path, content=content, params=params, headers=headers)
+        except httpx.RequestError as exc:
+            return classify_response(exc)
+        return classify_response(response, expect_json=expect_json, list_scoped=list_scoped)
+
+    def _next_delay(self, verdict: Classification, attempt: int) -> float | None:
+        if not verdict.retryable or attempt >= self._retry.max_attempts:
+            return None
+        return self._retry.delay(attempt, verdict.retry_after, self._rng)
+
+    def _give_up(
+        self, endpoint: str, verdict: Classification, attempts: int, items: int, started: float
+    ) -> IterableError:
+        error = verdict.to_error(endpoint, attempts=attempts, redact=self._redact)
+        logger.warning(
+            "iterable request failed: %s",
+            error,
+            extra={
+                "event": "iterable_request_failed",
+                "endpoint": endpoint,
+                "status": verdict.status,
+                "code": verdict.code,
+                "error_class": type(error).__name__,
+                "attempts": attempts,
+                "items": items,
+                "elapsed_ms": self._elapsed_ms(started),
+            },
+        )
+        return error
+
+    def _log_success(self, endpoint: str, sent: _Sent, items: int) -> None:
+        logger.info(
+            "iterable request",
+            extra={
+                "event": "iterable_request",
+                "endpoint": endpoint,
+                "status": sent.verdict.status,
+                "items": items,
+                "attempts": sent.attempts,
+                "elapsed_ms": sent.elapsed_ms,
+            },
+        )
+
+    def _elapsed_ms(self, started: float) -> int:
+        return round((self._clock() - started) * 1000)
+
+
+def client_from_settings(
+    settings: IterableSettings, *, transport: httpx.BaseTransport | None = None
+) -> IterableClient:
+    """The client the configuration asks for; an empty api_key gives the dry-run client."""
+    return IterableClient(
+        api_key=settings.api_key.get_secret_value(),
+        base_url=base_url_for(settings.data_center, settings.base_url),
+        transport=transport,
+        timeout=settings.timeout_seconds,
+        retry=RetryPolicy(
+            max_attempts=settings.max_attempts,
+            base_delay=settings.retry_base_seconds,
+            max_delay=settings.retry_max_seconds,
+        ),
+        rate_limits=settings.rate_limits or None,
+    )

@@ -1,0 +1,142 @@
+"""PURE: how one member's state moves when an event arrives or Iterable answers.
+
+The stored row keeps two things apart: `desired` (what the latest event says) and `synced` (what
+Iterable last confirmed). A member is pending exactly when sending would change Iterable. Deltas
+are applied by event time, not arrival time, so a late, older event never undoes a newer one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from listsync.domain import Desired, MembershipDelta, ProjectType, Synced
+
+PENDING, SYNCED, FAILED = "pending", "synced", "failed"
+
+
+@dataclass(frozen=True)
+class MemberState:
+    """The membership columns the rules read and write."""
+
+    user_id: str
+    email: str
+    desired: Desired
+    desired_at: datetime
+    desired_message_id: str
+    data_fields: dict[str, Any] | None
+    synced: Synced | None
+    synced_email: str | None
+    synced_user_id: str | None
+    state: str
+    attempts: int = 0
+    last_error: str | None = None
+
+
+def newer(delta: MembershipDelta, current: MemberState) -> bool:
+    """Event-time order, with the messageId as a stable tie-break between equal timestamps."""
+    return (delta.timestamp, delta.message_id) > (current.desired_at, current.desired_message_id)
+
+
+def identity_moved(member: MemberState, project_type: ProjectType) -> bool:
+    """A subscribed member whose identifiers changed since Iterable confirmed them (hybrid only)."""
+    if project_type is not ProjectType.HYBRID or member.synced is not Synced.IN:
+        return False
+    return bool(member.synced_email) and member.synced_email != member.email
+
+
+def needs_send(member: MemberState, project_type: ProjectType) -> bool:
+    if member.desired is Desired.IN:
+        return member.synced is not Synced.IN or identity_moved(member, project_type)
+    if member.desired is Desired.OUT:
+        return member.synced is Synced.IN
+    return False
+
+
+def settle(member: MemberState, project_type: ProjectType) -> MemberState:
+    """Recompute the state column after desired or synced changed; a failure sticks until then."""
+    return replace(member, state=PENDING if needs_send(member, project_type) else SYNCED)
+
+
+def new_member(
+    delta: MembershipDelta, data_fields: dict[str, Any] | None, project_type: ProjectType
+) -> MemberState:
+    member = MemberState(
+        user_id=delta.user_id or "",
+        email=delta.email or "",
+        desired=delta.desired,
+        desired_at=delta.timestamp,
+        desired_message_id=delta.message_id,
+        data_fields=data_fields,
+        synced=None,
+        synced_email=None,
+        synced_user_id=None,
+        state=PENDING,
+    )
+    return settle(member, project_type)
+
+
+def apply_delta(
+    member: MemberState, delta: MembershipDelta, data_fields: dict[str, Any] | None, project_type: ProjectType
+) -> MemberState | None:
+    """The member after this delta, or None when the delta changes nothing (older, replayed, no flag)."""
+    if delta.desired is Desired.UNKNOWN or not newer(delta, member):
+        return None
+    changed = member.desired is not delta.desired
+    updated = replace(
+        member,
+        desired=delta.desired,
+        desired_at=delta.timestamp,
+        desired_message_id=delta.message_id,
+        data_fields=data_fields if data_fields is not None else member.data_fields,
+    )
+    if changed or member.state != FAILED:
+        updated = replace(
+            settle(updated, project_type),
+            attempts=0 if changed else member.attempts,
+            last_error=None if changed else member.last_error,
+        )
+    return updated
+
+
+def change_email(member: MemberState, email: str, project_type: ProjectType) -> MemberState:
+    """The member after its user's email changed: a subscribed member is re-sent with the new one."""
+    moved = replace(member, email=email)
+    return replace(settle(moved, project_type), attempts=0, last_error=None)
+
+
+def confirm(
+    member: MemberState, sent: Synced, email: str | None, user_id: str | None, project_type: ProjectType
+) -> MemberState:
+    """Iterable accepted a change for this member: record it, then see if anything is still due
+    (the desired state may have moved on while the request was in flight)."""
+    confirmed = replace(
+        member, synced=sent, synced_email=email, synced_user_id=user_id, attempts=0, last_error=None
+    )
+    return settle(confirmed, project_type)
+
+
+def still_wanted(member: MemberState, subscribing: bool) -> bool:
+    """Whether the member still wants the change a finished request carried."""
+    return (member.desired is Desired.IN) == subscribing
+
+
+def fail(member: MemberState, reason: str, *, subscribing: bool, project_type: ProjectType) -> MemberState:
+    """Iterable refused this member's change for good: keep it visible, stop sending it. If the
+    desired state moved on meanwhile, the failure belongs to the old change and is not kept."""
+    if not still_wanted(member, subscribing):
+        return settle(member, project_type)
+    return replace(member, state=FAILED, attempts=member.attempts + 1, last_error=reason)
+
+
+def retry_later(member: MemberState, reason: str) -> MemberState:
+    """A transient failure: the change stays pending; the caller sets when to try again."""
+    return replace(member, attempts=member.attempts + 1, last_error=reason)
+
+
+def retry_delay(attempts: int, base_seconds: float, max_seconds: float) -> float:
+    """Capped exponential backoff for members whose request failed transiently."""
+    if attempts <= 0 or base_seconds <= 0:
+        return 0.0
+    return float(min(max_seconds, base_seconds * 2 ** min(attempts - 1, 30)))

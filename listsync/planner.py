@@ -1,0 +1,138 @@
+"""PURE: turn an audience's pending members into Iterable list requests.
+
+No database, no HTTP, no clock. Given the members whose desired state differs from what Iterable
+has, the audience's settings and the project type, it returns the subscribe and unsubscribe batches
+(each one request: <= batch_size subscribers and <= 4 MB), the members that cannot be sent (missing
+the identifier the project type needs), and whether the mass-unsubscribe guard holds the run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from listsync import identity
+from listsync.domain import Desired, Direction, ProjectType, Synced
+from listsync.iterable.payloads import Subscriber, chunk_by_limits, json_size
+
+
+@dataclass(frozen=True)
+class PendingMember:
+    id: int
+    user_id: str
+    email: str
+    desired: Desired
+    synced: Synced | None
+    synced_email: str | None
+    synced_user_id: str | None
+    data_fields: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One request: the members it carries and the exact subscribers sent for them."""
+
+    direction: Direction
+    member_ids: tuple[int, ...]
+    subscribers: tuple[Subscriber, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    batches: list[Batch] = field(default_factory=list)
+    unsendable: list[tuple[int, str]] = field(default_factory=list)
+
+    def count(self, direction: Direction) -> int:
+        return sum(len(b.member_ids) for b in self.batches if b.direction is direction)
+
+
+@dataclass(frozen=True)
+class GuardLimits:
+    max_unsubscribe_fraction: float
+    min_list_size: int
+
+
+def guard_hold_reason(unsubscribes: int, synced_members: int, limits: GuardLimits) -> str | None:
+    """Why a run must be held, or None. Tiny lists are exempt: one exit from a list of one is not a
+    mass unsubscribe, and holding it would only confuse."""
+    if synced_members < limits.min_list_size or unsubscribes == 0:
+        return None
+    if unsubscribes <= limits.max_unsubscribe_fraction * synced_members:
+        return None
+    return (
+        f"mass unsubscribe held: {unsubscribes} of {synced_members} synced members "
+        f"({unsubscribes / synced_members:.0%}) would be unsubscribed, more than "
+        f"sync.max_unsubscribe_fraction = {limits.max_unsubscribe_fraction}; "
+        "run `listsync sync --allow-mass-unsubscribe` to release"
+    )
+
+
+def select_data_fields(traits: Mapping[str, Any] | None, names: Sequence[str]) -> dict[str, Any] | None:
+    """The configured trait names copied into dataFields on subscribe."""
+    if not traits or not names:
+        return None
+    chosen = {name: traits[name] for name in names if name in traits}
+    return chosen or None
+
+
+def plan_audience(
+    members: Iterable[PendingMember],
+    *,
+    project_type: ProjectType,
+    batch_size: int,
+    data_field_names: Sequence[str] = (),
+) -> Plan:
+    """Batches for the members that need sending: subscribes first, then unsubscribes."""
+    plan = Plan()
+    subscribes: list[tuple[int, Subscriber]] = []
+    unsubscribes: list[tuple[int, Subscriber]] = []
+    for member in members:
+        _route(member, project_type, data_field_names, plan, subscribes, unsubscribes)
+    plan.batches.extend(_batches(Direction.SUBSCRIBE, subscribes, batch_size))
+    plan.batches.extend(_batches(Direction.UNSUBSCRIBE, unsubscribes, batch_size))
+    return plan
+
+
+def _route(
+    member: PendingMember,
+    project_type: ProjectType,
+    names: Sequence[str],
+    plan: Plan,
+    subscribes: list[tuple[int, Subscriber]],
+    unsubscribes: list[tuple[int, Subscriber]],
+) -> None:
+    if member.desired is Desired.IN:
+        who = identity.identity(member.user_id, member.email)
+        reason = identity.missing_identifier(project_type, who)
+        if reason:
+            plan.unsendable.append((member.id, reason))
+            return
+        fields = select_data_fields(member.data_fields, names)
+        subscribes.append((member.id, identity.subscriber_for_subscribe(project_type, who, fields)))
+    elif member.synced is Synced.IN:
+        # Remove what Iterable was given, which may differ from today's identifiers.
+        who = identity.identity(member.synced_user_id or member.user_id, member.synced_email or member.email)
+        reason = identity.missing_identifier(project_type, who)
+        if reason:
+            plan.unsendable.append((member.id, reason))
+            return
+        unsubscribes.append((member.id, identity.subscriber_for_unsubscribe(project_type, who)))
+
+
+def _batches(direction: Direction, items: list[tuple[int, Subscriber]], batch_size: int) -> list[Batch]:
+    def size(item: tuple[int, Subscriber]) -> int:
+        subscriber = item[1]
+        form = subscriber.to_json() if direction is Direction.SUBSCRIBE else subscriber.identity_json()
+        return json_size(form)
+
+    return [
+        Batch(direction, tuple(i for i, _ in chunk), tuple(s for _, s in chunk))
+        for chunk in chunk_by_limits(items, max_items=batch_size, size_of=size)
+    ]
+
+
+def minimum_requests(changes: int, batch_size: int) -> int:
+    """The fewest list calls that can carry this many changes in one direction."""
+    return math.ceil(changes / batch_size)
