@@ -320,32 +320,60 @@ def _send_pending(
     ctx: SyncContext, audience: m.Audience, list_id: int, report: RunReport, progress: Progress | None
 ) -> None:
     audience_settings = effective_settings(ctx.settings, audience)
+    for subscribing in (True, False):
+        if not _send_direction(ctx, audience, list_id, subscribing, audience_settings, report, progress):
+            return
+    if not ctx.client.is_dry_run:
+        with transaction(ctx.factory) as session:
+            repo.mark_synced_at(session, audience.id, ctx.clock())
+
+
+def _send_direction(
+    ctx: SyncContext,
+    audience: m.Audience,
+    list_id: int,
+    subscribing: bool,
+    audience_settings: AudienceSettings,
+    report: RunReport,
+    progress: Progress | None,
+) -> bool:
+    """Send one direction's pending members page by page. A page's last, partly filled batch is
+    carried into the next page, so the run uses the fewest requests possible. False: stop."""
+    carry: list[planner.PendingMember] = []
     after_id = 0
     while True:
         with transaction(ctx.factory) as session:
-            members = repo.pending_members(
-                session, audience.id, ctx.clock(), after_id=after_id, limit=PAGE_SIZE
+            page = repo.pending_members(
+                session, audience.id, ctx.clock(), after_id=after_id, limit=PAGE_SIZE, subscribing=subscribing
             )
-        if not members:
-            break
-        after_id = members[-1].id
+        last_page = len(page) < PAGE_SIZE
+        after_id = page[-1].id if page else after_id
         plan = planner.plan_audience(
-            members,
+            carry + page,
             project_type=ctx.settings.iterable.project_type,
             batch_size=ctx.settings.sync.batch_size,
             data_field_names=audience_settings.data_fields,
         )
         _record_unsendable(ctx, plan.unsendable, report)
-        for batch in plan.batches:
-            if ctx.should_stop():
-                return
-            if not _send_batch(ctx, audience, list_id, batch, audience_settings, report):
-                return
+        batches, carry = _hold_back_partial(
+            plan.batches, carry + page, ctx.settings.sync.batch_size, last_page
+        )
+        for batch in batches:
+            if ctx.should_stop() or not _send_batch(ctx, audience, list_id, batch, audience_settings, report):
+                return False
             if progress:
                 progress(audience.audience_key, len(batch.member_ids))
-    if not ctx.client.is_dry_run:
-        with transaction(ctx.factory) as session:
-            repo.mark_synced_at(session, audience.id, ctx.clock())
+        if last_page:
+            return True
+
+
+def _hold_back_partial(
+    batches: list[planner.Batch], members: list[planner.PendingMember], batch_size: int, last_page: bool
+) -> tuple[list[planner.Batch], list[planner.PendingMember]]:
+    if last_page or not batches or len(batches[-1].member_ids) >= batch_size:
+        return batches, []
+    held = set(batches[-1].member_ids)
+    return batches[:-1], [member for member in members if member.id in held]
 
 
 def _record_unsendable(ctx: SyncContext, unsendable: Sequence[tuple[int, str]], report: RunReport) -> None:

@@ -70,10 +70,15 @@ def store_events(
         for e, flag in zip(events, audience_flags, strict=True)
     ]
     new = 0
+    table = m.InboxEvent.__table__
     for chunk in _chunks(rows, 500):
-        stmt = _insert(session, m.InboxEvent).on_conflict_do_nothing(index_elements=["message_id"])
-        result = session.execute(stmt.returning(m.InboxEvent.id), list(chunk))
-        new += len(result.all())
+        ids = [row["message_id"] for row in chunk]
+        known = set(session.scalars(select(m.InboxEvent.message_id).where(m.InboxEvent.message_id.in_(ids))))
+        fresh = [row for row in chunk if row["message_id"] not in known]
+        if fresh:
+            # DO NOTHING still guards against a concurrent writer storing the same messageId.
+            session.execute(_insert(session, table).on_conflict_do_nothing(index_elements=["message_id"]), fresh)
+        new += len(fresh)
     return new
 
 
@@ -88,18 +93,31 @@ def store_rejections(
         )
 
 
-def unapplied_events(session: Session, limit: int) -> list[m.InboxEvent]:
+@dataclass(frozen=True)
+class StoredEvent:
+    id: int
+    payload: dict[str, Any]
+    received_at: datetime
+
+
+def unapplied_events(session: Session, limit: int) -> list[StoredEvent]:
+    """The oldest inbox events not yet folded into memberships (rows locked on PostgreSQL)."""
+    inbox = m.InboxEvent.__table__
     stmt = (
-        select(m.InboxEvent).where(m.InboxEvent.applied_at.is_(None)).order_by(m.InboxEvent.id).limit(limit)
+        select(inbox.c.id, inbox.c.payload, inbox.c.received_at)
+        .where(inbox.c.applied_at.is_(None))
+        .order_by(inbox.c.id)
+        .limit(limit)
     )
     if _is_postgres(session):
         stmt = stmt.with_for_update(skip_locked=True)
-    return list(session.scalars(stmt))
+    return [StoredEvent(i, p, r) for i, p, r in session.execute(stmt)]
 
 
 def mark_applied(session: Session, ids: Sequence[int], now: datetime) -> None:
+    inbox = m.InboxEvent.__table__
     for chunk in _chunks(list(ids), 1000):
-        session.execute(update(m.InboxEvent).where(m.InboxEvent.id.in_(chunk)).values(applied_at=now))
+        session.execute(update(inbox).where(inbox.c.id.in_(chunk)).values(applied_at=now))
 
 
 def count_unapplied(session: Session) -> int:
@@ -354,9 +372,16 @@ def guard_counts(session: Session, audience_id: int, now: datetime) -> tuple[int
 
 
 def pending_members(
-    session: Session, audience_id: int, now: datetime, *, after_id: int, limit: int
+    session: Session,
+    audience_id: int,
+    now: datetime,
+    *,
+    after_id: int,
+    limit: int,
+    subscribing: bool | None = None,
 ) -> list[PendingMember]:
-    """Members to send, in id order after `after_id` (keyset pages keep memory flat)."""
+    """Members to send, in id order after `after_id` (keyset pages keep memory flat); optionally
+    only those to subscribe (desired in) or only those to unsubscribe."""
     stmt = (
         select(m.Membership)
         .where(
@@ -368,6 +393,10 @@ def pending_members(
         .order_by(m.Membership.id)
         .limit(limit)
     )
+    if subscribing is not None:
+        stmt = stmt.where(
+            (m.Membership.desired == Desired.IN) if subscribing else (m.Membership.desired != Desired.IN)
+        )
     return [
         PendingMember(
             id=r.id,
