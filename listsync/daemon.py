@@ -122,7 +122,7 @@ def _serve(settings: Settings, ctx: sync.SyncContext, stopping: threading.Event)
             settings.sync.reconcile_interval_seconds,
             lambda: sync.run_once(ctx, sync.RunOptions(trigger="reconcile", reconcile=True)),
         )
-    server = receiver.ReceiverServer(settings, ctx.factory) if settings.receiver.enabled else None
+    server = receiver.ReceiverServer.for_settings(settings, ctx.factory) if settings.receiver.enabled else None
     _install_signal_handlers(stopping)
     if server:
         server.start()

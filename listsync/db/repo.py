@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, case, func, or_, select, text, tuple_, update
+from sqlalchemy import Select, and_, case, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -71,14 +71,11 @@ def store_events(
     ]
     new = 0
     table = m.InboxEvent.__table__
+    # DO NOTHING skips messageIds already stored (also by a concurrent writer); RETURNING counts
+    # only what this transaction really inserted. Core + RETURNING batches rows on both databases.
+    stmt = _insert(session, table).on_conflict_do_nothing(index_elements=["message_id"]).returning(table.c.id)
     for chunk in _chunks(rows, 500):
-        ids = [row["message_id"] for row in chunk]
-        known = set(session.scalars(select(m.InboxEvent.message_id).where(m.InboxEvent.message_id.in_(ids))))
-        fresh = [row for row in chunk if row["message_id"] not in known]
-        if fresh:
-            # DO NOTHING still guards against a concurrent writer storing the same messageId.
-            session.execute(_insert(session, table).on_conflict_do_nothing(index_elements=["message_id"]), fresh)
-        new += len(fresh)
+        new += len(session.execute(stmt, list(chunk)).all())
     return new
 
 
@@ -195,18 +192,26 @@ def _state_values(state: rules.MemberState) -> dict[str, Any]:
     return {name: getattr(state, name) for name in _STATE_COLUMNS}
 
 
-def load_members(
-    session: Session, keys: Sequence[tuple[int, str, str]]
-) -> dict[tuple[int, str, str], m.Membership]:
-    """Memberships by (audience_id, user_id, email), for the keys that exist."""
+def load_members(session: Session, keys: Sequence[tuple[int, str, str]]) -> dict[tuple[int, str, str], m.Membership]:
+    """Memberships by (audience_id, user_id, email), for the keys that exist.
+
+    Three IN lists rather than one row-value IN: both databases answer them from the unique index,
+    while PostgreSQL scans the table for a long row-value list. The few extra rows are dropped here.
+    """
+    wanted = set(keys)
     found: dict[tuple[int, str, str], m.Membership] = {}
-    key_columns = tuple_(m.Membership.audience_id, m.Membership.user_id, m.Membership.email)
-    for chunk in _chunks(sorted(set(keys))):
-        stmt = select(m.Membership).where(key_columns.in_(list(chunk)))
+    for chunk in _chunks(sorted(wanted)):
+        stmt = select(m.Membership).where(
+            m.Membership.audience_id.in_({k[0] for k in chunk}),
+            m.Membership.user_id.in_({k[1] for k in chunk}),
+            m.Membership.email.in_({k[2] for k in chunk}),
+        )
         if _is_postgres(session):
             stmt = stmt.with_for_update()
         for row in session.scalars(stmt):
-            found[(row.audience_id, row.user_id, row.email)] = row
+            key = (row.audience_id, row.user_id, row.email)
+            if key in wanted:
+                found[key] = row
     return found
 
 

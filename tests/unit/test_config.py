@@ -26,7 +26,7 @@ def test_every_settings_key_is_documented_in_the_example() -> None:
 
     def keys(model: object, prefix: str = "") -> list[str]:
         out = []
-        for name, field in type(model).model_fields.items():  # type: ignore[attr-defined]
+        for name in type(model).model_fields:  # type: ignore[attr-defined]
             value = getattr(model, name)
             if hasattr(type(value), "model_fields"):
                 out += keys(value, f"{prefix}{name}.")

@@ -1,0 +1,282 @@
+"""Pulled sources on both databases: JSON-lines streams, the drop folder (with a crash in the
+middle of a file), and the SQL source's snapshot diff."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import sqlite3
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from listsync.config import Settings
+from listsync.db import models as m
+from listsync.db.session import make_engine, session_factory, transaction
+from listsync.ingest import pollers
+from listsync.ingest.accept import apply_inbox
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def factory(database_url: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(database_url)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+def clock(start: datetime = T0) -> Callable[[], datetime]:
+    """A clock that moves one second per reading, so every poll gets its own snapshot id."""
+    ticks = itertools.count()
+    return lambda: start + timedelta(seconds=next(ticks))
+
+
+def track(user: str, audience: str = "vip", entered: bool = True, **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "track",
+        "event": "Audience Entered" if entered else "Audience Exited",
+        "userId": user,
+        "properties": {"audience_key": audience, audience: entered},
+        "timestamp": "2024-05-01T10:00:00Z",
+        **extra,
+    }
+
+
+def line(event: Any) -> bytes:
+    return json.dumps(event).encode() + b"\n"
+
+
+def count(factory: sessionmaker[Session], table: Any, *where: Any) -> int:
+    with factory() as session:
+        return session.scalar(select(func.count()).select_from(table).where(*where)) or 0
+
+
+def apply_all(factory: sessionmaker[Session], settings: Settings) -> None:
+    while True:
+        with transaction(factory) as session:
+            if apply_inbox(session, settings, T0) == 0:
+                return
+
+
+# --- ingest_stream / open_ndjson ---------------------------------------------------------------
+
+
+def test_ingest_stream_good_bad_blank_and_duplicate_lines(factory: sessionmaker[Session]) -> None:
+    lines = [
+        line(track("u1", messageId="m1")),
+        b"\n",
+        line(track("u2", messageId="m2")),
+        b"{not json\n",
+        line({"type": "track", "event": "Audience Entered", "properties": {"audience_key": "vip"}}),
+        line(track("u1", messageId="m1")),
+        b"   \r\n",
+        line(track("u3", messageId="m3")),
+    ]
+    counts = pollers.ingest_stream(factory, lines, source="file:test", now_fn=clock(), chunk=2)
+    assert (counts.accepted, counts.duplicates, counts.rejected) == (3, 1, 2)
+    assert count(factory, m.InboxEvent) == 3
+    with factory() as session:
+        reasons = sorted(r.split(":")[0] for r in session.scalars(select(m.DeadLetter.reason)))
+    assert reasons == ["malformed_json", "missing_identifier"]
+
+
+def test_open_ndjson_reads_gzip(factory: sessionmaker[Session], tmp_path: Path) -> None:
+    path = tmp_path / "events.ndjson.gz"
+    with gzip.open(path, "wb") as handle:
+        handle.writelines(line(track(f"u{i}", messageId=f"g{i}")) for i in range(250))
+    with pollers.open_ndjson(str(path)) as stream:
+        counts = pollers.ingest_stream(factory, stream, source="file:gz", now_fn=clock(), chunk=100)
+    assert (counts.accepted, counts.rejected) == (250, 0)
+    assert count(factory, m.InboxEvent, m.InboxEvent.source == "file:gz") == 250
+
+
+# --- drop folder ------------------------------------------------------------------------------
+
+
+def test_poll_folder_reads_each_file_once(factory: sessionmaker[Session], tmp_path: Path) -> None:
+    (tmp_path / "a.ndjson").write_bytes(b"".join(line(track(f"a{i}")) for i in range(30)))
+    with gzip.open(tmp_path / "b.jsonl.gz", "wb") as handle:
+        handle.writelines(line(track(f"b{i}")) for i in range(20))
+    (tmp_path / "c.ndjson.tmp").write_bytes(line(track("still-being-written")))
+
+    first = pollers.poll_folder(factory, tmp_path, clock(), chunk=7, min_age_seconds=0)
+    again = pollers.poll_folder(factory, tmp_path, clock(), chunk=7, min_age_seconds=0)
+
+    assert (first.accepted, first.rejected) == (50, 0)
+    assert (again.accepted, again.duplicates, again.rejected) == (0, 0, 0)
+    with factory() as session:
+        files = {Path(f.path).name: f for f in session.scalars(select(m.SourceFile))}
+    assert set(files) == {"a.ndjson", "b.jsonl.gz"}
+    assert files["a.ndjson"].lines_read == 30 and files["a.ndjson"].completed_at is not None
+
+
+def test_poll_folder_skips_files_modified_just_now(factory: sessionmaker[Session], tmp_path: Path) -> None:
+    (tmp_path / "fresh.ndjson").write_bytes(line(track("u1")))
+    assert pollers.poll_folder(factory, tmp_path, clock(), min_age_seconds=60).accepted == 0
+    assert count(factory, m.SourceFile) == 0
+
+
+def test_poll_folder_resumes_after_a_crash_without_loss_or_doubles(
+    factory: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No messageIds and every line distinct: the inbox's dedupe cannot hide a line read twice.
+    total_lines = 2_345
+    body = [
+        line(track(f"user{i}", originalTimestamp=f"2024-05-01T10:00:{i % 60:02d}Z"))
+        for i in range(total_lines)
+    ]
+    body.insert(100, b"\n")  # blank lines count as read lines too
+    (tmp_path / "big.ndjson").write_bytes(b"".join(body))
+
+    real_accept = pollers.accept_items
+    calls = itertools.count(1)
+
+    def crash_on_third_chunk(*args: Any, **kwargs: Any) -> Any:
+        result = real_accept(*args, **kwargs)
+        if next(calls) == 3:
+            raise RuntimeError("simulated crash after the 3rd chunk was written, before commit")
+        return result
+
+    monkeypatch.setattr(pollers, "accept_items", crash_on_third_chunk)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pollers.poll_folder(factory, tmp_path, clock(), chunk=500, min_age_seconds=0)
+    with factory() as session:
+        progress = session.scalars(select(m.SourceFile)).one()
+    assert progress.lines_read == 1_000 and progress.completed_at is None
+    assert count(factory, m.InboxEvent) == 999  # two committed chunks, one of the lines blank
+
+    monkeypatch.setattr(pollers, "accept_items", real_accept)
+    resumed = pollers.poll_folder(factory, tmp_path, clock(), chunk=500, min_age_seconds=0)
+
+    assert (resumed.accepted, resumed.duplicates, resumed.rejected) == (total_lines - 999, 0, 0)
+    assert count(factory, m.InboxEvent) == total_lines
+    with factory() as session:
+        users = set(session.scalars(select(m.InboxEvent.user_id)))
+    assert users == {f"user{i}" for i in range(total_lines)}
+
+
+# --- SQL source -------------------------------------------------------------------------------
+
+
+class Warehouse:
+    """A separate SQLite database playing the customer's warehouse."""
+
+    def __init__(self, path: Path) -> None:
+        self.url = f"sqlite:///{path}"
+        self._db = sqlite3.connect(path)
+        self._db.execute("CREATE TABLE members (audience_key TEXT, user_id TEXT, email TEXT, plan TEXT)")
+
+    def add(self, rows: list[tuple[Any, ...]]) -> None:
+        self._db.executemany("INSERT INTO members VALUES (?, ?, ?, ?)", rows)
+        self._db.commit()
+
+    def delete(self, where: str, *params: Any) -> None:
+        self._db.execute(f"DELETE FROM members WHERE {where}", params)
+        self._db.commit()
+
+    def close(self) -> None:
+        self._db.close()
+
+
+QUERY = "SELECT audience_key, user_id, email, plan FROM members"
+
+
+def members(factory: sessionmaker[Session], audience: str, desired: str) -> int:
+    with factory() as session:
+        return (
+            session.scalar(
+                text(
+                    "SELECT count(*) FROM memberships m JOIN audiences a ON a.id = m.audience_id "
+                    "WHERE a.audience_key = :a AND m.desired = :d"
+                ),
+                {"a": audience, "d": desired},
+            )
+            or 0
+        )
+
+
+def test_poll_sql_enters_exits_holds_and_replays(factory: sessionmaker[Session], tmp_path: Path) -> None:
+    settings = Settings()
+    now = clock()
+    warehouse = Warehouse(tmp_path / "warehouse.db")
+    sizes = {"gold": 2_500, "silver": 2_000, "bronze": 500}
+    warehouse.add(
+        [(aud, f"{aud}-{i}", f"{aud}-{i}@example.com", "pro") for aud, n in sizes.items() for i in range(n)]
+    )
+
+    def poll() -> pollers.SqlSyncCounts:
+        result = pollers.poll_sql(factory, warehouse.url, QUERY, settings, now, chunk=700)
+        apply_all(factory, settings)
+        return result
+
+    first = poll()
+    assert (first.rows, first.entered, first.exited, first.held) == (5_000, 5_000, 0, [])
+    assert first.events.accepted == 5_000
+    assert {aud: members(factory, aud, "in") for aud in sizes} == sizes
+    with factory() as session:
+        payload = session.scalars(select(m.InboxEvent.payload).where(m.InboxEvent.user_id == "gold-7")).one()
+    assert payload["properties"]["plan"] == "pro" and payload["properties"]["gold"] is True
+    assert payload["messageId"] == f"sql:gold:gold-7:gold-7@example.com:{first.snapshot_id}"
+
+    replay = poll()
+    assert (replay.rows, replay.entered, replay.exited, replay.events.accepted) == (5_000, 0, 0, 0)
+
+    warehouse.delete("audience_key = 'gold' AND CAST(substr(user_id, 6) AS INTEGER) < 100")
+    removed = poll()
+    assert (removed.entered, removed.exited) == (0, 100)
+    assert (members(factory, "gold", "in"), members(factory, "gold", "out")) == (2_400, 100)
+
+    warehouse.delete("audience_key = 'bronze'")
+    emptied = poll()
+    assert (emptied.entered, emptied.exited, emptied.held) == (0, 0, ["bronze"])
+    assert members(factory, "bronze", "in") == 500  # held, not emptied
+
+    warehouse.add([("gold", f"gold-{i}", f"gold-{i}@example.com", "pro") for i in range(50)])
+    back = poll()
+    assert (back.entered, back.exited) == (50, 0)
+    assert members(factory, "gold", "in") == 2_450
+    warehouse.close()
+
+
+def test_poll_sql_normalises_like_the_receiver_and_skips_bad_rows(
+    factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    settings = Settings()
+    now = clock()
+    warehouse = Warehouse(tmp_path / "warehouse.db")
+    warehouse.add(
+        [
+            ("news", None, "  Mixed.Case@Example.COM ", "free"),  # email only, untidy
+            ("news", "u-1", None, "free"),  # userId only
+            (None, "u-2", "u2@example.com", "free"),  # no audience
+            ("news", None, None, "free"),  # nobody
+            ("news", None, "not-an-email", "free"),  # no usable identity
+        ]
+    )
+    first = pollers.poll_sql(factory, warehouse.url, QUERY, settings, now)
+    assert (first.rows, first.invalid, first.entered) == (5, 3, 2)
+    apply_all(factory, settings)
+    with factory() as session:
+        keys = {tuple(r) for r in session.execute(select(m.Membership.user_id, m.Membership.email))}
+    assert keys == {("", "mixed.case@example.com"), ("u-1", "")}
+
+    # The stored key matches the normalised snapshot key, so nothing is re-entered or exited.
+    again = pollers.poll_sql(factory, warehouse.url, QUERY, settings, now)
+    assert (again.entered, again.exited, again.events.accepted) == (0, 0, 0)
+    warehouse.close()
+
+
+def test_poll_sql_refuses_a_query_without_identity_columns(
+    factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    warehouse = Warehouse(tmp_path / "warehouse.db")
+    with pytest.raises(ValueError, match="audience_key"):
+        pollers.poll_sql(factory, warehouse.url, "SELECT plan FROM members", Settings(), clock())
+    warehouse.close()
