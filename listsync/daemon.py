@@ -14,7 +14,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import IO, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -22,7 +22,9 @@ from sqlalchemy.engine import make_url
 
 from listsync import sync
 from listsync.config import Settings
+from listsync.db import repo
 from listsync.db import session as dbs
+from listsync.db.session import transaction
 from listsync.errors import ListsyncError
 from listsync.iterable.client import client_from_settings
 
@@ -82,9 +84,25 @@ def _schedule(scheduler: BackgroundScheduler, name: str, seconds: float, job: Ca
     )
 
 
+def _one_replica(ctx: sync.SyncContext, name: str, seconds: float, job: Callable[[], Any]) -> Callable[[], None]:
+    """Run a periodic job only on the replica holding its lease (a database row, not APScheduler's
+    job store, which 3.x cannot share). The lease outlives a tick, so a dead holder is replaced
+    after at most a few intervals."""
+    ttl = timedelta(seconds=max(30.0, 3 * seconds))
+
+    def run_if_leader() -> None:
+        with transaction(ctx.factory) as session:
+            leader = repo.try_lease(session, f"job:{name}", ctx.owner, ctx.clock(), ttl)
+        if leader:
+            job()
+
+    return run_if_leader
+
+
 def run(settings: Settings) -> int:
-    dbs.upgrade(settings.database_url)
     stopping = threading.Event()
+    _install_signal_handlers(stopping)
+    dbs.upgrade(settings.database_url)
     with single_daemon(settings.database_url):
         engine = dbs.make_engine(settings.database_url)
         factory = dbs.session_factory(engine)
@@ -114,7 +132,7 @@ def _serve(settings: Settings, ctx: sync.SyncContext, stopping: threading.Event)
         lambda: sync.run_once(ctx, sync.RunOptions(trigger="daemon")),
     )
     for name, seconds, job in pollers.scheduled_jobs(ctx.factory, settings):
-        _schedule(scheduler, name, seconds, job)
+        _schedule(scheduler, name, seconds, _one_replica(ctx, name, seconds, job))
     if settings.sync.reconcile_interval_seconds > 0:
         _schedule(
             scheduler,
@@ -123,7 +141,6 @@ def _serve(settings: Settings, ctx: sync.SyncContext, stopping: threading.Event)
             lambda: sync.run_once(ctx, sync.RunOptions(trigger="reconcile", reconcile=True)),
         )
     server = receiver.ReceiverServer.for_settings(settings, ctx.factory) if settings.receiver.enabled else None
-    _install_signal_handlers(stopping)
     if server:
         server.start()
     scheduler.start()

@@ -4,7 +4,7 @@ when run through the plain `alembic` command, from listsync's own configuration.
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 
 from listsync.db.models import metadata
 from listsync.db.session import make_engine
@@ -19,6 +19,9 @@ def _database_url() -> str:
     from listsync.config import load_settings
 
     return load_settings().database_url
+
+
+MIGRATION_LOCK_KEY = 0x6C73_6462  # "lsdb"
 
 
 def _configure(connection: Connection) -> None:
@@ -39,16 +42,22 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     connectable = config.attributes.get("connection")
     if connectable is not None:
-        _configure(connectable)
-        with context.begin_transaction():
-            context.run_migrations()
+        _migrate(connectable)
         return
     engine = make_engine(_database_url())
     with engine.connect() as connection:
-        _configure(connection)
-        with context.begin_transaction():
-            context.run_migrations()
+        _migrate(connection)
     engine.dispose()
+
+
+def _migrate(connection: Connection) -> None:
+    _configure(connection)
+    with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Replicas starting together all run `upgrade`; the first takes this lock and migrates,
+            # the others wait, then find the schema at head. Released at commit.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        context.run_migrations()
 
 
 if context.is_offline_mode():

@@ -746,3 +746,37 @@ def _adopt_unknown(
 
 def all_audiences(session: Session) -> list[m.Audience]:
     return list(session.scalars(select(m.Audience).order_by(m.Audience.audience_key)))
+
+
+# --- coordination between replicas -------------------------------------------------------------
+
+APPLY_LOCK_KEY = 0x6C697374  # "list": one advisory lock id for folding the inbox
+
+
+def serialize_inbox_apply(session: Session) -> None:
+    """On PostgreSQL, let one replica at a time fold the inbox into memberships (held until commit).
+
+    Folding is order-independent per member, but two replicas locking overlapping memberships in
+    different orders could deadlock; a transaction-scoped advisory lock avoids that and cannot
+    leak through a connection pool.
+    """
+    if _is_postgres(session):
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": APPLY_LOCK_KEY})
+
+
+def try_lease(session: Session, name: str, owner: str, now: datetime, ttl: timedelta) -> bool:
+    """Take or renew the named lease if it is free, expired or already ours. Works on both databases:
+    a lost race shows up as a row owned by someone else, not as an error."""
+    inserted = session.execute(
+        _insert(session, m.Lease.__table__).on_conflict_do_nothing(index_elements=["name"]),
+        {"name": name, "owner": owner, "until": now + ttl},
+    )
+    if inserted.rowcount:
+        return True
+    taken = session.execute(
+        update(m.Lease)
+        .where(m.Lease.name == name, or_(m.Lease.owner == owner, m.Lease.until < now))
+        .values(owner=owner, until=now + ttl)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(taken.rowcount)

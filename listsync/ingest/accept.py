@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from listsync import metrics
 from listsync.config import Settings
 from listsync.db import repo
 from listsync.domain import InboundEvent, MembershipDelta, Rejection
@@ -86,7 +87,9 @@ def accept_items(
         session, unique, source=source, now=now, audience_flags=[extract.is_audience_event(e) for e in unique]
     )
     repo.store_rejections(session, rejections, source=source, now=now)
-    return IngestCounts(accepted=new, duplicates=len(events) - new, rejected=len(rejections))
+    counts = IngestCounts(accepted=new, duplicates=len(events) - new, rejected=len(rejections))
+    metrics.count_events(source.split(":")[0], counts.accepted, counts.duplicates, counts.rejected)
+    return counts
 
 
 def _unique_by_message_id(events: Sequence[InboundEvent]) -> list[InboundEvent]:
@@ -101,6 +104,7 @@ def _unique_by_message_id(events: Sequence[InboundEvent]) -> list[InboundEvent]:
 
 def apply_inbox(session: Session, settings: Settings, now: datetime, *, limit: int = 2000) -> int:
     """Fold up to `limit` unapplied inbox events into memberships; returns how many were applied."""
+    repo.serialize_inbox_apply(session)
     rows = repo.unapplied_events(session, limit)
     pending: list[MembershipDelta] = []
     for row in rows:

@@ -49,6 +49,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -59,6 +60,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from listsync import metrics
 from listsync.config import Settings
 from listsync.db.session import transaction
 from listsync.domain import Rejection
@@ -130,7 +132,16 @@ def build_app(
         Route(f"/v1/{name}", handler.endpoint(kind), methods=["POST"]) for name, kind in _ENDPOINTS.items()
     ]
     routes.append(Route("/health", handler.health, methods=["GET"]))
+    routes.append(Route("/metrics", _metrics_endpoint(factory), methods=["GET"]))
     return Starlette(routes=routes)
+
+
+def _metrics_endpoint(factory: sessionmaker[Session]) -> Callable[[Request], Any]:
+    async def serve(_request: Request) -> Response:
+        body = await run_in_threadpool(metrics.render, factory)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    return serve
 
 
 class _Handler:

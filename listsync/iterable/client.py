@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from listsync import __version__
+from listsync import __version__, metrics
 from listsync.config import IterableSettings
 from listsync.errors import (
     AuthError,
@@ -524,6 +524,8 @@ class IterableClient:
             attempt += 1
             self._limiter.acquire(endpoint, self._sleep)
             verdict = self._attempt(method, path, content, params, expect_json, list_scoped)
+            if not self._dry_run:
+                metrics.count_request(endpoint, verdict.status)
             if verdict.ok:
                 self._limiter.on_success(endpoint)
                 sent = _Sent(verdict, self._elapsed_ms(started), attempt)

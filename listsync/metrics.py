@@ -1,0 +1,116 @@
+"""Prometheus metrics, served at /metrics by the receiver.
+
+Counters are bumped where things happen (receiver, Iterable client, lists engine); gauges about
+backlog are read from the database at scrape time, so every replica reports the same truth and
+nothing has to be kept in step by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from listsync.db import models as m
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+EVENTS_RECEIVED = Counter(
+    "listsync_events_received_total",
+    "Inbound events by source and outcome (accepted, duplicate, rejected).",
+    ["source", "outcome"],
+    registry=REGISTRY,
+)
+ITERABLE_REQUESTS = Counter(
+    "listsync_iterable_requests_total",
+    "Iterable HTTP attempts by endpoint and status (0: no response).",
+    ["endpoint", "status"],
+    registry=REGISTRY,
+)
+ITERABLE_RATE_LIMITED = Counter(
+    "listsync_iterable_rate_limited_total",
+    "429 RateLimitExceeded answers by endpoint.",
+    ["endpoint"],
+    registry=REGISTRY,
+)
+MEMBER_CHANGES = Counter(
+    "listsync_member_changes_total",
+    "Member changes confirmed or failed by direction and outcome.",
+    ["direction", "outcome"],
+    registry=REGISTRY,
+)
+
+
+def count_events(source: str, accepted: int, duplicates: int, rejected: int) -> None:
+    for outcome, amount in (("accepted", accepted), ("duplicate", duplicates), ("rejected", rejected)):
+        if amount:
+            EVENTS_RECEIVED.labels(source, outcome).inc(amount)
+
+
+def count_request(endpoint: str, status: int | None) -> None:
+    ITERABLE_REQUESTS.labels(endpoint, str(status or 0)).inc()
+    if status == 429:
+        ITERABLE_RATE_LIMITED.labels(endpoint).inc()
+
+
+class BacklogCollector(Collector):
+    """Pending work and lag per audience, read from the audience_status view and memberships."""
+
+    def __init__(self, factory: sessionmaker[Session]) -> None:
+        self.factory = factory
+
+    def collect(self) -> Iterator[Any]:
+        pending = GaugeMetricFamily(
+            "listsync_pending_members",
+            "Members waiting to be sent, by audience and direction.",
+            labels=["audience", "direction"],
+        )
+        failed = GaugeMetricFamily(
+            "listsync_failed_members", "Members Iterable refused for good.", labels=["audience"]
+        )
+        lag = GaugeMetricFamily(
+            "listsync_sync_lag_seconds",
+            "Age of the oldest pending change (its event time to now).",
+            labels=["audience"],
+        )
+        inbox = GaugeMetricFamily(
+            "listsync_inbox_unapplied", "Accepted events not yet folded into memberships."
+        )
+        with self.factory() as session:
+            for row in session.execute(text("SELECT * FROM audience_status")).mappings():
+                pending.add_metric([row["audience_key"], "subscribe"], row["pending_subscribe"])
+                pending.add_metric([row["audience_key"], "unsubscribe"], row["pending_unsubscribe"])
+                failed.add_metric([row["audience_key"]], row["failed"])
+            for key, oldest in _oldest_pending(session):
+                lag.add_metric([key], max(0.0, (datetime.now(UTC) - oldest).total_seconds()))
+            inbox.add_metric(
+                [], session.scalar(text("SELECT count(*) FROM inbox WHERE applied_at IS NULL")) or 0
+            )
+        yield from (pending, failed, lag, inbox)
+
+
+def _oldest_pending(session: Session) -> list[tuple[str, datetime]]:
+
+
+    stmt = (
+        select(m.Audience.audience_key, func.min(m.Membership.desired_at))
+        .join(m.Membership, m.Membership.audience_id == m.Audience.id)
+        .where(m.Membership.state == m.MemberState.PENDING)
+        .group_by(m.Audience.audience_key)
+    )
+    return [(key, oldest) for key, oldest in session.execute(stmt) if oldest is not None]
+
+
+def render(factory: sessionmaker[Session] | None) -> bytes:
+    """The text exposition of every metric, backlog included when a database is given."""
+    if factory is None:
+        return generate_latest(REGISTRY)
+    registry = CollectorRegistry()
+    registry.register(BacklogCollector(factory))
+    return generate_latest(REGISTRY) + generate_latest(registry)
