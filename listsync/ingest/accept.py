@@ -50,9 +50,18 @@ class IngestCounts:
         self.rejected += other.rejected
 
 
+NUL_REASON = "invalid_text: the event contains a NUL character (\\u0000), which cannot be stored"
+
+
 def scrub_text(text: str) -> str:
-    """Secrets out of a body that could not be parsed (so `extract.redact` cannot walk it)."""
-    return _SECRET_PAIR.sub(r'\1"[redacted]"', text[:MAX_DEAD_LETTER_CHARS])
+    """Secrets out of a body that could not be parsed (so `extract.redact` cannot walk it); NUL
+    characters escaped, as PostgreSQL text cannot hold them."""
+    return _SECRET_PAIR.sub(r'\1"[redacted]"', text[:MAX_DEAD_LETTER_CHARS]).replace("\x00", "\\u0000")
+
+
+def _has_nul(raw: Any) -> bool:
+    """PostgreSQL's text and jsonb refuse U+0000; such an event is rejected on both databases alike."""
+    return "\\u0000" in json.dumps(raw)
 
 
 def accept_body(
@@ -75,11 +84,13 @@ def accept_items(
     rejections: list[tuple[str, str]] = []
     for item in items:
         if isinstance(item, extract.RejectedItem):
-            rejections.append((item.rejection.reason, item.payload))
+            rejections.append((item.rejection.reason, scrub_text(item.payload)))
             continue
         checked = extract.validate_event(item.raw, received_at=now, encoded_size=item.size)
+        if not isinstance(checked, Rejection) and _has_nul(item.raw):
+            checked = Rejection(NUL_REASON)
         if isinstance(checked, Rejection):
-            rejections.append((checked.reason, json.dumps(extract.redact(item.raw), default=str)))
+            rejections.append((checked.reason, scrub_text(json.dumps(extract.redact(item.raw), default=str))))
         else:
             events.append(checked)
     unique = _unique_by_message_id(events)
