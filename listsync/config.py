@@ -9,14 +9,16 @@ naming the key.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from listsync import mapping
 from listsync.domain import ProjectType
 from listsync.errors import ConfigError
 
@@ -94,6 +96,82 @@ class SourcesSettings(Section):
     sql: SqlSourceSettings = Field(default_factory=SqlSourceSettings)
 
 
+class MappingSettings(Section):
+    """One [[actions.mappings]] entry. A mapping named like a preset replaces it, and may leave out
+    trigger and action to keep the preset's (and, with its trigger, its exclusion of audience events)."""
+
+    name: str = Field(min_length=1)
+    trigger: str | None = None
+    action: str | None = None
+    fields: dict[str, Any] = Field(default_factory=dict)
+    batch: bool | None = None  # None: [actions].batching
+    enabled: bool = True
+
+    def spec(self, batching: bool) -> mapping.MappingSpec:
+        base = mapping.preset(self.name)
+        keeps_trigger = base is not None and self.trigger is None
+        action = self.action or (base.action if base else "")
+        if not action:
+            raise ValueError(f"mapping {self.name!r}: action: required (upsert_user, custom_event, ...)")
+        if self.trigger is None and base is None:
+            raise ValueError(f"mapping {self.name!r}: trigger: required, e.g. 'type = \"track\"'")
+        kind = mapping.action_kind(action) if action in mapping.ACTION_NAMES else None
+        batch = self.batch if self.batch is not None else batching and kind in mapping.BATCHABLE
+        return mapping.MappingSpec(
+            name=self.name,
+            trigger=self.trigger if self.trigger is not None else base.trigger,  # type: ignore[union-attr]
+            action=action,
+            fields=self.fields,
+            batch=bool(batch),
+            audiences=not keeps_trigger or bool(base and base.audiences),
+            classic_pages=bool(base and base.classic_pages and keeps_trigger),
+        )
+
+
+class ActionsSettings(Section):
+    """Per-event actions (Iterable (Actions)): presets, the classic page settings, custom mappings."""
+
+    enabled: bool = True
+    presets: bool = True
+    map_all_pages: bool = False
+    track_all_pages: bool = False
+    track_categorized_pages: bool = False
+    track_named_pages: bool = False
+    batching: bool = False
+    max_attempts: int = Field(10, ge=1, le=1000)
+    mappings: list[MappingSettings] = Field(default_factory=list, max_length=mapping.MAX_MAPPINGS)
+
+    @model_validator(mode="after")
+    def _mappings_compile(self) -> ActionsSettings:
+        try:
+            self.compiled()
+        except mapping.MappingError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @property
+    def pages_on(self) -> bool:
+        return self.track_all_pages or self.track_categorized_pages or self.track_named_pages
+
+    def specs(self) -> list[mapping.MappingSpec]:
+        """The mappings in force: presets (unless off), replaced or added to by [[actions.mappings]]."""
+        try:
+            configured = [m.spec(self.batching) for m in self.mappings if m.enabled]
+        except ValueError as exc:
+            raise mapping.MappingError(str(exc)) from None
+        disabled = [m.name for m in self.mappings if not m.enabled]
+        specs = mapping.effective_specs(configured, presets=self.presets, pages=self.pages_on, disabled=disabled)
+        own = {m.name for m in self.mappings}
+        return [spec if spec.name in own else self._batched(spec) for spec in specs]
+
+    def _batched(self, preset: mapping.MappingSpec) -> mapping.MappingSpec:
+        batch = self.batching and mapping.action_kind(preset.action) in mapping.BATCHABLE
+        return dataclasses.replace(preset, batch=batch)
+
+    def compiled(self) -> list[mapping.ActionMapping]:
+        return mapping.compile_all(self.specs())
+
+
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
@@ -113,6 +191,7 @@ class Settings(BaseSettings):
     audience_defaults: AudienceSettings = Field(default_factory=AudienceSettings)
     audiences: dict[str, AudienceOverride] = Field(default_factory=dict)
     sources: SourcesSettings = Field(default_factory=SourcesSettings)
+    actions: ActionsSettings = Field(default_factory=ActionsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @classmethod
@@ -173,7 +252,7 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
     parts = []
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"])
-        message = error["msg"]
+        message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key"
         elif not _is_secret_key(key) and "input" in error and not isinstance(error["input"], dict):

@@ -56,3 +56,30 @@ def subscriber_for_unsubscribe(project_type: ProjectType, who: Identity) -> Subs
     if who.email:
         return Subscriber(email=who.email)
     return Subscriber(user_id=who.user_id)
+
+
+def resolve(
+    project_type: ProjectType, user_id: str, email: str, candidates: Mapping[int, tuple[str, str]]
+) -> list[int]:
+    """Which stored subscribers (id -> (userId, email), '' for absent) an event about (user_id,
+    email) is about; [] means a new subscriber.
+
+    The same pair wins. In userId projects the userId alone identifies. In hybrid projects an
+    event carrying both identifiers first completes a row that lacked one of them (the member seen
+    before its email was known), and an event carrying one identifier speaks for every row with
+    it. Two rows with one userId and different emails stay two subscribers: Engage sends one event
+    per email of a profile.
+    """
+    exact = [i for i, pair in candidates.items() if pair == (user_id, email)]
+    if exact:
+        return exact
+    same_user = [i for i, (u, _) in candidates.items() if user_id and u == user_id]
+    if project_type is ProjectType.USER_ID and user_id:
+        return same_user
+    if user_id and email:
+        lacking_email = [i for i in same_user if not candidates[i][1]]
+        lacking_user = [i for i, (u, e) in candidates.items() if e == email and not u]
+        return (lacking_email or lacking_user)[:1]
+    if user_id:
+        return same_user
+    return [i for i, (_, e) in candidates.items() if email and e == email]

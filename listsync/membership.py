@@ -140,3 +140,12 @@ def retry_delay(attempts: int, base_seconds: float, max_seconds: float) -> float
     if attempts <= 0 or base_seconds <= 0:
         return 0.0
     return float(min(max_seconds, base_seconds * 2 ** min(attempts - 1, 30)))
+
+
+def adopt_identity(member: MemberState, user_id: str, email: str, project_type: ProjectType) -> MemberState:
+    """The member with identifiers an event adds: a missing userId or email filled in (hybrid); in
+    userId projects the email is only a profile detail and follows the latest event."""
+    if project_type is ProjectType.USER_ID:
+        return replace(member, email=email) if email and email != member.email else member
+    filled = replace(member, user_id=member.user_id or user_id, email=member.email or email)
+    return filled if filled != member else member

@@ -113,7 +113,12 @@ def _route(
         subscribes.append((member.id, identity.subscriber_for_subscribe(project_type, who, fields)))
     elif member.synced is Synced.IN:
         # Remove what Iterable was given, which may differ from today's identifiers.
-        who = identity.identity(member.synced_user_id or member.user_id, member.synced_email or member.email)
+        sent_before = member.synced_user_id or member.synced_email
+        who = (
+            identity.identity(member.synced_user_id, member.synced_email)
+            if sent_before
+            else identity.identity(member.user_id, member.email)
+        )
         reason = identity.missing_identifier(project_type, who)
         if reason:
             plan.unsendable.append((member.id, reason))

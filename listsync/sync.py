@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import NoReturn
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,9 +31,9 @@ from listsync.db import models as m
 from listsync.db import repo
 from listsync.db.session import transaction
 from listsync.domain import Direction, ProjectType, Synced
-from listsync.errors import AuthError, ListNotFoundError, PermanentError, RetryableError
+from listsync.errors import AuthError, IterableError, ListNotFoundError, PermanentError, RetryableError
 from listsync.ingest.accept import apply_inbox
-from listsync.iterable.client import IterableClient
+from listsync.iterable.client import CONNECT_FAILED, IterableClient
 from listsync.iterable.payloads import BulkResult, ItemOutcome, Subscriber
 
 logger = logging.getLogger(__name__)
@@ -83,13 +84,16 @@ class RunReport:
     fatal: str | None = None
     reconciled: dict[str, dict[str, int]] = field(default_factory=dict)
     dry_run: bool = False
+    events_delivered: int = 0
+    events_failed: int = 0
+    events_retrying: int = 0
 
     @property
     def exit_code(self) -> int:
-        """0: all delivered; 1: some members failed, wait or are held; 2: configuration/connection."""
+        """0: all delivered; 1: some members or events failed, wait or are held; 2: configuration/connection."""
         if self.fatal:
             return 2
-        if self.failed or self.retrying or self.held or self.missing_lists or self.errors:
+        if self.failed or self.events_failed or self.retrying or self.held or self.missing_lists or self.errors:
             return 1
         return 0
 
@@ -100,6 +104,8 @@ class RunReport:
             f"{self.unsubscribed} unsubscribed",
             f"{self.failed} failed",
             f"{self.retrying} waiting to retry",
+            f"{self.events_delivered} events delivered",
+            f"{self.events_failed} events failed",
         ]
         if self.dry_run:
             parts.append("dry run: nothing sent, nothing marked synced")
@@ -107,13 +113,45 @@ class RunReport:
             parts.append("held: " + ", ".join(self.held))
         if self.missing_lists:
             parts.append("lists missing in Iterable: " + ", ".join(self.missing_lists))
+        parts += [_reconciled_text(key, found) for key, found in self.reconciled.items()]
+        parts += self.errors
         if self.fatal:
             parts.append(self.fatal)
         return "; ".join(parts)
 
 
+def _reconciled_text(key: str, found: dict[str, int]) -> str:
+    """What `--reconcile` found in one list, in the words of the repair it queued."""
+    return (
+        f"reconciled {key}: {found.get('missing', 0)} missing (resent), {found.get('extra', 0)} extra "
+        f"(unsubscribed; {found.get('unknown_added', 0)} unknown to listsync), "
+        f"{found.get('adopted', 0)} adopted"
+    )
+
+
 class _StopRun(Exception):
     """Raised inside a run when nothing more may be sent (the API key was refused)."""
+
+
+def _stop_refused(report: RunReport, exc: AuthError) -> NoReturn:
+    """A refused key is a configuration problem, not the members': keep them pending, send nothing more."""
+    report.fatal = f"the API key was refused by Iterable ({exc.status}); nothing more was sent"
+    logger.error(report.fatal, extra={"event": "auth_refused"})
+    raise _StopRun from None
+
+
+def _unreachable(exc: RetryableError) -> bool:
+    """Not even a connection to Iterable on the client's last try, after all its retries. A
+    dropped socket or a timeout is not enough: those happen to a reachable Iterable too."""
+    return exc.code == CONNECT_FAILED
+
+
+def _stop_unreachable(report: RunReport, exc: RetryableError) -> NoReturn:
+    """Iterable cannot be reached: a connection problem (exit 2), not the members'. Whatever was
+    in hand stays pending; going on would only spend every remaining batch on the same failure."""
+    report.fatal = f"could not reach Iterable ({exc}); nothing more was sent"
+    logger.error(report.fatal, extra={"event": "iterable_unreachable"})
+    raise _StopRun from None
 
 
 def effective_settings(settings: Settings, audience: m.Audience) -> AudienceSettings:
@@ -148,6 +186,14 @@ def run_once(
         _reset_missing_lists(ctx)
     with contextlib.suppress(_StopRun):
         _passes(ctx, options, report, progress)
+    if not report.fatal:
+        from listsync import delivery  # here: delivery builds on this module's SyncContext
+
+        events = delivery.deliver_pending(ctx)
+        report.events_delivered, report.events_failed = events.delivered, events.failed
+        report.requests += events.requests
+        report.events_retrying = events.retrying
+        report.fatal = events.fatal
     _finish(ctx, report)
     return report
 
@@ -191,6 +237,22 @@ def _one_pass(
         seen.append(audience.id)
         try:
             _process_audience(ctx, audience, options, report, progress, reconciled)
+        except AuthError as exc:
+            # Also from the list-level calls (GET lists, create, getUsers), not only from sends.
+            _stop_refused(report, exc)
+        except IterableError as exc:
+            # A list-level call failed after the client's retries. No answer at all stops the run;
+            # otherwise this audience waits for the next run, the others go on, and the run says
+            # why instead of dying with a traceback.
+            if isinstance(exc, RetryableError) and _unreachable(exc):
+                _stop_unreachable(report, exc)
+            report.errors.append(f"{audience.audience_key}: {exc}")
+            logger.warning(
+                "audience %r skipped this run: %s",
+                audience.audience_key,
+                exc,
+                extra={"event": "audience_skipped", "audience": audience.audience_key},
+            )
         finally:
             with transaction(ctx.factory) as session:
                 repo.release_audience(session, audience.id, ctx.owner)
@@ -221,7 +283,11 @@ def _process_audience(
         return
     if options.reconcile and audience.id not in reconciled:
         reconciled.add(audience.id)
-        report.reconciled[key] = _reconcile(ctx, audience, list_id)
+        try:
+            report.reconciled[key] = _reconcile(ctx, audience, list_id)
+        except ListNotFoundError as exc:  # deleted in Iterable: the same verdict as a send would reach
+            _mark_missing(ctx, audience, report, exc)
+            return
     if _held(ctx, audience, options, report):
         return
     _send_pending(ctx, audience, list_id, report, progress)
@@ -437,9 +503,7 @@ def _send_batch(
         result = _call(ctx, list_id, batch, audience_settings)
     except AuthError as exc:
         _record_failure(ctx, request_id, batch, exc, report, retry=False, keep_pending=True)
-        report.fatal = f"the API key was refused by Iterable ({exc.status}); nothing more was sent"
-        logger.error(report.fatal, extra={"event": "auth_refused"})
-        raise _StopRun from None
+        _stop_refused(report, exc)
     except ListNotFoundError as exc:
         _record_failure(ctx, request_id, batch, exc, report, retry=False, keep_pending=True)
         _mark_missing(ctx, audience, report, exc)
@@ -455,6 +519,8 @@ def _send_batch(
         return True
     except RetryableError as exc:
         _record_failure(ctx, request_id, batch, exc, report, retry=True, keep_pending=True)
+        if _unreachable(exc):
+            _stop_unreachable(report, exc)
         return True
     _record_success(ctx, audience, request_id, batch, result, report)
     return True
@@ -580,9 +646,7 @@ def _record_failure(
             session, request_id, record, now, {i: ("error", reason) for i in batch.member_ids}
         )
         repo.save_members(session, updated, now, next_attempts)
-    if retry:
-        report.retrying += len(batch.member_ids)
-    elif not keep_pending:
+    if not retry and not keep_pending:
         report.failed += len(batch.member_ids)
     logger.warning(
         "%s of %d members failed: %s",
@@ -695,6 +759,9 @@ def _reconcile(ctx: SyncContext, audience: m.Audience, list_id: int) -> dict[str
 def _finish(ctx: SyncContext, report: RunReport) -> None:
     status = m.RunStatus.FAILED if report.fatal else m.RunStatus.OK
     with transaction(ctx.factory) as session:
+        # Counted at the end, not as failures happen: a later pass of this run may have delivered
+        # members that an earlier pass had to put back.
+        report.retrying = repo.count_waiting(session) + report.events_retrying
         if report.run_id is not None:
             repo.finish_run(
                 session,

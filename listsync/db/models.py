@@ -30,6 +30,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import DateTime, TypeDecorator
 
 from listsync.domain import Desired, Synced
+from listsync.mapping import ActionKind
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -106,6 +107,13 @@ class RunStatus(StrEnum):
     OK = "ok"
     FAILED = "failed"
     ABORTED = "aborted"
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"  # to send (or waiting for a retry)
+    DELIVERED = "delivered"
+    FAILED = "failed"  # refused for good, or not sendable as mapped
+    SKIPPED = "skipped"  # nothing to send: no email or userId
 
 
 class Base(DeclarativeBase):
@@ -198,6 +206,12 @@ class InboxEvent(Base):
             sqlite_where=text("applied_at IS NULL"),
             postgresql_where=text("applied_at IS NULL"),
         ),
+        Index(
+            "ix_inbox_unrouted",
+            "id",
+            sqlite_where=text("routed_at IS NULL"),
+            postgresql_where=text("routed_at IS NULL"),
+        ),
         {"comment": "Accepted raw events, committed before the receiver answers 200."},
     )
 
@@ -214,6 +228,57 @@ class InboxEvent(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(comment="the event as received, secrets removed")
     is_audience: Mapped[bool] = mapped_column(comment="true when it carried audience membership")
     applied_at: Mapped[datetime | None] = mapped_column(comment="when its deltas reached memberships")
+    routed_at: Mapped[datetime | None] = mapped_column(
+        comment="when its per-event actions were recorded in event_deliveries"
+    )
+
+
+class EventDelivery(Base):
+    __tablename__ = "event_deliveries"
+    __table_args__ = (
+        UniqueConstraint("inbox_id", "mapping", name="uq_event_deliveries_event_mapping"),
+        Index(
+            "ix_event_deliveries_pending",
+            "id",
+            sqlite_where=text("state = 'pending'"),
+            postgresql_where=text("state = 'pending'"),
+        ),
+        Index("ix_event_deliveries_user_id", "user_id"),
+        {"comment": "One row per (inbox event, mapping): the Iterable request it makes and its outcome."},
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    inbox_id: Mapped[int] = mapped_column(ForeignKey("inbox.id", ondelete="CASCADE"), comment="inbox event")
+    message_id: Mapped[str] = mapped_column(String(255), comment="Segment messageId of the event")
+    event_type: Mapped[str] = mapped_column(String(16), comment="identify / track / page / screen / ...")
+    event_name: Mapped[str | None] = mapped_column(String(255), comment="track event name, page name")
+    mapping: Mapped[str] = mapped_column(String(255), comment="name of the mapping that took the event")
+    action: Mapped[ActionKind] = mapped_column(
+        text_enum(ActionKind, "action_kind"),
+        comment="upsert_user / custom_event / track_purchase / cart_updates",
+    )
+    endpoint: Mapped[str | None] = mapped_column(String(64), comment="e.g. events/track; NULL if not sent")
+    body: Mapped[dict[str, Any] | None] = mapped_column(
+        comment="request body (one item for bulk endpoints), the same on every attempt"
+    )
+    user_key: Mapped[str] = mapped_column(
+        String(320), comment="userId, else email: one user's deliveries go in this order"
+    )
+    user_id: Mapped[str | None] = mapped_column(String(255), comment="userId sent")
+    email: Mapped[str | None] = mapped_column(String(320), comment="email sent")
+    iterable_id: Mapped[str | None] = mapped_column(
+        String(512), comment="event or purchase id sent; Iterable updates rather than duplicates it"
+    )
+    state: Mapped[DeliveryState] = mapped_column(
+        text_enum(DeliveryState, "delivery_state"),
+        comment="pending / delivered / failed / skipped (no email or userId)",
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0, comment="sends that failed so far")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(comment="not retried before this UTC time")
+    last_error: Mapped[str | None] = mapped_column(Text, comment="why it failed or was skipped, redacted")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, comment="UTC")
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow, comment="UTC")
+    delivered_at: Mapped[datetime | None] = mapped_column(comment="when Iterable accepted it (UTC)")
 
 
 class DeadLetter(Base):

@@ -7,16 +7,17 @@ caller can put "record the response" and "update the members" in one commit.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, case, func, or_, select, text, update
+from sqlalchemy import Select, and_, bindparam, case, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from listsync import identity
 from listsync import membership as rules
 from listsync.db import models as m
 from listsync.domain import Desired, EmailChange, InboundEvent, MembershipDelta, ProjectType, Synced
@@ -171,7 +172,7 @@ _STATE_COLUMNS = (
 )
 
 
-def _to_state(row: m.Membership) -> rules.MemberState:
+def _to_state(row: Any) -> rules.MemberState:
     return rules.MemberState(
         user_id=row.user_id,
         email=row.email,
@@ -192,27 +193,51 @@ def _state_values(state: rules.MemberState) -> dict[str, Any]:
     return {name: getattr(state, name) for name in _STATE_COLUMNS}
 
 
-def load_members(session: Session, keys: Sequence[tuple[int, str, str]]) -> dict[tuple[int, str, str], m.Membership]:
-    """Memberships by (audience_id, user_id, email), for the keys that exist.
+def load_candidates(
+    session: Session, audience_ids: set[int], user_ids: set[str], emails: set[str]
+) -> list[m.Membership]:
+    """Memberships of these audiences that share a userId or an email with the given ones."""
+    found: dict[int, m.Membership] = {}
+    for column, values in ((m.Membership.user_id, user_ids - {""}), (m.Membership.email, emails - {""})):
+        for chunk in _chunks(sorted(values)):
+            stmt = select(m.Membership).where(m.Membership.audience_id.in_(audience_ids), column.in_(chunk))
+            if _is_postgres(session):
+                stmt = stmt.with_for_update()
+            found.update({row.id: row for row in session.scalars(stmt)})
+    return list(found.values())
 
-    Three IN lists rather than one row-value IN: both databases answer them from the unique index,
-    while PostgreSQL scans the table for a long row-value list. The few extra rows are dropped here.
-    """
-    wanted = set(keys)
-    found: dict[tuple[int, str, str], m.Membership] = {}
-    for chunk in _chunks(sorted(wanted)):
-        stmt = select(m.Membership).where(
-            m.Membership.audience_id.in_({k[0] for k in chunk}),
-            m.Membership.user_id.in_({k[1] for k in chunk}),
-            m.Membership.email.in_({k[2] for k in chunk}),
-        )
-        if _is_postgres(session):
-            stmt = stmt.with_for_update()
-        for row in session.scalars(stmt):
-            key = (row.audience_id, row.user_id, row.email)
-            if key in wanted:
-                found[key] = row
-    return found
+
+class _Members:
+    """The memberships a batch of deltas touches, indexed by identity, plus the ones it creates."""
+
+    def __init__(self, rows: Iterable[m.Membership]) -> None:
+        self.states: dict[int, rules.MemberState] = {}
+        self.audience: dict[int, int] = {}
+        self.by_user: dict[tuple[int, str], set[int]] = defaultdict(set)
+        self.by_email: dict[tuple[int, str], set[int]] = defaultdict(set)
+        self.dirty: set[int] = set()
+        self._next_new = -1
+        for row in rows:
+            self._index(row.id, row.audience_id, _to_state(row))
+
+    def _index(self, member_id: int, audience_id: int, state: rules.MemberState) -> None:
+        self.states[member_id], self.audience[member_id] = state, audience_id
+        if state.user_id:
+            self.by_user[(audience_id, state.user_id)].add(member_id)
+        if state.email:
+            self.by_email[(audience_id, state.email)].add(member_id)
+
+    def add(self, audience_id: int, state: rules.MemberState) -> None:
+        member_id, self._next_new = self._next_new, self._next_new - 1
+        self._index(member_id, audience_id, state)
+        self.dirty.add(member_id)
+
+    def put(self, member_id: int, state: rules.MemberState) -> None:
+        old = self.states[member_id]
+        if (old.user_id, old.email) != (state.user_id, state.email):
+            self._index(member_id, self.audience[member_id], state)
+        self.states[member_id] = state
+        self.dirty.add(member_id)
 
 
 def apply_deltas(
@@ -222,47 +247,73 @@ def apply_deltas(
     now: datetime,
 ) -> int:
     """Fold (audience_id, delta, data_fields) into memberships, in event-time order per member.
-    Returns how many memberships changed."""
-    keys = [(a, d.user_id or "", d.email or "") for a, d, _ in deltas]
-    rows = load_members(session, keys)
-    existing = {key: _to_state(row) for key, row in rows.items()}
-    ids = {key: row.id for key, row in rows.items()}
-    changed: dict[tuple[int, str, str], rules.MemberState] = {}
-    for (_audience, delta, fields), key in zip(deltas, keys, strict=True):
-        current = changed.get(key) or existing.get(key)
-        if current is None:
-            if delta.desired is Desired.UNKNOWN:
-                continue
-            changed[key] = rules.new_member(delta, fields, project_type)
-        else:
-            updated = rules.apply_delta(current, delta, fields, project_type)
-            if updated is not None:
-                changed[key] = updated
-    _write_members(session, changed, ids, now)
-    return len(changed)
+    Returns how many memberships changed.
+
+    Each delta is matched to the subscriber(s) it is about by `identity.resolve`: the same userId
+    and email; else a row that lacked the identifier the delta now brings (a member first seen
+    without an email is still one member once the email is known); else every row of the one
+    identifier the delta has. Only then is a new row created.
+    """
+    known = _Members(
+        load_candidates(
+            session,
+            {a for a, _, _ in deltas},
+            {d.user_id or "" for _, d, _ in deltas},
+            {d.email or "" for _, d, _ in deltas},
+        )
+    )
+    for audience_id, delta, fields in deltas:
+        if delta.desired is Desired.UNKNOWN:
+            continue
+        _fold(known, audience_id, delta, fields, project_type)
+    _write_members(session, known, now)
+    return len(known.dirty)
 
 
-def _write_members(
-    session: Session,
-    changed: Mapping[tuple[int, str, str], rules.MemberState],
-    ids: Mapping[tuple[int, str, str], int],
-    now: datetime,
+def _fold(
+    known: _Members,
+    audience_id: int,
+    delta: MembershipDelta,
+    fields: dict[str, Any] | None,
+    project_type: ProjectType,
 ) -> None:
-    inserts = [
-        {
-            "audience_id": k[0],
-            **_state_values(s),
-            "created_at": now,
-            "updated_at": now,
-            "next_attempt_at": None,
-        }
-        for k, s in changed.items()
-        if k not in ids
-    ]
-    updates = [{"id": ids[k], **_state_values(s), "updated_at": now} for k, s in changed.items() if k in ids]
-    for reset in updates:
-        if reset["attempts"] == 0:
-            reset["next_attempt_at"] = None
+    user_id, email = delta.user_id or "", delta.email or ""
+    candidates = {
+        i: (known.states[i].user_id, known.states[i].email)
+        for i in known.by_user.get((audience_id, user_id), set())
+        | known.by_email.get((audience_id, email), set())
+    }
+    targets = identity.resolve(project_type, user_id, email, candidates)
+    if not targets:
+        known.add(audience_id, rules.new_member(delta, fields, project_type))
+        return
+    for member_id in targets:
+        state = known.states[member_id]
+        if len(targets) == 1:
+            state = rules.adopt_identity(state, user_id, email, project_type)
+        updated = rules.apply_delta(state, delta, fields, project_type) or state
+        if updated != known.states[member_id]:
+            known.put(member_id, updated)
+
+
+def _write_members(session: Session, known: _Members, now: datetime) -> None:
+    inserts, updates = [], []
+    # New members (negative ids: -1, -2, ...) are inserted in the order their events came.
+    for member_id in sorted(known.dirty, key=lambda i: (i < 0, abs(i))):
+        values = _state_values(known.states[member_id])
+        if member_id < 0:
+            inserts.append(
+                {
+                    "audience_id": known.audience[member_id],
+                    **values,
+                    "created_at": now,
+                    "updated_at": now,
+                    "next_attempt_at": None,
+                }
+            )
+        else:
+            reset = {"next_attempt_at": None} if values["attempts"] == 0 else {}
+            updates.append({"id": member_id, **values, "updated_at": now, **reset})
     if inserts:
         session.execute(_insert(session, m.Membership), inserts)
     if updates:
@@ -387,21 +438,21 @@ def pending_members(
 ) -> list[PendingMember]:
     """Members to send, in id order after `after_id` (keyset pages keep memory flat); optionally
     only those to subscribe (desired in) or only those to unsubscribe."""
+    table = m.Membership.__table__
     stmt = (
-        select(m.Membership)
+        select(*(table.c[name] for name in _PENDING_COLUMNS))
         .where(
-            m.Membership.audience_id == audience_id,
-            m.Membership.state == m.MemberState.PENDING,
-            _due(now),
-            m.Membership.id > after_id,
+            table.c.audience_id == audience_id,
+            table.c.state == m.MemberState.PENDING,
+            or_(table.c.next_attempt_at.is_(None), table.c.next_attempt_at <= now),
+            table.c.id > after_id,
         )
-        .order_by(m.Membership.id)
+        .order_by(table.c.id)
         .limit(limit)
     )
     if subscribing is not None:
-        stmt = stmt.where(
-            (m.Membership.desired == Desired.IN) if subscribing else (m.Membership.desired != Desired.IN)
-        )
+        stmt = stmt.where((table.c.desired == Desired.IN) if subscribing else (table.c.desired != Desired.IN))
+    # Plain rows, not ORM objects: this is the hot path of a large sync.
     return [
         PendingMember(
             id=r.id,
@@ -413,18 +464,20 @@ def pending_members(
             synced_user_id=r.synced_user_id,
             data_fields=r.data_fields,
         )
-        for r in session.scalars(stmt)
+        for r in session.execute(stmt)
     ]
 
 
-def members_by_id(session: Session, ids: Sequence[int]) -> dict[int, m.Membership]:
-    found: dict[int, m.Membership] = {}
-    for chunk in _chunks(list(ids), 1000):
-        stmt = select(m.Membership).where(m.Membership.id.in_(chunk))
-        if _is_postgres(session):
-            stmt = stmt.with_for_update()
-        found.update({row.id: row for row in session.scalars(stmt)})
-    return found
+_PENDING_COLUMNS = (
+    "id",
+    "user_id",
+    "email",
+    "desired",
+    "synced",
+    "synced_email",
+    "synced_user_id",
+    "data_fields",
+)
 
 
 def begin_request(
@@ -489,14 +542,25 @@ def finish_request(
             finished_at=now,
         )
     )
+    items = m.RequestItem.__table__
     if outcomes:
+        # Most members of a request share one outcome: one statement for it, then the exceptions.
+        common = Counter(outcomes.values()).most_common(1)[0][0]
         session.execute(
-            update(m.RequestItem),
-            [
-                {"request_id": request_id, "membership_id": member_id, "outcome": outcome, "error": error}
-                for member_id, (outcome, error) in outcomes.items()
-            ],
+            update(items).where(items.c.request_id == request_id).values(outcome=common[0], error=common[1])
         )
+        others = [
+            {"b_member": member_id, "b_outcome": outcome, "b_error": error}
+            for member_id, (outcome, error) in outcomes.items()
+            if (outcome, error) != common
+        ]
+        if others:
+            session.execute(
+                update(items)
+                .where(items.c.request_id == request_id, items.c.membership_id == bindparam("b_member"))
+                .values(outcome=bindparam("b_outcome"), error=bindparam("b_error")),
+                others,
+            )
 
 
 def save_members(
@@ -509,14 +573,29 @@ def save_members(
         return
     rows = []
     for member_id, state in states.items():
-        row = {"id": member_id, **_state_values(state), "updated_at": now}
-        row["next_attempt_at"] = (next_attempts or {}).get(member_id)
+        row = {f"b_{name}": value for name, value in _state_values(state).items()}
+        row.update(b_id=member_id, b_updated_at=now, b_next_attempt_at=(next_attempts or {}).get(member_id))
         rows.append(row)
-    session.execute(update(m.Membership), rows)
+    session.execute(_SAVE_MEMBER, rows)
+
+
+_SAVE_MEMBER = (
+    update(m.Membership.__table__)
+    .where(m.Membership.__table__.c.id == bindparam("b_id"))
+    .values({name: bindparam(f"b_{name}") for name in (*_STATE_COLUMNS, "updated_at", "next_attempt_at")})
+)
 
 
 def member_states(session: Session, ids: Sequence[int]) -> dict[int, rules.MemberState]:
-    return {i: _to_state(row) for i, row in members_by_id(session, ids).items()}
+    """Current state of these members, locked on PostgreSQL until the transaction ends."""
+    table = m.Membership.__table__
+    found: dict[int, rules.MemberState] = {}
+    for chunk in _chunks(list(ids), 1000):
+        stmt = select(table.c.id, *(table.c[name] for name in _STATE_COLUMNS)).where(table.c.id.in_(chunk))
+        if _is_postgres(session):
+            stmt = stmt.with_for_update()
+        found.update({row.id: _to_state(row) for row in session.execute(stmt)})
+    return found
 
 
 def in_flight_requests(session: Session, audience_id: int) -> list[m.ApiRequest]:
@@ -617,6 +696,14 @@ def _jsonable_row(row: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in row.items():
         out[key] = value.isoformat() if isinstance(value, datetime) else value
     return json.loads(json.dumps(out, default=str))
+
+
+def count_waiting(session: Session) -> int:
+    """Members whose change failed transiently and is still waiting to be sent again."""
+    stmt = select(func.count()).where(
+        m.Membership.state == m.MemberState.PENDING, m.Membership.next_attempt_at.is_not(None)
+    )
+    return session.scalar(stmt) or 0
 
 
 def renew_lease(session: Session, audience_id: int, owner: str, until: datetime) -> None:

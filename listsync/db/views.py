@@ -1,5 +1,6 @@
 """The SQL views of the user-facing contract. Plain SQL that gives the same rows on SQLite and
-PostgreSQL; the migrations create them, and `status` reads audience_status."""
+PostgreSQL; the migrations create them, and `status` reads audience_status. event_status shows
+one row per (event, action) of the per-event actions."""
 
 from __future__ import annotations
 
@@ -53,3 +54,27 @@ VIEWS = {
     "member_status": MEMBER_STATUS,
     "rejected_events": REJECTED_EVENTS,
 }
+
+EVENT_STATUS = """
+CREATE VIEW event_status AS
+SELECT d.message_id AS event,
+       d.event_type AS type,
+       d.event_name AS event_name,
+       d.action AS action,
+       d.mapping AS mapping,
+       d.state AS state,
+       d.attempts AS attempts,
+       d.last_error AS last_error,
+       d.updated_at AS updated_at,
+       d.user_id AS user_id,
+       d.email AS email,
+       d.endpoint AS endpoint,
+       d.iterable_id AS iterable_id,
+       d.next_attempt_at AS next_attempt_at,
+       d.delivered_at AS delivered_at,
+       d.id AS id
+FROM event_deliveries d
+"""
+
+# Created by revision 0002, apart from VIEWS (which revision 0001 creates from this module).
+DELIVERY_VIEWS = {"event_status": EVENT_STATUS}

@@ -26,7 +26,9 @@ from listsync.planner import select_data_fields
 
 MAX_DEAD_LETTER_CHARS = 64 * 1024
 _SECRET_PAIR = re.compile(
-    r'("(?:writeKey|write_key|apiKey|api_key|password|secret|token)"\s*:\s*)"[^"]*"', re.I
+    r"""(["']?(?:writeKey|write_key|apiKey|api_key|password|secret|token)["']?\s*[:=]\s*)"""
+    r"""(?:"[^"]*"|'[^']*'|[^\s,}\]]+)""",
+    re.IGNORECASE,
 )
 
 # Engage's per-audience settings (context.personas.audience_settings) in listsync's own names.

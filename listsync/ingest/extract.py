@@ -212,7 +212,7 @@ def _validated(raw: Mapping[str, Any], received_at: datetime, encoded_size: int 
         raise _Invalid("missing_identifier: event has neither userId nor anonymousId")
     _check_type_specific(raw, kind)
     email, email_problem = _email(objects)
-    stored = {k: v for k, v in raw.items() if k != "writeKey"}
+    stored = _without_write_keys(raw)
     event = InboundEvent(
         type=kind,
         message_id=_message_id(raw),
@@ -460,6 +460,17 @@ def redact(raw: Mapping[str, Any]) -> dict[str, Any]:
     the side of dropping (a device push token goes too): the copy is for diagnosis, not replay.
     """
     return {k: _redact_value(v) for k, v in raw.items() if not _is_secret_key(k)}
+
+
+def _without_write_keys(value: Any) -> Any:
+    """The event to store: write keys dropped at any depth, everything else kept (unlike `redact`,
+    which also drops tokens and passwords from payloads kept only for diagnosis)."""
+    if isinstance(value, Mapping):
+        return {k: _without_write_keys(v) for k, v in value.items()
+                if re.sub(r"[^a-z0-9]", "", str(k).lower()) != "writekey"}
+    if isinstance(value, list):
+        return [_without_write_keys(v) for v in value]
+    return value
 
 
 def _redact_value(value: Any) -> Any:

@@ -229,9 +229,14 @@ def _says_list_missing(status: int, code: str | None, msg: str | None) -> bool:
     return status == 404 and code == "NotFound"
 
 
+CONNECT_FAILED = "ConnectFailed"
+
+
 def _classify_exception(exc: BaseException) -> Classification:
     kind = ResponseClass.RETRYABLE if isinstance(exc, _RETRYABLE_EXCEPTIONS) else ResponseClass.PERMANENT
-    return Classification(kind, status=None, detail=_snippet(f"{type(exc).__name__}: {exc}"))
+    # Not even a connection: the caller may stop a whole run rather than fail every batch in turn.
+    code = CONNECT_FAILED if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout) else None
+    return Classification(kind, status=None, code=code, detail=_snippet(f"{type(exc).__name__}: {exc}"))
 
 
 def _classify_success(response: httpx.Response, expect_json: bool) -> Classification:
@@ -391,9 +396,26 @@ class IterableClient:
             raise self._shape_error("GET /api/lists", sent, f"a list entry is malformed ({exc})") from None
 
     def create_list(self, name: str) -> int:
-        sent = self._send("POST", "/api/lists", content=dumps({"name": name}), items=1)
-        list_id = self._field(sent, "POST /api/lists", "listId", int)
-        return int(list_id)
+        """POST /api/lists is not idempotent: Iterable keeps two lists with one name. So after an
+        attempt that may have been applied without our hearing of it (no answer, or a 5xx), the
+        name is looked up before trying again, instead of a blind retry that could make a twin."""
+        body = dumps({"name": name})
+        for attempt in range(1, self._retry.max_attempts + 1):
+            try:
+                sent = self._send("POST", "/api/lists", content=body, items=1, max_attempts=1)
+                return int(self._field(sent, "POST /api/lists", "listId", int))
+            except RetryableError as exc:
+                if attempt == self._retry.max_attempts:
+                    raise
+                if exc.status is None or exc.status >= 500:
+                    found = sorted(lst.id for lst in self.get_lists() if lst.name == name)
+                    if found:
+                        return found[0]
+                wait = self._retry.delay(attempt, getattr(exc, "retry_after", None), self._rng)
+                if wait is None:
+                    raise
+                self._sleep(wait)
+        raise AssertionError("unreachable: the loop returns or raises")
 
     def subscribe(
         self, list_id: int, subscribers: Sequence[Subscriber], *, update_existing_users_only: bool
@@ -516,6 +538,7 @@ class IterableClient:
         items: int = 0,
         expect_json: bool = True,
         list_scoped: bool = False,
+        max_attempts: int | None = None,
     ) -> _Sent:
         endpoint = f"{method} {path}"
         started = self._clock()
@@ -533,7 +556,7 @@ class IterableClient:
                 return sent
             if verdict.kind is ResponseClass.RATE_LIMITED:
                 self._limiter.on_throttled(endpoint)
-            delay = self._next_delay(verdict, attempt)
+            delay = self._next_delay(verdict, attempt, max_attempts or self._retry.max_attempts)
             if delay is None:
                 raise self._give_up(endpoint, verdict, attempt, items, started)
             logger.warning(
@@ -567,8 +590,8 @@ class IterableClient:
             return classify_response(exc)
         return classify_response(response, expect_json=expect_json, list_scoped=list_scoped)
 
-    def _next_delay(self, verdict: Classification, attempt: int) -> float | None:
-        if not verdict.retryable or attempt >= self._retry.max_attempts:
+    def _next_delay(self, verdict: Classification, attempt: int, max_attempts: int) -> float | None:
+        if not verdict.retryable or attempt >= max_attempts:
             return None
         return self._retry.delay(attempt, verdict.retry_after, self._rng)
 

@@ -155,9 +155,4 @@ def test_concurrent_senders_of_the_same_events_store_each_once(factory: sessionm
 def test_concurrent_senders_are_told_exactly_what_was_new(
     factory: sessionmaker[Session], database_url: str, request: pytest.FixtureRequest
 ) -> None:
-    if database_url.startswith("postgresql"):
-        # repo.store_events counts rows its pre-SELECT did not see; a concurrent transaction's
-        # uncommitted rows are invisible to it, so DO NOTHING skips rows that were counted as new.
-        reason = "store_events over-counts `accepted` under concurrent duplicate inserts"
-        request.applymarker(pytest.mark.xfail(reason=reason, strict=False))
     assert sum(r.accepted for r in _race(factory)) == 300

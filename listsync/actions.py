@@ -1,0 +1,408 @@
+"""Map -> **build**: the request each Iterable action sends for one event. Pure: the event's
+timestamp and messageId come in with the event, nothing reads a clock.
+
+`build` resolves a mapping's fields and returns a `Request` (endpoint + body, the same body on
+every attempt), a `Skip` (recorded with its reason, never sent), or None (the mapping does not
+apply after all: a page call that the classic page settings do not track).
+
+Decisions beyond Segment's Iterable (Actions) destination (reference §2):
+
+* Every event and purchase carries an `id`. Custom Event maps `$.messageId` (Segment's default);
+  Track Purchase maps `order_id` and, without one, derives the id from the messageId and the
+  mapping. Iterable updates an event or purchase with a known id instead of adding one, so a
+  retry after an unanswered request cannot double it.
+* `createdAt` falls back to the event's own timestamp, not the time of sending (Segment uses
+  "now"): a retry then sends the same body.
+* Commerce items keep custom product keys in the item's dataFields (Segment's default mapping
+  drops them); product_id -> id, category -> categories, image_url -> imageUrl.
+* Emails are trimmed and lower-cased, as the inbox stores them; Iterable compares them so anyway.
+* Optional numeric fields that cannot be read as numbers (campaignId "abc") are left out rather
+  than failing the event; required ones (total, items, eventName) fail it with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from listsync.domain import ProjectType
+from listsync.mapping import ActionKind, ActionMapping
+
+MAX_EVENT_ID_BYTES = 512
+ENDPOINTS = {
+    (ActionKind.UPSERT_USER, False): "users/update",
+    (ActionKind.UPSERT_USER, True): "users/bulkUpdate",
+    (ActionKind.CUSTOM_EVENT, False): "events/track",
+    (ActionKind.CUSTOM_EVENT, True): "events/trackBulk",
+    (ActionKind.TRACK_PURCHASE, False): "commerce/trackPurchase",
+    (ActionKind.CART_UPDATES, False): "commerce/updateCart",
+}
+BULK_ENDPOINTS = frozenset({"users/bulkUpdate", "events/trackBulk"})
+
+
+@dataclass(frozen=True)
+class PageSettings:
+    """The classic destination's page settings (reference §6 and the seed's settings table)."""
+
+    map_all_pages: bool = False
+    track_all_pages: bool = False
+    track_categorized_pages: bool = False
+    track_named_pages: bool = False
+
+    @property
+    def any(self) -> bool:
+        return self.track_all_pages or self.track_categorized_pages or self.track_named_pages
+
+
+@dataclass(frozen=True)
+class Request:
+    """One delivery: the endpoint and body (for bulk endpoints, the body is one item)."""
+
+    endpoint: str
+    body: dict[str, Any]
+    user_id: str | None
+    email: str | None
+    iterable_id: str | None = None
+    new_email: str | None = None  # explicit newEmail: users/updateEmail after the update
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Not sent. `failed` False: nothing to send (no identifier); True: the event is malformed."""
+
+    reason: str
+    failed: bool = False
+
+
+class _Invalid(Exception):
+    pass
+
+
+# --- dates --------------------------------------------------------------------------------------
+
+_ISO = re.compile(
+    r"(\d{4})-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
+    r"(?:[T ](\d{2}):?(\d{2})(?::?(\d{2})(?:\.\d+)?)?\s*(Z|z|[+-]\d{2}(?::?\d{2})?)?)?"
+)
+
+
+def iterable_date(text: str) -> str | None:
+    """An ISO date-time as Iterable's `yyyy-MM-dd HH:mm:ss +00:00` in UTC; None if `text` is a
+    plain date or not an ISO date-time (those are left alone)."""
+    found = _ISO.fullmatch(text.strip())
+    if found is None or found.group(4) is None:
+        return None
+    year, month, day, hour, minute, second, zone = found.groups()
+    try:
+        moment = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second or 0), tzinfo=UTC)
+    except ValueError:
+        return None
+    offset = _offset_minutes(zone)
+    stamp = datetime.fromtimestamp(moment.timestamp() - offset * 60, tz=UTC)
+    return stamp.strftime("%Y-%m-%d %H:%M:%S +00:00")
+
+
+def _offset_minutes(zone: str | None) -> int:
+    # No zone: read as UTC, which is what Segment's servers (and listsync's inbox) use.
+    if zone is None or zone in ("Z", "z"):
+        return 0
+    digits = zone[1:].replace(":", "")
+    minutes = int(digits[:2]) * 60 + int(digits[2:4] or 0)
+    return minutes if zone[0] == "+" else -minutes
+
+
+def convert_dates(value: Any) -> Any:
+    """A copy of `value` with every ISO date-time string inside it in Iterable's format."""
+    if isinstance(value, str):
+        return iterable_date(value) or value
+    if isinstance(value, Mapping):
+        return {key: convert_dates(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [convert_dates(item) for item in value]
+    return value
+
+
+def unix_seconds(value: Any) -> int | None:
+    """Whole Unix seconds from an ISO string or a number; None if neither."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return int(value)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.strip().replace("z", "Z"))
+        except ValueError:
+            return None
+        return int((parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp())
+    return None
+
+
+# --- identities and scalars -----------------------------------------------------------------------
+
+
+def _email(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise _Invalid(f"invalid_field: email must be a string, got {type(value).__name__}")
+    return value.strip().lower() or None
+
+
+def _user_id(value: Any) -> str | None:
+    if value is None or value == "" or isinstance(value, bool):
+        return None
+    if not isinstance(value, str | int):
+        raise _Invalid(f"invalid_field: userId must be a string, got {type(value).__name__}")
+    return str(value)
+
+
+def _integer(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    return None
+
+
+def _number(value: Any) -> float | int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _object(value: Any, name: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _Invalid(f"invalid_field: {name} must be an object, got {type(value).__name__}")
+    return dict(value)
+
+
+def derived_id(message_id: str, mapping_name: str) -> str:
+    """A stable id for one (event, mapping): the same on every attempt, distinct per mapping."""
+    digest = hashlib.sha256(f"{message_id}\x00{mapping_name}".encode()).hexdigest()
+    return f"ls-{digest[:40]}"
+
+
+def _event_id(value: Any, message_id: str, mapping_name: str) -> str:
+    text = _user_id(value)
+    if text is None or len(text.encode("utf-8")) > MAX_EVENT_ID_BYTES:
+        return derived_id(message_id, mapping_name)
+    return text
+
+
+def _check_identity(email: str | None, user_id: str | None, project_type: ProjectType) -> Skip | None:
+    if email is None and user_id is None:
+        return Skip("missing_identifier: the event maps to neither an email nor a userId")
+    if project_type is ProjectType.USER_ID and user_id is None:
+        return Skip("missing_identifier: a userId-based project needs a userId")
+    return None
+
+
+def _optional(body: dict[str, Any], key: str, value: Any) -> None:
+    if value is not None:
+        body[key] = value
+
+
+# --- users ------------------------------------------------------------------------------------------
+
+
+def _user_object(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """email, userId, dataFields (dates converted, phoneNumber added) and mergeNestedObjects."""
+    user: dict[str, Any] = {}
+    _optional(user, "email", _email(fields.get("email")))
+    _optional(user, "userId", _user_id(fields.get("userId")))
+    data = convert_dates(_object(fields.get("dataFields"), "dataFields"))
+    phone = fields.get("phoneNumber")
+    if phone is not None:
+        data["phoneNumber"] = str(phone)
+    user["dataFields"] = data
+    user["mergeNestedObjects"] = fields.get("mergeNestedObjects") is True
+    return user
+
+
+def _upsert_user(mapping: ActionMapping, fields: Mapping[str, Any], endpoint: str) -> Request:
+    user = _user_object(fields)
+    new_email = _email(fields.get("newEmail"))
+    if new_email is not None and mapping.batch:
+        # bulkUpdate has no newEmail; Segment writes it into dataFields.email (hybrid projects).
+        user["dataFields"]["email"] = new_email
+        new_email = None
+    return Request(endpoint, user, user.get("userId"), user.get("email"), None, new_email)
+
+
+# --- events -----------------------------------------------------------------------------------------
+
+
+def page_event_name(event: Mapping[str, Any], pages: PageSettings) -> str | None:
+    """The classic name of a page/screen call, or None when the page settings do not track it.
+
+    "<name> page" / "<name> screen" (the documented current behaviour); "Loaded a Page" /
+    "Loaded a Screen" with map_all_pages or when the call has neither name nor category.
+    """
+    kind = "screen" if event.get("type") == "screen" else "page"
+    name, category = _page_attr(event, "name"), _page_attr(event, "category")
+    tracked = (
+        pages.track_all_pages
+        or (pages.track_categorized_pages and category is not None)
+        or (pages.track_named_pages and name is not None)
+    )
+    if not tracked:
+        return None
+    if pages.map_all_pages or (name is None and category is None):
+        return f"Loaded a {kind.title()}"
+    return f"{name if name is not None else category} {kind}"
+
+
+def _page_attr(event: Mapping[str, Any], key: str) -> str | None:
+    properties = event.get("properties")
+    value = event.get(key) or (properties.get(key) if isinstance(properties, Mapping) else None)
+    return str(value) if value not in (None, "") else None
+
+
+def _custom_event(
+    mapping: ActionMapping, event: Mapping[str, Any], fields: Mapping[str, Any], pages: PageSettings
+) -> Request | None:
+    data = _object(fields.get("dataFields"), "dataFields")
+    name = fields.get("eventName")
+    if mapping.classic_pages and event.get("type") in ("page", "screen"):
+        name = page_event_name(event, pages)
+        if name is None:
+            return None
+        data.update({k: v for k in ("name", "category") if (v := _page_attr(event, k)) is not None})
+    if not isinstance(name, str) or not name.strip():
+        raise _Invalid("missing_field: eventName (the event has no name)")
+    body: dict[str, Any] = {}
+    _optional(body, "email", _email(fields.get("email")))
+    _optional(body, "userId", _user_id(fields.get("userId")))
+    message_id = str(event.get("messageId"))
+    body.update(eventName=name, id=_event_id(fields.get("id"), message_id, mapping.name))
+    body["createdAt"] = _created_at(fields, event)
+    body["dataFields"] = convert_dates(data)
+    _attribution(body, fields)
+    endpoint = ENDPOINTS[(ActionKind.CUSTOM_EVENT, mapping.batch)]
+    return Request(endpoint, body, body.get("userId"), body.get("email"), body["id"])
+
+
+def _created_at(fields: Mapping[str, Any], event: Mapping[str, Any]) -> int:
+    seconds = unix_seconds(fields.get("createdAt"))
+    if seconds is None:
+        seconds = unix_seconds(event.get("timestamp"))
+    return seconds if seconds is not None else 0
+
+
+def _attribution(body: dict[str, Any], fields: Mapping[str, Any]) -> None:
+    _optional(body, "campaignId", _integer(fields.get("campaignId")))
+    _optional(body, "templateId", _integer(fields.get("templateId")))
+
+
+# --- commerce ---------------------------------------------------------------------------------------
+
+ITEM_KEYS = ("id", "sku", "name", "price", "quantity", "categories", "url", "imageUrl", "description")
+_ITEM_RENAMES = {"product_id": "id", "productId": "id", "category": "categories", "image_url": "imageUrl"}
+
+
+def commerce_item(product: Any, index: int) -> dict[str, Any]:
+    """One Iterable CommerceItem from a Segment product; other keys go to the item's dataFields."""
+    if not isinstance(product, Mapping):
+        raise _Invalid(f"invalid_field: items[{index}] must be an object")
+    item: dict[str, Any] = {}
+    extra: dict[str, Any] = dict(_object(product.get("dataFields"), f"items[{index}].dataFields"))
+    # product_id wins over id (Segment's ecommerce spec names it so); the first name found is kept.
+    for key in ("product_id", "productId", *ITEM_KEYS, "category", "image_url"):
+        if key in product and product[key] is not None:
+            item.setdefault(_ITEM_RENAMES.get(key, key), product[key])
+    extra.update({k: v for k, v in product.items() if k not in _ITEM_RENAMES and k not in ITEM_KEYS})
+    extra.pop("dataFields", None)
+    _normalise_item(item, index)
+    if extra:
+        item["dataFields"] = convert_dates(extra)
+    return item
+
+
+def _normalise_item(item: dict[str, Any], index: int) -> None:
+    if "id" in item:
+        item["id"] = str(item["id"])
+    categories = item.get("categories")
+    if isinstance(categories, str):
+        item["categories"] = [categories]
+    price, quantity = _number(item.get("price")), _integer(item.get("quantity"))
+    _optional(item, "price", price)
+    _optional(item, "quantity", quantity)
+    for key, ok in (("id", bool(item.get("id"))), ("name", bool(item.get("name"))),
+                    ("price", price is not None), ("quantity", quantity is not None)):
+        if not ok:
+            raise _Invalid(f"invalid_field: items[{index}].{key} is required (id, name, price, quantity)")
+
+
+def _items(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not value:
+        raise _Invalid("missing_field: items (properties.products must list the products)")
+    return [commerce_item(product, index) for index, product in enumerate(value)]
+
+
+def _track_purchase(mapping: ActionMapping, event: Mapping[str, Any], fields: Mapping[str, Any]) -> Request:
+    user = _user_object(_object(fields.get("user"), "user"))
+    total = _number(fields.get("total"))
+    if total is None:
+        raise _Invalid("missing_field: total (a number, properties.total)")
+    data = _object(fields.get("dataFields"), "dataFields")
+    data.pop("products", None)
+    body: dict[str, Any] = {"id": _event_id(fields.get("id"), str(event.get("messageId")), mapping.name)}
+    body.update(user=user, items=_items(fields.get("items")), total=total)
+    body["createdAt"] = _created_at(fields, event)
+    body["dataFields"] = convert_dates(data)
+    _attribution(body, fields)
+    return Request("commerce/trackPurchase", body, user.get("userId"), user.get("email"), body["id"])
+
+
+def _update_cart(fields: Mapping[str, Any]) -> Request:
+    user = _user_object(_object(fields.get("user"), "user"))
+    body = {"user": user, "items": _items(fields.get("items"))}
+    return Request("commerce/updateCart", body, user.get("userId"), user.get("email"))
+
+
+# --- entry point ------------------------------------------------------------------------------------
+
+
+def build(
+    mapping: ActionMapping,
+    event: Mapping[str, Any],
+    *,
+    project_type: ProjectType = ProjectType.HYBRID,
+    pages: PageSettings = PageSettings(),
+) -> Request | Skip | None:
+    """The request `mapping` sends for `event` (which carries messageId and timestamp)."""
+    try:
+        request = _build(mapping, event, pages)
+    except _Invalid as exc:
+        return Skip(str(exc), failed=True)
+    if request is None:
+        return None
+    return _check_identity(request.email, request.user_id, project_type) or request
+
+
+def _build(mapping: ActionMapping, event: Mapping[str, Any], pages: PageSettings) -> Request | None:
+    fields = mapping.resolve(event)
+    if mapping.action is ActionKind.UPSERT_USER:
+        return _upsert_user(mapping, fields, ENDPOINTS[(ActionKind.UPSERT_USER, mapping.batch)])
+    if mapping.action is ActionKind.CUSTOM_EVENT:
+        return _custom_event(mapping, event, fields, pages)
+    if mapping.action is ActionKind.TRACK_PURCHASE:
+        return _track_purchase(mapping, event, fields)
+    return _update_cart(fields)
