@@ -7,7 +7,6 @@ One top-level error handler: a short message on stderr and the exit status of th
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -111,7 +110,3 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     }
     result: int = handlers[args.command]()
     return result
-
-
-def print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, default=str))

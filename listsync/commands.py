@@ -3,6 +3,7 @@ call the verbs directly and the parser stays a table."""
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,49 +77,40 @@ def ingest(settings: Settings, path: str) -> int:
     return 0
 
 
+STATUS_COLUMNS = [
+    "audience_key",
+    "list_id",
+    "members",
+    "synced_members",
+    "pending_subscribe",
+    "pending_unsubscribe",
+    "failed",
+    "last_synced_at",
+    "list_state",
+    "hold_reason",
+]
+PLAN_COLUMNS = ["audience_key", "list_id", "subscribe", "unsubscribe", "requests", "unsendable", "note"]
+
+
 def status(settings: Settings, *, as_json: bool) -> int:
     with _database(settings) as (_engine, factory), factory() as session:
         rows = repo.audience_status(session)
-    if as_json:
-        from listsync.cli import print_json
-
-        print_json(rows)
-    else:
-        print(
-            render_table(
-                rows,
-                [
-                    "audience_key",
-                    "list_id",
-                    "members",
-                    "synced_members",
-                    "pending_subscribe",
-                    "pending_unsubscribe",
-                    "failed",
-                    "last_synced_at",
-                    "list_state",
-                    "hold_reason",
-                ],
-            )
-        )
+    _print_rows(rows, STATUS_COLUMNS, as_json)
     return 0
 
 
 def plan(settings: Settings, *, as_json: bool) -> int:
     with sync_context(settings) as ctx:
         rows = engine.preview(ctx)
-    if as_json:
-        from listsync.cli import print_json
-
-        print_json(rows)
-    else:
-        print(
-            render_table(
-                rows,
-                ["audience_key", "list_id", "subscribe", "unsubscribe", "requests", "unsendable", "note"],
-            )
-        )
+    _print_rows(rows, PLAN_COLUMNS, as_json)
     return 0
+
+
+def _print_rows(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        print(render_table(rows, columns))
 
 
 def db(settings: Settings, action: str) -> int:

@@ -93,7 +93,14 @@ class RunReport:
         """0: all delivered; 1: some members or events failed, wait or are held; 2: configuration/connection."""
         if self.fatal:
             return 2
-        if self.failed or self.events_failed or self.retrying or self.held or self.missing_lists or self.errors:
+        if (
+            self.failed
+            or self.events_failed
+            or self.retrying
+            or self.held
+            or self.missing_lists
+            or self.errors
+        ):
             return 1
         return 0
 
@@ -214,24 +221,7 @@ def _one_pass(
     seen: list[int] = []
     only = _reconcile_targets(ctx, reconciled) if options.reconcile else None
     while not ctx.should_stop():
-        with transaction(ctx.factory) as session:
-            audience = repo.claim_audience(
-                session,
-                owner=ctx.owner,
-                now=ctx.clock(),
-                lease=timedelta(seconds=ctx.settings.sync.lease_seconds),
-                skip=seen,
-                only=None,
-            )
-            if audience is None and only:
-                audience = repo.claim_audience(
-                    session,
-                    owner=ctx.owner,
-                    now=ctx.clock(),
-                    lease=timedelta(seconds=ctx.settings.sync.lease_seconds),
-                    skip=seen,
-                    only=only,
-                )
+        audience = _claim_next(ctx, seen, only)
         if audience is None:
             break
         seen.append(audience.id)
@@ -257,6 +247,19 @@ def _one_pass(
             with transaction(ctx.factory) as session:
                 repo.release_audience(session, audience.id, ctx.owner)
     return len(seen)
+
+
+def _claim_next(ctx: SyncContext, seen: list[int], reconcile_only: list[int] | None) -> m.Audience | None:
+    """The next audience with due work; with --reconcile, also one that merely has a list."""
+    lease = timedelta(seconds=ctx.settings.sync.lease_seconds)
+    with transaction(ctx.factory) as session:
+        for only in (None, reconcile_only) if reconcile_only else (None,):
+            audience = repo.claim_audience(
+                session, owner=ctx.owner, now=ctx.clock(), lease=lease, skip=seen, only=only
+            )
+            if audience is not None:
+                return audience
+    return None
 
 
 def _reconcile_targets(ctx: SyncContext, done: set[int]) -> list[int]:

@@ -63,8 +63,12 @@ class Replica:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "listsync", "--config", str(self.config), "daemon"],
-                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "listsync", "--config", str(self.config), "daemon"],
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ},
+        )
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -82,13 +86,32 @@ def _events(rng: random.Random, users: int, rounds: int) -> list[dict[str, objec
     for round_ in range(rounds):
         for audience in AUDIENCES:
             for i in rng.sample(range(users), users // 2):
-                events.append(audience_event(audience, inside=rng.random() < 0.6, user_id=f"u{i}",
-                                             email=f"u{i}@example.com", at=round_ * 1000 + rng.random() * 1000))
+                events.append(
+                    audience_event(
+                        audience,
+                        inside=rng.random() < 0.6,
+                        user_id=f"u{i}",
+                        email=f"u{i}@example.com",
+                        at=round_ * 1000 + rng.random() * 1000,
+                    )
+                )
+    for seq in range(users):  # ordinary tracks: the Custom Event action, delivered once in effect
+        events.append(
+            {
+                "type": "track",
+                "event": "Page Liked",
+                "userId": f"u{seq % 50}",
+                "messageId": f"like-{seq}",
+                "properties": {"seq": seq, "email": f"u{seq % 50}@example.com"},
+            }
+        )
     rng.shuffle(events)
     return events
 
 
-def _feed(replicas: list[Replica], events: list[dict[str, object]], acked: set[str], stop: threading.Event) -> None:
+def _feed(
+    replicas: list[Replica], events: list[dict[str, object]], acked: set[str], stop: threading.Event
+) -> None:
     """Post every event until some replica acknowledges it (at-least-once, as Segment's clients do)."""
     rng = random.Random(1)
     batches = [events[i : i + 40] for i in range(0, len(events), 40)]
@@ -111,10 +134,15 @@ def _feed(replicas: list[Replica], events: list[dict[str, object]], acked: set[s
 def _settled(database_url: str) -> bool:
     engine = create_engine(database_url)
     with engine.connect() as conn:
-        busy = conn.execute(text(
-            "SELECT (SELECT count(*) FROM inbox WHERE applied_at IS NULL)"
-            " + (SELECT count(*) FROM memberships WHERE state = 'pending')"
-            " + (SELECT count(*) FROM api_requests WHERE status = 'in_flight')")).scalar()
+        busy = conn.execute(
+            text(
+                "SELECT (SELECT count(*) FROM inbox WHERE applied_at IS NULL)"
+                " + (SELECT count(*) FROM memberships WHERE state = 'pending')"
+                " + (SELECT count(*) FROM api_requests WHERE status = 'in_flight')"
+                " + (SELECT count(*) FROM event_deliveries WHERE state = 'pending')"
+                " + (SELECT count(*) FROM inbox WHERE routed_at IS NULL)"
+            )
+        ).scalar()
     engine.dispose()
     return busy == 0
 
@@ -122,26 +150,33 @@ def _settled(database_url: str) -> bool:
 def _expected(events: list[dict[str, object]]) -> dict[str, set[str]]:
     latest: dict[tuple[str, str], tuple[str, bool]] = {}
     for event in events:
+        if "context" not in event:
+            continue
         audience = event["context"]["personas"]["computation_key"]  # type: ignore[index]
         flag = event["traits"][audience]  # type: ignore[index]
         key = (audience, event["traits"]["email"])  # type: ignore[index]
         if key not in latest or str(event["timestamp"]) > latest[key][0]:
             latest[key] = (str(event["timestamp"]), bool(flag))
-    return {a: {email for (aud, email), (_, inside) in latest.items() if aud == a and inside} for a in AUDIENCES}
+    return {
+        a: {email for (aud, email), (_, inside) in latest.items() if aud == a and inside} for a in AUDIENCES
+    }
 
 
-@pytest.mark.parametrize("kills", [pytest.param(20, id="20kills"),
-                                   pytest.param(100, id="100kills", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "kills", [pytest.param(20, id="20kills"), pytest.param(100, id="100kills", marks=pytest.mark.slow)]
+)
 def test_three_replicas_killed_at_random_end_exact(pg_database_url: str, tmp_path: Path, kills: int) -> None:
     rng = random.Random(kills)
     emu = IterableEmulator(project_type="hybrid", api_keys=API_KEY, seed=11)
     emu.disable_rate_limits()
-    for rule in (FaultRule("lists/subscribe", "status", probability=0.1, status=503),
-                 FaultRule("lists/unsubscribe", "status", probability=0.1, status=500),
-                 FaultRule("*", "rate_limit", probability=0.05),
-                 FaultRule("lists/subscribe", "drop_after", probability=0.03),
-                 FaultRule("lists/subscribe", "delay", delay_seconds=0.03),
-                 FaultRule("lists/unsubscribe", "delay", delay_seconds=0.03)):
+    for rule in (
+        FaultRule("lists/subscribe", "status", probability=0.1, status=503),
+        FaultRule("lists/unsubscribe", "status", probability=0.1, status=500),
+        FaultRule("*", "rate_limit", probability=0.05),
+        FaultRule("lists/subscribe", "drop_after", probability=0.03),
+        FaultRule("lists/subscribe", "delay", delay_seconds=0.03),
+        FaultRule("lists/unsubscribe", "delay", delay_seconds=0.03),
+    ):
         emu.add_fault(rule)
     events = _events(rng, users=400, rounds=max(3, kills // 7))
     acked: set[str] = set()
@@ -175,7 +210,9 @@ def test_three_replicas_killed_at_random_end_exact(pg_database_url: str, tmp_pat
     engine = create_engine(pg_database_url)
     with engine.connect() as conn:
         stored = {row[0] for row in conn.execute(text("SELECT message_id FROM inbox"))}
-        status = {r["audience_key"]: dict(r) for r in conn.execute(text("SELECT * FROM audience_status")).mappings()}
+        status = {
+            r["audience_key"]: dict(r) for r in conn.execute(text("SELECT * FROM audience_status")).mappings()
+        }
     engine.dispose()
     assert acked - stored == set(), "an acknowledged event was lost"
     assert len(acked) == len(events)
@@ -185,5 +222,12 @@ def test_three_replicas_killed_at_random_end_exact(pg_database_url: str, tmp_pat
         assert len(lists) == 1
         assert emu.list_member_emails(lists[0]) == expected[audience]
         assert status[audience]["members"] == status[audience]["synced_members"] == len(expected[audience])
-    print(f"{kills} kills, {len(events)} events, {len(emu.requests)} Iterable requests, "
-          f"faults {dict(emu.faults_injected)}")
+    tracked = [e for e in events if e.get("event") == "Page Liked"]
+    delivered = sorted(
+        body["dataFields"]["seq"] for body in emu.events.values() if "seq" in body.get("dataFields", {})
+    )
+    assert delivered == sorted(e["properties"]["seq"] for e in tracked), "an event action was lost or doubled"
+    print(
+        f"{kills} kills, {len(events)} events, {len(emu.requests)} Iterable requests, "
+        f"faults {dict(emu.faults_injected)}"
+    )
