@@ -136,6 +136,12 @@ def _reconciled_text(key: str, found: dict[str, int]) -> str:
     )
 
 
+def _note(names: list[str], name: str) -> None:
+    """Add to a report list once, however many passes of a run see the same audience."""
+    if name not in names:
+        names.append(name)
+
+
 class _StopRun(Exception):
     """Raised inside a run when nothing more may be sent (the API key was refused)."""
 
@@ -277,7 +283,7 @@ def _process_audience(
 ) -> None:
     key = audience.audience_key
     if audience.list_state is m.ListState.MISSING:
-        report.missing_lists.append(key)
+        _note(report.missing_lists, key)
         return
     if not _resolve_in_flight(ctx, audience, report):
         return
@@ -345,7 +351,7 @@ def _mark_missing(
 ) -> None:
     with transaction(ctx.factory) as session:
         repo.set_list(session, audience.id, audience.list_id, m.ListState.MISSING)
-    report.missing_lists.append(audience.audience_key)
+    _note(report.missing_lists, audience.audience_key)
     logger.error(
         "Iterable no longer knows list %s of audience %r (%s); sending to it stopped. Run "
         "`listsync sync --recreate-missing-lists` to recreate it.",
@@ -372,7 +378,7 @@ def _held(ctx: SyncContext, audience: m.Audience, options: RunOptions, report: R
         if reason != audience.hold_reason:
             repo.set_hold(session, audience.id, reason)
     if reason:
-        report.held.append(audience.audience_key)
+        _note(report.held, audience.audience_key)
         logger.warning(
             "audience %r: %s",
             audience.audience_key,
@@ -518,6 +524,11 @@ def _send_batch(
                 _send_batch(ctx, audience, list_id, half, audience_settings, report)
                 for half in _halves(batch)
             )
+        if not _list_still_exists(ctx, list_id):
+            # Iterable's wording for a deleted list is undocumented; asking is more reliable.
+            _record_failure(ctx, request_id, batch, exc, report, retry=False, keep_pending=True)
+            _mark_missing(ctx, audience, report, ListNotFoundError(str(exc), status=exc.status, code=exc.code))
+            return False
         _record_failure(ctx, request_id, batch, exc, report, retry=False, keep_pending=False)
         return True
     except RetryableError as exc:
@@ -527,6 +538,14 @@ def _send_batch(
         return True
     _record_success(ctx, audience, request_id, batch, result, report)
     return True
+
+
+def _list_still_exists(ctx: SyncContext, list_id: int) -> bool:
+    """Whether GET /api/lists still shows the list; True when that cannot be told right now."""
+    try:
+        return any(lst.id == list_id for lst in ctx.client.get_lists())
+    except (RetryableError, PermanentError):
+        return True
 
 
 def _halves(batch: planner.Batch) -> list[planner.Batch]:

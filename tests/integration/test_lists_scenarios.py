@@ -168,6 +168,23 @@ def test_list_deleted_in_iterable_is_marked_missing_until_recreated(
         assert run_cli(capsys, config, "sync")[0] == 0
 
 
+def test_deleted_list_is_recognised_whatever_iterables_wording(
+    database_url: str, emulator: tuple[IterableEmulator, str]
+) -> None:
+    """A 400 that does not say "does not exist" still leads to 'missing' when the list is gone."""
+    emu, url = emulator
+    with sync_context(settings(database_url, url)) as ctx:
+        ingest(ctx, enters("vip", range(3)))
+        assert sync.run_once(ctx).exit_code == 0
+        assert emu.delete_list(the_list(emu, "vip"))
+        emu.add_fault(FaultRule("lists/subscribe", "status", status=400, count=1))  # "Injected error"
+        ingest(ctx, enters("vip", [3], at=5))
+        report = sync.run_once(ctx)
+        assert report.missing_lists == ["vip"] and report.exit_code == 1
+        row = audience_row(ctx, "vip")
+        assert row["list_state"] == "missing" and row["pending_subscribe"] == 1 and row["failed"] == 0
+
+
 def test_deleted_list_found_by_reconcile_is_marked_missing(
     database_url: str, emulator: tuple[IterableEmulator, str]
 ) -> None:
