@@ -72,7 +72,11 @@ def ingest(settings: Settings, path: str) -> int:
     from listsync.ingest import pollers
 
     with _database(settings) as (_engine, factory):
-        counts = pollers.ingest_path(factory, path)
+        try:
+            counts = pollers.ingest_path(factory, path)
+        except OSError as exc:
+            print(f"listsync: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     print(f"accepted {counts.accepted}, duplicates {counts.duplicates}, rejected {counts.rejected}")
     return 0
 

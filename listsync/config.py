@@ -15,8 +15,18 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from listsync import mapping
 from listsync.domain import ProjectType
@@ -40,6 +50,13 @@ class IterableSettings(Section):
     retry_base_seconds: float = Field(0.5, ge=0)
     retry_max_seconds: float = Field(30.0, ge=0)
     rate_limits: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL, or empty for the data center's URL")
+        return value
 
     @property
     def dry_run(self) -> bool:
@@ -185,6 +202,17 @@ class Settings(BaseSettings):
     )
 
     database_url: str = "sqlite:///listsync.db"
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, value: str) -> str:
+        try:
+            backend = make_url(value).get_backend_name()
+        except ArgumentError:
+            raise ValueError("expected a SQLAlchemy URL such as sqlite:///listsync.db") from None
+        if backend not in ("sqlite", "postgresql"):
+            raise ValueError(f"expected a sqlite:// or postgresql+psycopg:// URL, not {backend}://")
+        return value
     iterable: IterableSettings = Field(default_factory=IterableSettings)
     receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)
     sync: SyncSettings = Field(default_factory=SyncSettings)

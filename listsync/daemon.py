@@ -84,6 +84,16 @@ def _schedule(scheduler: BackgroundScheduler, name: str, seconds: float, job: Ca
     )
 
 
+_RUN_LOCK = threading.Lock()
+
+
+def _run_serialized(ctx: sync.SyncContext, options: sync.RunOptions) -> None:
+    """The sync and reconcile jobs share this process's owner name, so leases cannot keep them
+    apart: one run at a time per process (replicas still run side by side)."""
+    with _RUN_LOCK:
+        sync.run_once(ctx, options)
+
+
 def _one_replica(ctx: sync.SyncContext, name: str, seconds: float, job: Callable[[], Any]) -> Callable[[], None]:
     """Run a periodic job only on the replica holding its lease (a database row, not APScheduler's
     job store, which 3.x cannot share). The lease outlives a tick, so a dead holder is replaced
@@ -129,7 +139,7 @@ def _serve(settings: Settings, ctx: sync.SyncContext, stopping: threading.Event)
         scheduler,
         "sync",
         settings.sync.interval_seconds,
-        lambda: sync.run_once(ctx, sync.RunOptions(trigger="daemon")),
+        lambda: _run_serialized(ctx, sync.RunOptions(trigger="daemon")),
     )
     for name, seconds, job in pollers.scheduled_jobs(ctx.factory, settings):
         _schedule(scheduler, name, seconds, _one_replica(ctx, name, seconds, job))
@@ -138,7 +148,7 @@ def _serve(settings: Settings, ctx: sync.SyncContext, stopping: threading.Event)
             scheduler,
             "reconcile",
             settings.sync.reconcile_interval_seconds,
-            lambda: sync.run_once(ctx, sync.RunOptions(trigger="reconcile", reconcile=True)),
+            lambda: _run_serialized(ctx, sync.RunOptions(trigger="reconcile", reconcile=True)),
         )
     server = receiver.ReceiverServer.for_settings(settings, ctx.factory) if settings.receiver.enabled else None
     if server:

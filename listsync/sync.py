@@ -30,7 +30,7 @@ from listsync.config import AudienceSettings, Settings
 from listsync.db import models as m
 from listsync.db import repo
 from listsync.db.session import transaction
-from listsync.domain import Direction, ProjectType, Synced
+from listsync.domain import Desired, Direction, ProjectType, Synced
 from listsync.errors import AuthError, IterableError, ListNotFoundError, PermanentError, RetryableError
 from listsync.ingest.accept import apply_inbox
 from listsync.iterable.client import CONNECT_FAILED, IterableClient
@@ -434,7 +434,9 @@ def _send_direction(
             plan.batches, carry + page, ctx.settings.sync.batch_size, last_page
         )
         for batch in batches:
-            if ctx.should_stop() or not _send_batch(ctx, audience, list_id, batch, audience_settings, report):
+            if ctx.should_stop() or not _still_ours(ctx, audience):
+                return False
+            if not _send_batch(ctx, audience, list_id, batch, audience_settings, report):
                 return False
             if progress:
                 progress(audience.audience_key, len(batch.member_ids))
@@ -451,6 +453,21 @@ def _hold_back_partial(
     return batches[:-1], [member for member in members if member.id in held]
 
 
+def _still_ours(ctx: SyncContext, audience: m.Audience) -> bool:
+    """Extend this replica's lease before each request; False when another replica has taken the
+    audience over (our lease lapsed, e.g. during long retries): then we must not send for it."""
+    until = ctx.clock() + timedelta(seconds=ctx.settings.sync.lease_seconds)
+    with transaction(ctx.factory) as session:
+        ours = repo.renew_lease(session, audience.id, ctx.owner, until)
+    if not ours:
+        logger.warning(
+            "audience %r was taken over by another replica; leaving it",
+            audience.audience_key,
+            extra={"event": "lease_lost", "audience": audience.audience_key},
+        )
+    return ours
+
+
 def _record_unsendable(ctx: SyncContext, unsendable: Sequence[tuple[int, str]], report: RunReport) -> None:
     if not unsendable or ctx.client.is_dry_run:
         return
@@ -459,7 +476,7 @@ def _record_unsendable(ctx: SyncContext, unsendable: Sequence[tuple[int, str]], 
         states = repo.member_states(session, [member_id for member_id, _ in unsendable])
         reasons = dict(unsendable)
         updated = {
-            i: rules.fail(s, reasons[i], subscribing=True, project_type=project_type)
+            i: rules.fail(s, reasons[i], subscribing=s.desired is Desired.IN, project_type=project_type)
             for i, s in states.items()
         }
         repo.save_members(session, updated, ctx.clock())
@@ -527,7 +544,9 @@ def _send_batch(
         if not _list_still_exists(ctx, list_id):
             # Iterable's wording for a deleted list is undocumented; asking is more reliable.
             _record_failure(ctx, request_id, batch, exc, report, retry=False, keep_pending=True)
-            _mark_missing(ctx, audience, report, ListNotFoundError(str(exc), status=exc.status, code=exc.code))
+            _mark_missing(
+                ctx, audience, report, ListNotFoundError(str(exc), status=exc.status, code=exc.code)
+            )
             return False
         _record_failure(ctx, request_id, batch, exc, report, retry=False, keep_pending=False)
         return True
@@ -613,9 +632,6 @@ def _record_success(
         )
         repo.finish_request(session, request_id, record, now, outcomes)
         repo.save_members(session, updated, now)
-        repo.renew_lease(
-            session, audience.id, ctx.owner, now + timedelta(seconds=ctx.settings.sync.lease_seconds)
-        )
 
 
 def _confirm(
@@ -696,8 +712,16 @@ def _list_users(ctx: SyncContext, list_id: int, need_user_ids: bool) -> tuple[se
     return emails, user_ids
 
 
-def _in_list(state: rules.MemberState, emails: set[str], user_ids: set[str]) -> bool:
-    return bool((state.email and state.email in emails) or (state.user_id and state.user_id in user_ids))
+def _in_list(who: Subscriber, emails: set[str], user_ids: set[str]) -> bool:
+    return bool((who.email and who.email in emails) or (who.user_id and who.user_id in user_ids))
+
+
+def _sent_identity(state: rules.MemberState, subscribing: bool) -> Subscriber:
+    """Who an in-doubt request was about: today's identifiers for a subscribe, and for an
+    unsubscribe the ones Iterable had been given (the planner unsubscribes those)."""
+    if not subscribing and (state.synced_email or state.synced_user_id):
+        return Subscriber(email=state.synced_email or None, user_id=state.synced_user_id or None)
+    return Subscriber(email=state.email or None, user_id=state.user_id or None)
 
 
 def _resolve_in_flight(ctx: SyncContext, audience: m.Audience, report: RunReport) -> bool:
@@ -749,10 +773,10 @@ def _settle_request(
         updated: dict[int, rules.MemberState] = {}
         outcomes: dict[int, tuple[str, str | None]] = {}
         for member_id, state in states.items():
-            applied = _in_list(state, emails, user_ids) == subscribing
+            sent = _sent_identity(state, subscribing)
+            applied = _in_list(sent, emails, user_ids) == subscribing
             outcomes[member_id] = ("applied" if applied else "not_applied", None)
             if applied:
-                sent = Subscriber(email=state.email or None, user_id=state.user_id or None)
                 updated[member_id] = _confirm(state, sent, subscribing, project_type)
         repo.finish_request(
             session, request_id, repo.RequestRecord(status=m.RequestStatus.RESOLVED), now, outcomes

@@ -193,6 +193,9 @@ class Membership(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0, comment="sends of the current change")
     next_attempt_at: Mapped[datetime | None] = mapped_column(comment="not retried before this UTC time")
     last_error: Mapped[str | None] = mapped_column(Text, comment="last failure, redacted")
+    email_at: Mapped[datetime | None] = mapped_column(
+        comment="timestamp of the identify that last changed `email` (UTC); an older one is ignored"
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow, comment="UTC")
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow, comment="UTC")
 

@@ -289,7 +289,8 @@ def _fold(
         return
     for member_id in targets:
         state = known.states[member_id]
-        if len(targets) == 1:
+        # In userId projects the email is a profile detail that must not go back in time.
+        if len(targets) == 1 and (project_type is ProjectType.HYBRID or rules.newer(delta, state)):
             state = rules.adopt_identity(state, user_id, email, project_type)
         updated = rules.apply_delta(state, delta, fields, project_type) or state
         if updated != known.states[member_id]:
@@ -330,7 +331,8 @@ def apply_email_change(
     """
     if project_type is not ProjectType.HYBRID:
         return 0
-    rows = list(session.scalars(select(m.Membership).where(m.Membership.user_id == change.user_id)))
+    stmt = select(m.Membership).where(m.Membership.user_id == change.user_id)
+    rows = list(session.scalars(stmt.with_for_update() if _is_postgres(session) else stmt))
     by_audience: dict[int, list[m.Membership]] = defaultdict(list)
     for row in rows:
         by_audience[row.audience_id].append(row)
@@ -339,11 +341,13 @@ def apply_email_change(
         if len(members) != 1 or members[0].email in ("", change.email):
             continue
         row = members[0]
+        if row.email_at is not None and change.timestamp <= row.email_at:
+            continue  # a late, older identify must not bring back an address the user left
         state = rules.change_email(_to_state(row), change.email, project_type)
         session.execute(
             update(m.Membership)
             .where(m.Membership.id == row.id)
-            .values(**_state_values(state), next_attempt_at=None, updated_at=now)
+            .values(**_state_values(state), next_attempt_at=None, updated_at=now, email_at=change.timestamp)
         )
         moved += 1
     return moved
@@ -706,12 +710,15 @@ def count_waiting(session: Session) -> int:
     return session.scalar(stmt) or 0
 
 
-def renew_lease(session: Session, audience_id: int, owner: str, until: datetime) -> None:
-    session.execute(
+def renew_lease(session: Session, audience_id: int, owner: str, until: datetime) -> bool:
+    """Extend our lease on an audience; False when it is no longer ours."""
+    result = session.execute(
         update(m.Audience)
         .where(m.Audience.id == audience_id, m.Audience.lease_owner == owner)
         .values(lease_until=until)
+        .execution_options(synchronize_session=False)
     )
+    return bool(result.rowcount)
 
 
 def audiences_with_lists(session: Session) -> list[int]:
@@ -771,15 +778,27 @@ def reconcile_audience(
         if fixed is not None:
             changed[row.id] = fixed
     save_members(session, changed, now)
-    counts["unknown_added"] = _adopt_unknown(
-        session,
-        audience_id,
-        emails - seen_emails,
-        user_ids - seen_ids if project_type is ProjectType.USER_ID else set(),
-        now,
+    unknown_emails, unknown_ids = _strangers(
+        emails - seen_emails, user_ids - seen_ids, seen_emails, seen_ids, project_type
     )
+    counts["unknown_skipped"] = (
+        len(emails - seen_emails) + len(user_ids - seen_ids) - len(unknown_emails) - len(unknown_ids)
+    )
+    counts["unknown_added"] = _adopt_unknown(session, audience_id, unknown_emails, unknown_ids, now)
     counts["extra"] += counts["unknown_added"]
     return counts
+
+
+def _strangers(
+    emails: set[str], user_ids: set[str], seen_emails: set[str], seen_ids: set[str], project_type: ProjectType
+) -> tuple[set[str], set[str]]:
+    """The list members that are surely nobody listsync knows. getUsers gives emails and userIds
+    as separate lists, so in a hybrid project an unknown email may be the email of a member stored
+    by userId alone (and an unknown userId that of a member stored by email alone): those are left
+    alone rather than unsubscribed by mistake."""
+    if project_type is ProjectType.USER_ID:
+        return set(), user_ids
+    return (emails if "" not in seen_emails else set()), (user_ids if "" not in seen_ids else set())
 
 
 def _reconciled(

@@ -26,7 +26,7 @@ from listsync.planner import select_data_fields
 
 MAX_DEAD_LETTER_CHARS = 64 * 1024
 _SECRET_PAIR = re.compile(
-    r"""(["']?(?:writeKey|write_key|apiKey|api_key|password|secret|token)["']?\s*[:=]\s*)"""
+    r"""(["']?[\w-]*(?:write_?key|api_?key|password|passwd|secret|token|authorization)[\w-]*["']?\s*[:=]\s*)"""
     r"""(?:"[^"]*"|'[^']*'|[^\s,}\]]+)""",
     re.IGNORECASE,
 )

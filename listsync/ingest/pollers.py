@@ -41,8 +41,10 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    and_,
     create_engine,
     exists,
+    or_,
     select,
     text,
     update,
@@ -431,24 +433,38 @@ def _present_audiences(conn: Connection) -> list[str]:
         return list(conn.scalars(select(_snapshot.c.audience_key).distinct()))
 
 
+def _same_member(t: Any, member: Any) -> Any:
+    """A snapshot row and a membership are the same subscriber by the rules `identity.resolve`
+    folds deltas with: the same userId (an email missing on either side does not matter), or the
+    same email where either side has no userId. Matching on the exact pair instead would make a
+    query without an email column exit and re-enter members every poll."""
+    return or_(
+        and_(
+            t.user_id != "",
+            member.c.user_id == t.user_id,
+            or_(t.email == "", member.c.email == "", member.c.email == t.email),
+        ),
+        and_(t.email != "", member.c.email == t.email, or_(t.user_id == "", member.c.user_id == "")),
+    )
+
+
 def _emit_enters(conn: Connection, now: datetime, chunk: int, counts: SqlSyncCounts) -> None:
     """Snapshot rows whose member is not desired-in, page by page (keyset on seq)."""
     member = m.Membership.__table__
     audience = m.Audience.__table__
     t = _snapshot.c
+    already_in = exists(
+        select(member.c.id)
+        .select_from(member.join(audience, audience.c.id == member.c.audience_id))
+        .where(
+            audience.c.audience_key == t.audience_key, member.c.desired == Desired.IN, _same_member(t, member)
+        )
+    )
     after = 0
     while True:
         page = (
             select(t.seq, t.audience_key, t.user_id, t.email, t.traits)
-            .select_from(
-                _snapshot.outerjoin(audience, audience.c.audience_key == t.audience_key).outerjoin(
-                    member,
-                    (member.c.audience_id == audience.c.id)
-                    & (member.c.user_id == t.user_id)
-                    & (member.c.email == t.email),
-                )
-            )
-            .where(t.seq > after, (member.c.id.is_(None)) | (member.c.desired != Desired.IN))
+            .where(t.seq > after, ~already_in)
             .order_by(t.seq)
             .limit(chunk)
         )
@@ -482,9 +498,7 @@ def _emit_exits(
     member = m.Membership.__table__
     audience = m.Audience.__table__
     t = _snapshot.c
-    in_snapshot = exists().where(
-        t.audience_key == audience.c.audience_key, t.user_id == member.c.user_id, t.email == member.c.email
-    )
+    in_snapshot = exists().where(t.audience_key == audience.c.audience_key, _same_member(t, member))
     after = 0
     while True:
         page = (
