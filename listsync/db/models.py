@@ -155,7 +155,7 @@ class Membership(Base):
         Index(
             "ix_memberships_pending",
             "audience_id",
-            "next_attempt_at",
+            "id",
             sqlite_where=text("state = 'pending'"),
             postgresql_where=text("state = 'pending'"),
         ),

@@ -361,9 +361,19 @@ def _due(now: datetime) -> Any:
 
 
 def _audiences_with_work(now: datetime) -> Select[tuple[int]]:
-    pending = select(m.Membership.audience_id).where(m.Membership.state == m.MemberState.PENDING, _due(now))
-    in_flight = select(m.ApiRequest.audience_id).where(m.ApiRequest.status == m.RequestStatus.IN_FLIGHT)
-    return select(m.Audience.id).where(or_(m.Audience.id.in_(pending), m.Audience.id.in_(in_flight)))
+    # EXISTS per audience stops at the first due member (pending index); an IN (subquery) would
+    # collect every pending member of every audience on each claim.
+    pending = (
+        select(m.Membership.id)
+        .where(m.Membership.audience_id == m.Audience.id, m.Membership.state == m.MemberState.PENDING, _due(now))
+        .exists()
+    )
+    in_flight = (
+        select(m.ApiRequest.id)
+        .where(m.ApiRequest.audience_id == m.Audience.id, m.ApiRequest.status == m.RequestStatus.IN_FLIGHT)
+        .exists()
+    )
+    return select(m.Audience.id).where(or_(pending, in_flight))
 
 
 def claim_audience(

@@ -1,4 +1,8 @@
-"""memberships.email_at: when the member's email last changed
+"""memberships.email_at; the pending index keyed for keyset paging
+
+memberships.email_at: when the member's email last changed. ix_memberships_pending becomes
+(audience_id, id) WHERE state = 'pending': the sender reads pending members in id order page by
+page, and with (audience_id, next_attempt_at) each page had to sort every pending member again.
 
 Revision ID: 0003
 Revises: 0002
@@ -20,6 +24,7 @@ from listsync.db.views import VIEWS
 
 # SQLite rebuilds a table to drop a column, which breaks views that read it: drop and recreate.
 _READERS = ("audience_status", "member_status")
+_PENDING = sa.text("state = 'pending'")
 
 revision: str = "0003"
 down_revision: str | None = "0002"
@@ -38,12 +43,28 @@ def upgrade() -> None:
                 comment="timestamp of the identify that last changed `email` (UTC); an older one is ignored",
             )
         )
+        batch_op.drop_index("ix_memberships_pending", sqlite_where=_PENDING, postgresql_where=_PENDING)
+        batch_op.create_index(
+            "ix_memberships_pending",
+            ["audience_id", "id"],
+            unique=False,
+            sqlite_where=_PENDING,
+            postgresql_where=_PENDING,
+        )
     _create_readers()
 
 
 def downgrade() -> None:
     _drop_readers()
     with op.batch_alter_table("memberships", schema=None) as batch_op:
+        batch_op.drop_index("ix_memberships_pending", sqlite_where=_PENDING, postgresql_where=_PENDING)
+        batch_op.create_index(
+            "ix_memberships_pending",
+            ["audience_id", "next_attempt_at"],
+            unique=False,
+            sqlite_where=_PENDING,
+            postgresql_where=_PENDING,
+        )
         batch_op.drop_column("email_at")
     _create_readers()
 
