@@ -312,7 +312,10 @@ class _Sender:
         rows = self.batches.pop(endpoint, [])
         if rows:
             for chunk in chunk_by_limits(rows, size_of=lambda row: json_size(row.body)):
-                self._send_bulk(endpoint, chunk)
+                # A user blocked by an earlier chunk's failure keeps its later rows back (per-user order).
+                ready = [row for row in chunk if row.user_key not in self.blocked]
+                if ready:
+                    self._send_bulk(endpoint, ready)
 
     def _send_bulk(self, endpoint: str, rows: Sequence[_Row]) -> None:
         send = self.client.bulk_update_users if endpoint == "users/bulkUpdate" else self.client.track_bulk
@@ -366,8 +369,13 @@ class _Sender:
         if self.outcomes:
             with transaction(self.ctx.factory) as session:
                 session.execute(update(m.EventDelivery), self.outcomes)
-                repo.try_lease(session, LEASE_NAME, self.ctx.owner, self.clock(), _lease_ttl(self.ctx))
         self.outcomes = []
+        with transaction(self.ctx.factory) as session:
+            still_ours = repo.try_lease(session, LEASE_NAME, self.ctx.owner, self.clock(), _lease_ttl(self.ctx))
+        if not still_ours:
+            # Our lease lapsed and another replica took over: sending on would deliver twice.
+            logger.warning("event delivery was taken over by another replica", extra={"event": "lease_lost"})
+            raise _Stop
 
 
 def _outcome(
