@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -234,13 +235,14 @@ class Settings(BaseSettings):
         # The file's values arrive as init kwargs; environment variables must override them.
         return (env_settings, init_settings)
 
-    def audience(self, audience_key: str) -> AudienceSettings:
-        """The effective settings of one audience: its override over the defaults."""
+    def audience(self, audience_key: str, sent_by_engage: Mapping[str, Any] | None = None) -> AudienceSettings:
+        """The effective settings of one audience: [audience_defaults], then what Engage sent with
+        the audience (context.personas.audience_settings), then [audiences."<key>"]."""
+        merged = self.audience_defaults.model_copy(update=dict(sent_by_engage or {}))
         override = self.audiences.get(audience_key)
-        if override is None:
-            return self.audience_defaults
-        changes = override.model_dump(exclude_none=True)
-        return self.audience_defaults.model_copy(update=changes)
+        if override is not None:
+            merged = merged.model_copy(update=override.model_dump(exclude_none=True))
+        return merged
 
 
 def config_path(explicit: str | os.PathLike[str] | None) -> Path | None:

@@ -8,7 +8,6 @@ the identifier the project type needs), and whether the mass-unsubscribe guard h
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,8 +135,3 @@ def _batches(direction: Direction, items: list[tuple[int, Subscriber]], batch_si
         Batch(direction, tuple(i for i, _ in chunk), tuple(s for _, s in chunk))
         for chunk in chunk_by_limits(items, max_items=batch_size, size_of=size)
     ]
-
-
-def minimum_requests(changes: int, batch_size: int) -> int:
-    """The fewest list calls that can carry this many changes in one direction."""
-    return math.ceil(changes / batch_size)

@@ -168,12 +168,7 @@ def _stop_unreachable(report: RunReport, exc: RetryableError) -> NoReturn:
 
 
 def effective_settings(settings: Settings, audience: m.Audience) -> AudienceSettings:
-    """Defaults, then what Engage sent with the audience, then the config's [audiences."<key>"]."""
-    merged = settings.audience_defaults.model_copy(update=dict(audience.settings or {}))
-    override = settings.audiences.get(audience.audience_key)
-    if override is not None:
-        merged = merged.model_copy(update=override.model_dump(exclude_none=True))
-    return merged
+    return settings.audience(audience.audience_key, audience.settings)
 
 
 def apply_all(ctx: SyncContext) -> int:

@@ -118,10 +118,6 @@ def mark_applied(session: Session, ids: Sequence[int], now: datetime) -> None:
         session.execute(update(inbox).where(inbox.c.id.in_(chunk)).values(applied_at=now))
 
 
-def count_unapplied(session: Session) -> int:
-    return session.scalar(select(func.count()).where(m.InboxEvent.applied_at.is_(None))) or 0
-
-
 # --- memberships --------------------------------------------------------------------------------
 
 
@@ -458,7 +454,7 @@ def pending_members(
         .where(
             table.c.audience_id == audience_id,
             table.c.state == m.MemberState.PENDING,
-            or_(table.c.next_attempt_at.is_(None), table.c.next_attempt_at <= now),
+            _due(now),
             table.c.id > after_id,
         )
         .order_by(table.c.id)
