@@ -468,24 +468,10 @@ def _emit_enters(conn: Connection, now: datetime, chunk: int, counts: SqlSyncCou
             .order_by(t.seq)
             .limit(chunk)
         )
-        with Session(bind=conn) as session, session.begin():
-            rows = session.execute(page).all()
-            if not rows:
-                return
-            events = [
-                _sql_event(
-                    r.audience_key,
-                    r.user_id or None,
-                    r.email or None,
-                    Desired.IN,
-                    now,
-                    counts.snapshot_id,
-                    json.loads(r.traits),
-                )
-                for r in rows
-            ]
-            counts.entered += len(events)
-            counts.events.add(_accept_events(session, events, now))
+        rows = _emit_page(conn, page, Desired.IN, now, counts, lambda r: json.loads(r.traits))
+        if not rows:
+            return
+        counts.entered += len(rows)
         after = rows[-1].seq
 
 
@@ -513,25 +499,39 @@ def _emit_exits(
             .order_by(member.c.id)
             .limit(chunk)
         )
-        with Session(bind=conn) as session, session.begin():
-            rows = session.execute(page).all()
-            if not rows:
-                return
-            events = [
-                _sql_event(
-                    r.audience_key,
-                    r.user_id or None,
-                    r.email or None,
-                    Desired.OUT,
-                    now,
-                    counts.snapshot_id,
-                    {},
-                )
-                for r in rows
-            ]
-            counts.exited += len(events)
-            counts.events.add(_accept_events(session, events, now))
+        rows = _emit_page(conn, page, Desired.OUT, now, counts, lambda _r: {})
+        if not rows:
+            return
+        counts.exited += len(rows)
         after = rows[-1].id
+
+
+def _emit_page(
+    conn: Connection,
+    page: Any,
+    desired: Desired,
+    now: datetime,
+    counts: SqlSyncCounts,
+    traits_of: Callable[[Any], dict[str, Any]],
+) -> list[Any]:
+    """One page of members as synthetic Audience Entered/Exited events, accepted in one commit."""
+    with Session(bind=conn) as session, session.begin():
+        rows = session.execute(page).all()
+        events = [
+            _sql_event(
+                r.audience_key,
+                r.user_id or None,
+                r.email or None,
+                desired,
+                now,
+                counts.snapshot_id,
+                traits_of(r),
+            )
+            for r in rows
+        ]
+        if events:
+            counts.events.add(_accept_events(session, events, now))
+    return rows
 
 
 def _held_audiences(conn: Connection, present: Sequence[str]) -> list[str]:

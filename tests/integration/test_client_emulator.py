@@ -31,25 +31,10 @@ from listsync.iterable import (
 )
 from listsync.iterable.client import client_from_settings
 from tests.emulator import EmulatorServer, FaultRule, IterableEmulator
-from tests.helpers import audience_event, ingest, make_settings, sync_context
+from tests.helpers import FakeClock, audience_event, ingest, make_settings, sync_context
 
 KEY = "emu-client-key-41c9"
 ATTEMPTS = 4
-
-
-class FakeClock:
-    """A monotonic clock that only moves when something sleeps on it; records every sleep."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 @pytest.fixture

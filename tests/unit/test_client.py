@@ -36,23 +36,11 @@ from listsync.iterable import (
     classify_response,
 )
 from listsync.iterable.payloads import ENVELOPE_BYTES, dumps
+from tests.helpers import FakeClock
 
 KEY = "k3y-7f3a9c1e5b2d4e6f8a0b1c2d3e4f5a6b"
 NOW = 1_700_000_000.0
 Handler = Callable[[httpx.Request], httpx.Response]
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 50.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 class Recorder:
@@ -67,12 +55,20 @@ class Recorder:
         return self.handler(request)
 
 
-def make_client(handler: Handler, *, api_key: str = KEY, **kwargs: Any) -> tuple[IterableClient, Recorder,
-                                                                                FakeClock]:
+def make_client(
+    handler: Handler, *, api_key: str = KEY, **kwargs: Any
+) -> tuple[IterableClient, Recorder, FakeClock]:
     recorder = Recorder(handler)
-    clock = FakeClock()
-    client = IterableClient(api_key=api_key, base_url="https://api.test/", transport=httpx.MockTransport(recorder),
-                            sleep=clock.sleep, clock=clock, rng=random.Random(7), **kwargs)
+    clock = FakeClock(50.0)
+    client = IterableClient(
+        api_key=api_key,
+        base_url="https://api.test/",
+        transport=httpx.MockTransport(recorder),
+        sleep=clock.sleep,
+        clock=clock,
+        rng=random.Random(7),
+        **kwargs,
+    )
     return client, recorder, clock
 
 
@@ -95,7 +91,11 @@ def ok_bulk(count: int = 1) -> httpx.Response:
 
 def err(status: int, code: str | None = None, msg: str = "", **headers: str) -> httpx.Response:
     body = {"msg": msg, "code": code, "params": None} if code else None
-    return httpx.Response(status, json=body, headers=headers) if body else httpx.Response(status, headers=headers)
+    return (
+        httpx.Response(status, json=body, headers=headers)
+        if body
+        else httpx.Response(status, headers=headers)
+    )
 
 
 ALICE = Subscriber(email="alice@example.com")
@@ -106,47 +106,169 @@ ALICE = Subscriber(email="alice@example.com")
 HTTP_DATE_IN_120S = email.utils.formatdate(NOW + 120, usegmt=True)
 LIST_MISSING = {"msg": "List 4242 does not exist", "code": "BadParams", "params": None}
 
-CASES: list[tuple[str, httpx.Response, bool, ResponseClass, type[IterableError] | None, str | None,
-                  float | None]] = [
+CASES: list[
+    tuple[str, httpx.Response, bool, ResponseClass, type[IterableError] | None, str | None, float | None]
+] = [
     # id, response, list_scoped, class, error type, code, retry_after
-    ("200", httpx.Response(200, json={"msg": "", "code": "Success", "params": None}), False,
-     ResponseClass.SUCCESS, None, "Success", None),
-    ("200-partial", httpx.Response(200, json={"successCount": 1, "failCount": 2,
-                                              "failedUpdates": {"notFoundEmails": ["b@x.com"]}}), True,
-     ResponseClass.SUCCESS, None, None, None),
-    ("200-not-json", httpx.Response(200, text="<html>maintenance</html>"), False,
-     ResponseClass.RETRYABLE, RetryableError, None, None),
-    ("400-badparams", err(400, "BadParams", "email is invalid"), False,
-     ResponseClass.PERMANENT, PermanentError, "BadParams", None),
-    ("400-batch-too-large", err(400, "BatchTooLarge", "too many"), True,
-     ResponseClass.PERMANENT, PermanentError, "BatchTooLarge", None),
-    ("400-list-missing", httpx.Response(400, json=LIST_MISSING), True,
-     ResponseClass.LIST_NOT_FOUND, ListNotFoundError, "BadParams", None),
-    ("400-list-missing-elsewhere", httpx.Response(400, json=LIST_MISSING), False,
-     ResponseClass.PERMANENT, PermanentError, "BadParams", None),
-    ("400-says-success", err(400, "Success", "bad"), False,
-     ResponseClass.PERMANENT, PermanentError, "Success", None),
-    ("401", err(401, "BadApiKey", "Invalid API key"), False, ResponseClass.AUTH, AuthError, "BadApiKey", None),
+    (
+        "200",
+        httpx.Response(200, json={"msg": "", "code": "Success", "params": None}),
+        False,
+        ResponseClass.SUCCESS,
+        None,
+        "Success",
+        None,
+    ),
+    (
+        "200-partial",
+        httpx.Response(
+            200, json={"successCount": 1, "failCount": 2, "failedUpdates": {"notFoundEmails": ["b@x.com"]}}
+        ),
+        True,
+        ResponseClass.SUCCESS,
+        None,
+        None,
+        None,
+    ),
+    (
+        "200-not-json",
+        httpx.Response(200, text="<html>maintenance</html>"),
+        False,
+        ResponseClass.RETRYABLE,
+        RetryableError,
+        None,
+        None,
+    ),
+    (
+        "400-badparams",
+        err(400, "BadParams", "email is invalid"),
+        False,
+        ResponseClass.PERMANENT,
+        PermanentError,
+        "BadParams",
+        None,
+    ),
+    (
+        "400-batch-too-large",
+        err(400, "BatchTooLarge", "too many"),
+        True,
+        ResponseClass.PERMANENT,
+        PermanentError,
+        "BatchTooLarge",
+        None,
+    ),
+    (
+        "400-list-missing",
+        httpx.Response(400, json=LIST_MISSING),
+        True,
+        ResponseClass.LIST_NOT_FOUND,
+        ListNotFoundError,
+        "BadParams",
+        None,
+    ),
+    (
+        "400-list-missing-elsewhere",
+        httpx.Response(400, json=LIST_MISSING),
+        False,
+        ResponseClass.PERMANENT,
+        PermanentError,
+        "BadParams",
+        None,
+    ),
+    (
+        "400-says-success",
+        err(400, "Success", "bad"),
+        False,
+        ResponseClass.PERMANENT,
+        PermanentError,
+        "Success",
+        None,
+    ),
+    (
+        "401",
+        err(401, "BadApiKey", "Invalid API key"),
+        False,
+        ResponseClass.AUTH,
+        AuthError,
+        "BadApiKey",
+        None,
+    ),
     ("403", err(403, "Forbidden", "nope"), True, ResponseClass.AUTH, AuthError, "Forbidden", None),
-    ("404-list", err(404, "NotFound", "not found"), True,
-     ResponseClass.LIST_NOT_FOUND, ListNotFoundError, "NotFound", None),
-    ("404-other", err(404, "NotFound", "not found"), False,
-     ResponseClass.PERMANENT, PermanentError, "NotFound", None),
-    ("409", err(409, "ForgottenUserError", "Contact is GDPR forgotten"), False,
-     ResponseClass.PERMANENT, PermanentError, "ForgottenUserError", None),
+    (
+        "404-list",
+        err(404, "NotFound", "not found"),
+        True,
+        ResponseClass.LIST_NOT_FOUND,
+        ListNotFoundError,
+        "NotFound",
+        None,
+    ),
+    (
+        "404-other",
+        err(404, "NotFound", "not found"),
+        False,
+        ResponseClass.PERMANENT,
+        PermanentError,
+        "NotFound",
+        None,
+    ),
+    (
+        "409",
+        err(409, "ForgottenUserError", "Contact is GDPR forgotten"),
+        False,
+        ResponseClass.PERMANENT,
+        PermanentError,
+        "ForgottenUserError",
+        None,
+    ),
     ("413", err(413), False, ResponseClass.PERMANENT, PermanentError, "BatchTooLarge", None),
-    ("429", err(429, "RateLimitExceeded", "Exceeded rate limit for endpoint"), False,
-     ResponseClass.RATE_LIMITED, RateLimitedError, "RateLimitExceeded", None),
-    ("429-retry-after-seconds", err(429, "RateLimitExceeded", "slow down", **{"Retry-After": "17"}), False,
-     ResponseClass.RATE_LIMITED, RateLimitedError, "RateLimitExceeded", 17.0),
-    ("429-retry-after-date", err(429, "RateLimitExceeded", "slow down", **{"Retry-After": HTTP_DATE_IN_120S}),
-     False, ResponseClass.RATE_LIMITED, RateLimitedError, "RateLimitExceeded", 120.0),
+    (
+        "429",
+        err(429, "RateLimitExceeded", "Exceeded rate limit for endpoint"),
+        False,
+        ResponseClass.RATE_LIMITED,
+        RateLimitedError,
+        "RateLimitExceeded",
+        None,
+    ),
+    (
+        "429-retry-after-seconds",
+        err(429, "RateLimitExceeded", "slow down", **{"Retry-After": "17"}),
+        False,
+        ResponseClass.RATE_LIMITED,
+        RateLimitedError,
+        "RateLimitExceeded",
+        17.0,
+    ),
+    (
+        "429-retry-after-date",
+        err(429, "RateLimitExceeded", "slow down", **{"Retry-After": HTTP_DATE_IN_120S}),
+        False,
+        ResponseClass.RATE_LIMITED,
+        RateLimitedError,
+        "RateLimitExceeded",
+        120.0,
+    ),
     ("408", err(408), False, ResponseClass.RETRYABLE, RetryableError, None, None),
-    ("500", err(500, "DatabaseError", "oops"), False, ResponseClass.RETRYABLE, RetryableError, "DatabaseError",
-     None),
+    (
+        "500",
+        err(500, "DatabaseError", "oops"),
+        False,
+        ResponseClass.RETRYABLE,
+        RetryableError,
+        "DatabaseError",
+        None,
+    ),
     ("501", err(501), False, ResponseClass.PERMANENT, PermanentError, None, None),
-    ("502-html", httpx.Response(502, text="<html>Bad Gateway</html>"), False,
-     ResponseClass.RETRYABLE, RetryableError, None, None),
+    (
+        "502-html",
+        httpx.Response(502, text="<html>Bad Gateway</html>"),
+        False,
+        ResponseClass.RETRYABLE,
+        RetryableError,
+        None,
+        None,
+    ),
     ("503", err(503, **{"Retry-After": "3"}), False, ResponseClass.RETRYABLE, RetryableError, None, 3.0),
     ("504", err(504), False, ResponseClass.RETRYABLE, RetryableError, None, None),
     ("505", err(505), False, ResponseClass.PERMANENT, PermanentError, None, None),
@@ -154,11 +276,19 @@ CASES: list[tuple[str, httpx.Response, bool, ResponseClass, type[IterableError] 
 ]
 
 
-@pytest.mark.parametrize(("response", "list_scoped", "kind", "error_type", "code", "retry_after"),
-                         [case[1:] for case in CASES], ids=[case[0] for case in CASES])
-def test_classify_response(response: httpx.Response, list_scoped: bool, kind: ResponseClass,
-                           error_type: type[IterableError] | None, code: str | None,
-                           retry_after: float | None) -> None:
+@pytest.mark.parametrize(
+    ("response", "list_scoped", "kind", "error_type", "code", "retry_after"),
+    [case[1:] for case in CASES],
+    ids=[case[0] for case in CASES],
+)
+def test_classify_response(
+    response: httpx.Response,
+    list_scoped: bool,
+    kind: ResponseClass,
+    error_type: type[IterableError] | None,
+    code: str | None,
+    retry_after: float | None,
+) -> None:
     verdict = classify_response(response, list_scoped=list_scoped, now=NOW)
     assert verdict.kind is kind
     assert verdict.code == code
@@ -172,14 +302,17 @@ def test_classify_response(response: httpx.Response, list_scoped: bool, kind: Re
     assert error.code == code
 
 
-@pytest.mark.parametrize(("exc", "kind"), [
-    (httpx.ReadTimeout("read timed out"), ResponseClass.RETRYABLE),
-    (httpx.ConnectTimeout("connect timed out"), ResponseClass.RETRYABLE),
-    (httpx.ConnectError("refused"), ResponseClass.RETRYABLE),
-    (httpx.ReadError("reset by peer"), ResponseClass.RETRYABLE),
-    (httpx.RemoteProtocolError("server disconnected"), ResponseClass.RETRYABLE),
-    (httpx.UnsupportedProtocol("ftp"), ResponseClass.PERMANENT),
-])
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (httpx.ReadTimeout("read timed out"), ResponseClass.RETRYABLE),
+        (httpx.ConnectTimeout("connect timed out"), ResponseClass.RETRYABLE),
+        (httpx.ConnectError("refused"), ResponseClass.RETRYABLE),
+        (httpx.ReadError("reset by peer"), ResponseClass.RETRYABLE),
+        (httpx.RemoteProtocolError("server disconnected"), ResponseClass.RETRYABLE),
+        (httpx.UnsupportedProtocol("ftp"), ResponseClass.PERMANENT),
+    ],
+)
 def test_classify_transport_failures(exc: Exception, kind: ResponseClass) -> None:
     verdict = classify_response(exc)
     assert verdict.kind is kind
@@ -198,20 +331,27 @@ def test_auth_error_message_names_the_refusal_and_code() -> None:
 
 
 def test_permanent_error_carries_iterables_code_and_message() -> None:
-    error = classify_response(err(400, "BadParams", "eventName is required")).to_error("POST /api/events/track")
+    error = classify_response(err(400, "BadParams", "eventName is required")).to_error(
+        "POST /api/events/track"
+    )
     assert "BadParams" in str(error) and "eventName is required" in str(error)
 
 
 # -- per-item outcomes of a 2xx bulk answer ----------------------------------------------------
 
+
 def test_bulk_result_outcomes_per_item() -> None:
     body = {
-        "successCount": 2, "failCount": 6,
+        "successCount": 2,
+        "failCount": 6,
         "invalidEmails": ["Legacy@Example.com"],  # deprecated top-level bucket
         "failedUpdates": {
-            "notFoundEmails": ["gone@example.com"], "notFoundUserIds": ["u-gone"],
-            "forgottenEmails": ["FORGOT@example.com"], "conflictUserIds": ["u-conflict"],
-            "invalidDataEmails": ["typed@example.com"], "invalidUserIds": [],
+            "notFoundEmails": ["gone@example.com"],
+            "notFoundUserIds": ["u-gone"],
+            "forgottenEmails": ["FORGOT@example.com"],
+            "conflictUserIds": ["u-conflict"],
+            "invalidDataEmails": ["typed@example.com"],
+            "invalidUserIds": [],
         },
     }
     result = BulkResult.from_json(body, http_status=200, elapsed_ms=12)
@@ -229,22 +369,31 @@ def test_bulk_result_outcomes_per_item() -> None:
 
 
 def test_forgotten_wins_over_not_found_for_one_user() -> None:
-    body = {"successCount": 0, "failCount": 1,
-            "failedUpdates": {"notFoundUserIds": ["u1"], "forgottenEmails": ["a@x.com"]}}
+    body = {
+        "successCount": 0,
+        "failCount": 1,
+        "failedUpdates": {"notFoundUserIds": ["u1"], "forgottenEmails": ["a@x.com"]},
+    }
     result = BulkResult.from_json(body, http_status=200, elapsed_ms=1)
     assert result.outcome("a@x.com", "u1") is ItemOutcome.FORGOTTEN
 
 
 def test_track_bulk_reads_disallowed_event_names() -> None:
-    client, _, _ = make_client(lambda r: httpx.Response(200, json={
-        "successCount": 1, "failCount": 1, "disallowedEventNames": ["blocked"]}))
+    client, _, _ = make_client(
+        lambda r: httpx.Response(
+            200, json={"successCount": 1, "failCount": 1, "disallowedEventNames": ["blocked"]}
+        )
+    )
     result = client.track_bulk([{"eventName": "ok", "email": "a@x.com"}, {"eventName": "blocked"}])
     assert result.failed["disallowedEventNames"] == frozenset({"blocked"})
 
 
 def test_subscribe_partial_failure_through_the_client() -> None:
-    client, _, _ = make_client(lambda r: httpx.Response(200, json={
-        "successCount": 1, "failCount": 1, "failedUpdates": {"notFoundEmails": ["b@x.com"]}}))
+    client, _, _ = make_client(
+        lambda r: httpx.Response(
+            200, json={"successCount": 1, "failCount": 1, "failedUpdates": {"notFoundEmails": ["b@x.com"]}}
+        )
+    )
     result = client.subscribe(7, [ALICE, Subscriber(email="B@x.com")], update_existing_users_only=True)
     assert result.http_status == 200
     assert result.outcome("alice@example.com", None) is ItemOutcome.OK
@@ -253,6 +402,7 @@ def test_subscribe_partial_failure_through_the_client() -> None:
 
 # -- request shapes ----------------------------------------------------------------------------
 
+
 def test_subscribe_and_unsubscribe_bodies_and_headers() -> None:
     client, recorder, _ = make_client(lambda r: ok_bulk())
     rich = Subscriber(email="a@x.com", user_id="u1", data_fields={"plan": "pro"}, prefer_user_id=True)
@@ -260,11 +410,24 @@ def test_subscribe_and_unsubscribe_bodies_and_headers() -> None:
     client.unsubscribe(5, [rich], campaign_id=None, channel_unsubscribe=False)
     client.unsubscribe(5, [Subscriber(user_id="u2")], campaign_id=99, channel_unsubscribe=True)
     sub, unsub, unsub_campaign = (json.loads(r.content) for r in recorder.requests)
-    assert sub == {"listId": 5, "updateExistingUsersOnly": False, "subscribers": [
-        {"email": "a@x.com", "userId": "u1", "dataFields": {"plan": "pro"}, "preferUserId": True}]}
-    assert unsub == {"listId": 5, "channelUnsubscribe": False, "subscribers": [{"email": "a@x.com", "userId": "u1"}]}
-    assert unsub_campaign == {"listId": 5, "channelUnsubscribe": True, "campaignId": 99,
-                              "subscribers": [{"userId": "u2"}]}
+    assert sub == {
+        "listId": 5,
+        "updateExistingUsersOnly": False,
+        "subscribers": [
+            {"email": "a@x.com", "userId": "u1", "dataFields": {"plan": "pro"}, "preferUserId": True}
+        ],
+    }
+    assert unsub == {
+        "listId": 5,
+        "channelUnsubscribe": False,
+        "subscribers": [{"email": "a@x.com", "userId": "u1"}],
+    }
+    assert unsub_campaign == {
+        "listId": 5,
+        "channelUnsubscribe": True,
+        "campaignId": 99,
+        "subscribers": [{"userId": "u2"}],
+    }
     first = recorder.requests[0]
     assert str(first.url) == "https://api.test/api/lists/subscribe"
     assert first.headers["Api-Key"] == KEY
@@ -279,7 +442,8 @@ def test_subscriber_needs_an_identity() -> None:
 
 def test_get_list_users_parses_text_lines() -> None:
     client, recorder, _ = make_client(
-        lambda r: httpx.Response(200, text="u1\nu2\r\n\n u3 \n", headers={"Content-Type": "text/plain"}))
+        lambda r: httpx.Response(200, text="u1\nu2\r\n\n u3 \n", headers={"Content-Type": "text/plain"})
+    )
     assert client.get_list_users(12, prefer_user_id=True) == ["u1", "u2", "u3"]
     assert client.get_list_users(12, prefer_user_id=False) == ["u1", "u2", "u3"]
     assert dict(recorder.requests[0].url.params) == {"listId": "12", "preferUserId": "true"}
@@ -295,8 +459,12 @@ def test_get_list_users_on_a_deleted_list() -> None:
 def test_get_lists_and_create_list() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         if request.method == "GET":
-            return httpx.Response(200, json={"lists": [
-                {"id": 1, "name": "vip", "createdAt": 1600000000000, "listType": "Standard"}]})
+            return httpx.Response(
+                200,
+                json={
+                    "lists": [{"id": 1, "name": "vip", "createdAt": 1600000000000, "listType": "Standard"}]
+                },
+            )
         return httpx.Response(200, json={"listId": 77})
 
     client, recorder, _ = make_client(handler)
@@ -313,8 +481,9 @@ def test_unreadable_2xx_shape_is_retryable_not_permanent() -> None:
 
 
 def test_single_endpoints_return_api_results() -> None:
-    client, recorder, _ = make_client(lambda r: httpx.Response(200, json={"msg": "", "code": "Success",
-                                                                          "params": None}))
+    client, recorder, _ = make_client(
+        lambda r: httpx.Response(200, json={"msg": "", "code": "Success", "params": None})
+    )
     assert client.update_user({"email": "a@x.com"}).code == "Success"
     assert client.track_event({"eventName": "e", "email": "a@x.com", "id": "ev1"}).status == 200
     assert client.track_purchase({"user": {"email": "a@x.com"}, "items": [], "total": 0}).code == "Success"
@@ -322,8 +491,14 @@ def test_single_endpoints_return_api_results() -> None:
     assert client.update_email(new_email="n@x.com", current_user_id="u1").code == "Success"
     assert client.bulk_update_users([{"email": "a@x.com"}]).success_count == 0
     paths = [r.url.path for r in recorder.requests]
-    assert paths == ["/api/users/update", "/api/events/track", "/api/commerce/trackPurchase",
-                     "/api/commerce/updateCart", "/api/users/updateEmail", "/api/users/bulkUpdate"]
+    assert paths == [
+        "/api/users/update",
+        "/api/events/track",
+        "/api/commerce/trackPurchase",
+        "/api/commerce/updateCart",
+        "/api/users/updateEmail",
+        "/api/users/bulkUpdate",
+    ]
     assert json.loads(recorder.requests[4].content) == {"newEmail": "n@x.com", "currentUserId": "u1"}
     with pytest.raises(ValueError):
         client.update_email(new_email="n@x.com")
@@ -331,11 +506,13 @@ def test_single_endpoints_return_api_results() -> None:
 
 # -- batch limits ------------------------------------------------------------------------------
 
+
 def test_client_refuses_oversized_batches_without_sending() -> None:
     client, recorder, _ = make_client(lambda r: ok_bulk())
     with pytest.raises(ValueError, match="1001 subscribers"):
-        client.subscribe(1, [Subscriber(email=f"u{i}@x.com") for i in range(1001)],
-                         update_existing_users_only=False)
+        client.subscribe(
+            1, [Subscriber(email=f"u{i}@x.com") for i in range(1001)], update_existing_users_only=False
+        )
     fat = [Subscriber(email=f"u{i}@x.com", data_fields={"blob": "x" * 2_100_000}) for i in range(2)]
     with pytest.raises(ValueError, match="bytes"):
         client.subscribe(1, fat, update_existing_users_only=False)
@@ -359,14 +536,19 @@ def test_chunk_by_bytes_counts_commas_and_envelope() -> None:
 
 def test_chunks_of_real_subscribers_serialise_within_the_limit() -> None:
     rng = random.Random(3)
-    subs = [Subscriber(email=f"user{i}@example.com", data_fields={"note": "é" * rng.randint(0, 3000)})
-            for i in range(300)]
+    subs = [
+        Subscriber(email=f"user{i}@example.com", data_fields={"note": "é" * rng.randint(0, 3000)})
+        for i in range(300)
+    ]
     limit = 60_000
     chunks = chunk_by_limits(subs, max_bytes=limit)
     assert len(chunks) > 1
     for chunk in chunks:
-        body = {"listId": 2_147_483_647, "subscribers": [s.to_json() for s in chunk],
-                "updateExistingUsersOnly": False}
+        body = {
+            "listId": 2_147_483_647,
+            "subscribers": [s.to_json() for s in chunk],
+            "updateExistingUsersOnly": False,
+        }
         assert len(dumps(body)) <= limit
 
 
@@ -376,6 +558,7 @@ def test_single_oversized_item_is_a_clear_value_error() -> None:
 
 
 # -- retries -----------------------------------------------------------------------------------
+
 
 def test_two_503s_then_success() -> None:
     client, recorder, clock = make_client(sequence(err(503), err(503), ok_bulk()))
@@ -394,8 +577,9 @@ def test_retry_after_is_honoured_exactly() -> None:
 
 
 def test_429_retries_and_slows_the_endpoint_down() -> None:
-    client, recorder, clock = make_client(sequence(
-        err(429, "RateLimitExceeded", "Exceeded rate limit", **{"Retry-After": "2"}), ok_bulk()))
+    client, recorder, clock = make_client(
+        sequence(err(429, "RateLimitExceeded", "Exceeded rate limit", **{"Retry-After": "2"}), ok_bulk())
+    )
     client.subscribe(1, [ALICE], update_existing_users_only=False)
     assert len(recorder.requests) == 2
     assert clock.sleeps[0] == 2.0
@@ -403,7 +587,9 @@ def test_429_retries_and_slows_the_endpoint_down() -> None:
 
 
 def test_retry_after_beyond_the_cap_gives_up_at_once() -> None:
-    client, recorder, clock = make_client(sequence(err(429, "RateLimitExceeded", "later", **{"Retry-After": "900"})))
+    client, recorder, clock = make_client(
+        sequence(err(429, "RateLimitExceeded", "later", **{"Retry-After": "900"}))
+    )
     with pytest.raises(RateLimitedError) as caught:
         client.subscribe(1, [ALICE], update_existing_users_only=False)
     assert caught.value.retry_after == 900.0
@@ -469,12 +655,15 @@ def test_batch_too_large_is_permanent_with_its_code() -> None:
     assert caught.value.code == "BatchTooLarge"
 
 
-@pytest.mark.parametrize("exc", [
-    httpx.ReadTimeout("timed out"),
-    httpx.RemoteProtocolError("Server disconnected without sending a response."),
-    httpx.ConnectError("connection refused"),
-    httpx.ReadError("connection reset"),
-])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        httpx.ReadTimeout("timed out"),
+        httpx.RemoteProtocolError("Server disconnected without sending a response."),
+        httpx.ConnectError("connection refused"),
+        httpx.ReadError("connection reset"),
+    ],
+)
 def test_timeouts_and_dropped_connections_are_retried(exc: Exception) -> None:
     client, recorder, _ = make_client(sequence(exc, ok_bulk()))
     assert client.unsubscribe(3, [ALICE], campaign_id=None, channel_unsubscribe=False).success_count == 1
@@ -501,6 +690,7 @@ def test_timeouts_are_configured() -> None:
 
 
 # -- dry run -----------------------------------------------------------------------------------
+
 
 def test_dry_run_sends_nothing_and_answers_in_shape(caplog: pytest.LogCaptureFixture) -> None:
     def must_not_be_called(request: httpx.Request) -> httpx.Response:
@@ -536,6 +726,7 @@ def test_dry_run_still_enforces_batch_limits() -> None:
 
 # -- secrets -----------------------------------------------------------------------------------
 
+
 def test_api_key_never_reaches_logs_exceptions_or_reprs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     for name in ("httpx", "httpcore", "listsync"):
@@ -554,6 +745,7 @@ def test_api_key_never_reaches_logs_exceptions_or_reprs(caplog: pytest.LogCaptur
     seen: list[str] = []
     sent_keys: list[str] = []
     for handler, call in scenarios:
+
         def spy(request: httpx.Request, handler: Handler = handler) -> httpx.Response:
             sent_keys.append(request.headers["Api-Key"])
             return handler(request)
@@ -576,6 +768,7 @@ def test_api_key_never_reaches_logs_exceptions_or_reprs(caplog: pytest.LogCaptur
 
 # -- hosts -------------------------------------------------------------------------------------
 
+
 def test_base_url_selection() -> None:
     assert base_url_for("US") == US_BASE_URL == "https://api.iterable.com"
     assert base_url_for("eu") == EU_BASE_URL == "https://api.eu.iterable.com"
@@ -586,6 +779,8 @@ def test_base_url_selection() -> None:
 
 def test_client_uses_the_base_url_host() -> None:
     recorder = Recorder(lambda r: httpx.Response(200, json={"lists": []}))
-    with IterableClient(api_key=KEY, base_url=base_url_for("EU"), transport=httpx.MockTransport(recorder)) as client:
+    with IterableClient(
+        api_key=KEY, base_url=base_url_for("EU"), transport=httpx.MockTransport(recorder)
+    ) as client:
         client.get_lists()
     assert recorder.requests[0].url.host == "api.eu.iterable.com"

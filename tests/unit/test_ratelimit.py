@@ -8,21 +8,7 @@ import pytest
 
 from listsync.errors import ConfigError
 from listsync.iterable.ratelimit import UNDOCUMENTED_RATE, RateLimiter, TokenBucket
-
-
-class FakeClock:
-    """Time moves only when someone sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
+from tests.helpers import FakeClock
 
 
 def test_burst_is_free_then_requests_are_paced_at_the_rate() -> None:
@@ -141,8 +127,15 @@ def test_limiter_uses_published_defaults_and_overrides() -> None:
     assert limiter.bucket("GET /api/somethingNew").rate == UNDOCUMENTED_RATE
 
 
-@pytest.mark.parametrize("overrides", [{"POST /api/list/subscribe": 5}, {"GET /api/lists": 0},
-                                       {"GET /api/lists": float("inf")}, {"GET /api/lists": True}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"POST /api/list/subscribe": 5},
+        {"GET /api/lists": 0},
+        {"GET /api/lists": float("inf")},
+        {"GET /api/lists": True},
+    ],
+)
 def test_bad_overrides_are_config_errors(overrides: dict[str, float]) -> None:
     with pytest.raises(ConfigError, match="rate_limits"):
         RateLimiter(overrides)
