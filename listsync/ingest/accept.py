@@ -120,10 +120,19 @@ def apply_inbox(session: Session, settings: Settings, now: datetime, *, limit: i
     repo.serialize_inbox_apply(session)
     rows = repo.unapplied_events(session, limit)
     pending: list[MembershipDelta] = []
+    refused: list[tuple[str, str]] = []
     for row in rows:
         event = extract.validate_event(row.payload, received_at=row.received_at)
         if isinstance(event, Rejection):
-            continue  # it passed this same check when accepted; a later, stricter rule keeps it inert
+            # It passed this check when accepted; a later, stricter release refuses it. It stays in
+            # the inbox and is recorded, not silently ignored.
+            refused.append(
+                (
+                    f"{event.reason} (inbox event {row.id}, refused when applied)",
+                    scrub_text(json.dumps(row.payload, default=str)),
+                )
+            )
+            continue
         pending.extend(extract.extract_deltas(event))
         change = extract.extract_email_change(event)
         if change is not None:
@@ -131,6 +140,7 @@ def apply_inbox(session: Session, settings: Settings, now: datetime, *, limit: i
             pending = []
             repo.apply_email_change(session, change, settings.iterable.project_type, now)
     _apply_deltas(session, settings, pending, now)
+    repo.store_rejections(session, refused, source="inbox", now=now)
     repo.mark_applied(session, [row.id for row in rows], now)
     return len(rows)
 

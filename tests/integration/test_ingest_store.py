@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from listsync.config import Settings
@@ -156,3 +156,36 @@ def test_concurrent_senders_are_told_exactly_what_was_new(
     factory: sessionmaker[Session], database_url: str, request: pytest.FixtureRequest
 ) -> None:
     assert sum(r.accepted for r in _race(factory)) == 300
+
+
+def test_inbox_event_refused_at_apply_is_recorded_not_dropped(factory: sessionmaker[Session]) -> None:
+    """An event stored by an earlier, laxer release and refused when applied goes to rejected_events."""
+    now = datetime.now(UTC)
+    with transaction(factory) as session:
+        session.execute(
+            insert(m.InboxEvent),
+            [
+                {
+                    "message_id": "old-1",
+                    "type": "track",
+                    "event": None,
+                    "user_id": "u 1 ",
+                    "anonymous_id": None,
+                    "email": None,
+                    "timestamp": now,
+                    "received_at": now,
+                    "source": "receiver",
+                    "payload": {"type": "track", "event": "E", "userId": " u1 ", "messageId": "old-1"},
+                    "is_audience": False,
+                }
+            ],
+        )
+    with transaction(factory) as session:
+        assert accept.apply_inbox(session, Settings(), now) == 1
+    with factory() as session:
+        reasons = session.scalars(text("SELECT reason FROM rejected_events")).all()
+    assert (
+        len(reasons) == 1
+        and reasons[0].startswith("invalid_user_id")
+        and "refused when applied" in reasons[0]
+    )
