@@ -23,6 +23,8 @@ Decisions beyond Segment's Iterable (Actions) destination (reference §2):
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -167,21 +169,25 @@ def _integer(value: Any) -> int | None:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d{1,18}\s*", value):
         return int(value)
     return None
 
 
 def _number(value: Any) -> float | int | None:
+    """A finite number, from a number or a numeric string; None otherwise (Iterable's JSON has no
+    Infinity or NaN, and `float("nan")` would accept the strings)."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        return value
-    if isinstance(value, str):
+    if isinstance(value, str) and len(value) < 64:
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
     return None
 
 
@@ -336,11 +342,15 @@ def commerce_item(product: Any, index: int) -> dict[str, Any]:
 
 
 def _normalise_item(item: dict[str, Any], index: int) -> None:
-    if "id" in item:
-        item["id"] = str(item["id"])
-    categories = item.get("categories")
-    if isinstance(categories, str):
-        item["categories"] = [categories]
+    """Types as Iterable's CommerceItem schema has them: id, sku and name strings, categories an
+    array of strings. Numbers are turned into strings; anything else is refused, naming the field."""
+    for key in ("id", "sku", "name"):
+        if key in item:
+            item[key] = _item_text(item[key], f"items[{index}].{key}")
+    if "categories" in item:
+        categories = item["categories"]
+        listed = categories if isinstance(categories, list) else [categories]
+        item["categories"] = [_item_text(c, f"items[{index}].categories") for c in listed]
     price, quantity = _number(item.get("price")), _integer(item.get("quantity"))
     _optional(item, "price", price)
     _optional(item, "quantity", quantity)
@@ -348,6 +358,14 @@ def _normalise_item(item: dict[str, Any], index: int) -> None:
                     ("price", price is not None), ("quantity", quantity is not None)):
         if not ok:
             raise _Invalid(f"invalid_field: items[{index}].{key} is required (id, name, price, quantity)")
+
+
+def _item_text(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise _Invalid(f"invalid_field: {where} must be a string, got {type(value).__name__}")
 
 
 def _items(value: Any) -> list[dict[str, Any]]:
@@ -390,11 +408,30 @@ def build(
     """The request `mapping` sends for `event` (which carries messageId and timestamp)."""
     try:
         request = _build(mapping, event, pages)
+        if request is not None:
+            _check_sendable(request)
     except _Invalid as exc:
         return Skip(str(exc), failed=True)
+    except (ValueError, TypeError, LookupError, ArithmeticError, RecursionError) as exc:
+        # One event's odd data must fail that delivery alone, never the routing of the others.
+        return Skip(f"invalid_event: {type(exc).__name__}: {str(exc)[:200]}", failed=True)
     if request is None:
         return None
     return _check_identity(request.email, request.user_id, project_type) or request
+
+
+MAX_ITERABLE_ID_LENGTH = 512  # event_deliveries.event_id
+
+
+def _check_sendable(request: Request) -> None:
+    """What the body builder produced can go on the wire: JSON without non-finite numbers, an id
+    the ledger can hold."""
+    try:
+        json.dumps(request.body, allow_nan=False)
+    except ValueError:
+        raise _Invalid("invalid_field: a number in the request is not finite (JSON cannot carry it)") from None
+    if request.iterable_id is not None and len(request.iterable_id) > MAX_ITERABLE_ID_LENGTH:
+        raise _Invalid(f"invalid_field: the event id is longer than {MAX_ITERABLE_ID_LENGTH} characters")
 
 
 def _build(mapping: ActionMapping, event: Mapping[str, Any], pages: PageSettings) -> Request | None:

@@ -238,11 +238,27 @@ class Settings(BaseSettings):
     def audience(self, audience_key: str, sent_by_engage: Mapping[str, Any] | None = None) -> AudienceSettings:
         """The effective settings of one audience: [audience_defaults], then what Engage sent with
         the audience (context.personas.audience_settings), then [audiences."<key>"]."""
-        merged = self.audience_defaults.model_copy(update=dict(sent_by_engage or {}))
+        merged = self.audience_defaults
+        for name, value in (sent_by_engage or {}).items():
+            merged = _with_setting(merged, name, value)
         override = self.audiences.get(audience_key)
         if override is not None:
             merged = merged.model_copy(update=override.model_dump(exclude_none=True))
         return merged
+
+
+def _with_setting(settings: AudienceSettings, name: str, value: Any) -> AudienceSettings:
+    """`settings` with one setting Engage sent, validated and coerced as the config file's would be.
+
+    Events are checked when they arrive (`extract.audience_settings`); a value stored by an older
+    release that does not validate is ignored rather than sent to Iterable as it is.
+    """
+    if name not in AudienceSettings.model_fields:
+        return settings
+    try:
+        return AudienceSettings.model_validate({**settings.model_dump(), name: value})
+    except ValidationError:
+        return settings
 
 
 def config_path(explicit: str | os.PathLike[str] | None) -> Path | None:

@@ -378,6 +378,9 @@ class SourceFile(Base):
     path: Mapped[str] = mapped_column(String(1024), unique=True, comment="absolute path")
     lines_read: Mapped[int] = mapped_column(Integer, default=0, comment="lines committed so far")
     completed_at: Mapped[datetime | None] = mapped_column(comment="UTC; NULL while being read")
+    size: Mapped[int | None] = mapped_column(BigInteger, comment="bytes when read")
+    mtime_ns: Mapped[int | None] = mapped_column(BigInteger, comment="modification time when read (ns)")
+    error: Mapped[str | None] = mapped_column(Text, comment="why the file was quarantined; NULL if not")
 
 
 class Lease(Base):

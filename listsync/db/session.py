@@ -11,6 +11,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -68,3 +69,26 @@ def upgrade(database_url: str, revision: str = "head") -> None:
 
 def downgrade(database_url: str, revision: str = "base") -> None:
     command.downgrade(alembic_config(database_url), revision)
+
+
+def refused_by_data(exc: BaseException) -> bool:
+    """Whether `exc` says the data of a statement was refused (too long, out of range, not
+    encodable), which no retry can fix, as opposed to the database being unavailable or busy.
+
+    The caller isolates such data (dead-letters it) and goes on; anything else propagates, so
+    that an outage is retried instead of turning good events into dead letters.
+    """
+    if isinstance(exc, DataError | IntegrityError):
+        return True
+    if isinstance(exc, DBAPIError):
+        return False
+    if isinstance(exc, StatementError):  # raised while binding parameters, before the database
+        return True
+    return isinstance(exc, ValueError | TypeError | LookupError | ArithmeticError | RecursionError)
+
+
+def describe_refusal(exc: BaseException) -> str:
+    """One line saying why, without the statement or its parameters (they may hold personal data)."""
+    cause = getattr(exc, "orig", None) or exc
+    first_line = (str(cause).strip().splitlines() or [""])[0]
+    return f"{type(cause).__name__}: {first_line[:200]}"

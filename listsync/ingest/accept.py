@@ -9,7 +9,6 @@ the steps loses nothing and repeats nothing.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,24 +19,11 @@ from sqlalchemy.orm import Session
 from listsync import metrics
 from listsync.config import Settings
 from listsync.db import repo
+from listsync.db.session import describe_refusal, refused_by_data
 from listsync.domain import InboundEvent, MembershipDelta, Rejection
 from listsync.ingest import extract
+from listsync.ingest.scrub import redact, scrub_text
 from listsync.planner import select_data_fields
-
-MAX_DEAD_LETTER_CHARS = 64 * 1024
-_SECRET_PAIR = re.compile(
-    r"""(["']?[\w-]*(?:write_?key|api_?key|password|passwd|secret|token|authorization)[\w-]*["']?\s*[:=]\s*)"""
-    r"""(?:"[^"]*"|'[^']*'|[^\s,}\]]+)""",
-    re.IGNORECASE,
-)
-
-# Engage's per-audience settings (context.personas.audience_settings) in listsync's own names.
-_EVENT_SETTING_NAMES = {
-    "updateExistingUsersOnly": "update_existing_users_only",
-    "globalUnsubscribe": "channel_unsubscribe",
-    "channelUnsubscribe": "channel_unsubscribe",
-    "campaignId": "campaign_id",
-}
 
 
 @dataclass
@@ -50,20 +36,6 @@ class IngestCounts:
         self.accepted += other.accepted
         self.duplicates += other.duplicates
         self.rejected += other.rejected
-
-
-NUL_REASON = "invalid_text: the event contains a NUL character (\\u0000), which cannot be stored"
-
-
-def scrub_text(text: str) -> str:
-    """Secrets out of a body that could not be parsed (so `extract.redact` cannot walk it); NUL
-    characters escaped, as PostgreSQL text cannot hold them."""
-    return _SECRET_PAIR.sub(r'\1"[redacted]"', text[:MAX_DEAD_LETTER_CHARS]).replace("\x00", "\\u0000")
-
-
-def _has_nul(raw: Any) -> bool:
-    """PostgreSQL's text and jsonb refuse U+0000; such an event is rejected on both databases alike."""
-    return "\\u0000" in json.dumps(raw)
 
 
 def accept_body(
@@ -89,20 +61,53 @@ def accept_items(
             rejections.append((item.rejection.reason, scrub_text(item.payload)))
             continue
         checked = extract.validate_event(item.raw, received_at=now, encoded_size=item.size)
-        if not isinstance(checked, Rejection) and _has_nul(item.raw):
-            checked = Rejection(NUL_REASON)
         if isinstance(checked, Rejection):
-            rejections.append((checked.reason, scrub_text(json.dumps(extract.redact(item.raw), default=str))))
+            rejections.append((checked.reason, _kept_payload(item.raw)))
         else:
             events.append(checked)
     unique = _unique_by_message_id(events)
-    new = repo.store_events(
-        session, unique, source=source, now=now, audience_flags=[extract.is_audience_event(e) for e in unique]
-    )
+    new, refused = _store_isolated(session, unique, source=source, now=now)
+    rejections.extend(refused)
     repo.store_rejections(session, rejections, source=source, now=now)
-    counts = IngestCounts(accepted=new, duplicates=len(events) - new, rejected=len(rejections))
+    counts = IngestCounts(
+        accepted=new, duplicates=len(events) - new - len(refused), rejected=len(rejections)
+    )
     metrics.count_events(source.split(":")[0], counts.accepted, counts.duplicates, counts.rejected)
     return counts
+
+
+def _store_isolated(
+    session: Session, events: Sequence[InboundEvent], *, source: str, now: datetime
+) -> tuple[int, list[tuple[str, str]]]:
+    """Store the events in one statement; should the database refuse one, store them one by one so
+    that only the refused events become rejections. Returns (new events, rejections)."""
+    try:
+        with session.begin_nested():
+            return _store(session, events, source=source, now=now), []
+    except Exception as exc:
+        if not refused_by_data(exc):
+            raise
+    new = 0
+    refused: list[tuple[str, str]] = []
+    for event in events:
+        try:
+            with session.begin_nested():
+                new += _store(session, [event], source=source, now=now)
+        except Exception as exc:
+            if not refused_by_data(exc):
+                raise
+            refused.append((f"storage_refused: {describe_refusal(exc)}", _kept_payload(event.raw)))
+    return new, refused
+
+
+def _store(session: Session, events: Sequence[InboundEvent], *, source: str, now: datetime) -> int:
+    flags = [extract.is_audience_event(e) for e in events]
+    return repo.store_events(session, events, source=source, now=now, audience_flags=flags)
+
+
+def _kept_payload(raw: Any) -> str:
+    """An event as kept in rejected_events: secrets removed, bounded, storable."""
+    return scrub_text(json.dumps(redact(raw), default=str))
 
 
 def _unique_by_message_id(events: Sequence[InboundEvent]) -> list[InboundEvent]:
@@ -116,22 +121,56 @@ def _unique_by_message_id(events: Sequence[InboundEvent]) -> list[InboundEvent]:
 
 
 def apply_inbox(session: Session, settings: Settings, now: datetime, *, limit: int = 2000) -> int:
-    """Fold up to `limit` unapplied inbox events into memberships; returns how many were applied."""
+    """Fold up to `limit` unapplied inbox events into memberships; returns how many were applied.
+
+    One event never blocks another: should folding the batch fail on an event's data, the batch
+    is folded again event by event, each in a savepoint, and the events that still fail are
+    recorded in rejected_events with the reason, marked applied, and left behind. A database
+    that is unavailable is not an event's fault: that error propagates and the batch is retried.
+    """
     repo.serialize_inbox_apply(session)
     rows = repo.unapplied_events(session, limit)
+    try:
+        with session.begin_nested():
+            refused = _fold(session, settings, rows, now)
+    except Exception as exc:
+        if not refused_by_data(exc):
+            raise
+        refused = _fold_one_by_one(session, settings, rows, now)
+    repo.store_rejections(session, refused, source="inbox", now=now)
+    repo.mark_applied(session, [row.id for row in rows], now)
+    return len(rows)
+
+
+def _fold_one_by_one(
+    session: Session, settings: Settings, rows: Sequence[repo.StoredEvent], now: datetime
+) -> list[tuple[str, str]]:
+    refused: list[tuple[str, str]] = []
+    for row in rows:
+        try:
+            with session.begin_nested():
+                refused.extend(_fold(session, settings, [row], now))
+        except Exception as exc:
+            if not refused_by_data(exc):
+                raise
+            reason = f"apply_failed: {describe_refusal(exc)} (inbox event {row.id}, refused when applied)"
+            refused.append((reason, _kept_payload(row.payload)))
+    return refused
+
+
+def _fold(
+    session: Session, settings: Settings, rows: Sequence[repo.StoredEvent], now: datetime
+) -> list[tuple[str, str]]:
+    """Fold inbox rows into memberships in inbox order; returns the rows refused by validation."""
     pending: list[MembershipDelta] = []
     refused: list[tuple[str, str]] = []
     for row in rows:
         event = extract.validate_event(row.payload, received_at=row.received_at)
         if isinstance(event, Rejection):
-            # It passed this check when accepted; a later, stricter release refuses it. It stays in
-            # the inbox and is recorded, not silently ignored.
-            refused.append(
-                (
-                    f"{event.reason} (inbox event {row.id}, refused when applied)",
-                    scrub_text(json.dumps(row.payload, default=str)),
-                )
-            )
+            # It passed this check when accepted; a later, stricter release refuses it. It is
+            # recorded, not silently ignored.
+            reason = f"{event.reason} (inbox event {row.id}, refused when applied)"
+            refused.append((reason, _kept_payload(row.payload)))
             continue
         pending.extend(extract.extract_deltas(event))
         change = extract.extract_email_change(event)
@@ -140,9 +179,7 @@ def apply_inbox(session: Session, settings: Settings, now: datetime, *, limit: i
             pending = []
             repo.apply_email_change(session, change, settings.iterable.project_type, now)
     _apply_deltas(session, settings, pending, now)
-    repo.store_rejections(session, refused, source="inbox", now=now)
-    repo.mark_applied(session, [row.id for row in rows], now)
-    return len(rows)
+    return refused
 
 
 def _apply_deltas(
@@ -161,14 +198,5 @@ def _apply_deltas(
 
 
 def _latest_event_settings(deltas: Sequence[MembershipDelta]) -> dict[str, dict[str, Any]]:
-    latest: dict[str, dict[str, Any]] = {}
-    for delta in deltas:
-        if delta.audience_settings:
-            mapped = {
-                _EVENT_SETTING_NAMES[k]: v
-                for k, v in delta.audience_settings.items()
-                if k in _EVENT_SETTING_NAMES
-            }
-            if mapped:
-                latest[delta.audience_key] = mapped
-    return latest
+    """The per-audience settings of the latest delta that carried any (already in our names)."""
+    return {d.audience_key: dict(d.audience_settings) for d in deltas if d.audience_settings}

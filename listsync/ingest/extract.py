@@ -12,13 +12,15 @@ group `rejected_events` by `split_part(reason, ':', 1)`:
     body_too_large, malformed_json, not_an_object, invalid_batch, type_mismatch, missing_type,
     unknown_type, event_too_large, wrong_type, invalid_user_id, invalid_anonymous_id,
     invalid_message_id, missing_identifier, missing_event, missing_group_id, missing_previous_id,
-    invalid_timestamp, invalid_email, missing_audience_key
+    invalid_timestamp, invalid_email, missing_audience_key, too_deep, invalid_text, invalid_number,
+    invalid_audience_setting
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,11 +28,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 from listsync.domain import Desired, EmailChange, InboundEvent, MembershipDelta, Rejection
+from listsync.ingest.scrub import redact, redact_value
 
 SEGMENT_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
 MAX_EVENT_BYTES = 32 * 1024
 MAX_BATCH_BYTES = 500 * 1024
 MAX_USER_ID_LENGTH = 52
+# Stored in VARCHAR(255) columns (and used as Iterable list names): longer would fail in the database.
+MAX_NAME_LENGTH = 255
+MAX_EMAIL_LENGTH = 320
+# Deeper events are refused: nothing Iterable takes is nested this far, and walking them recursively
+# (to redact, to build request bodies) must stay far from Python's recursion limit.
+MAX_DEPTH = 64
 
 AUDIENCE_ENTERED = "Audience Entered"
 AUDIENCE_EXITED = "Audience Exited"
@@ -39,9 +48,17 @@ _OBJECT_FIELDS = ("traits", "properties", "context")
 # Transport metadata that a client may change on a retry of the same event; left out of the
 # derived messageId so a retried event still dedupes.
 _UNHASHED_FIELDS = frozenset({"sentAt", "receivedAt", "writeKey"})
-_SECRET_MARKERS = ("writekey", "apikey", "password", "passwd", "secret", "token", "authorization")
 _EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 _FLAG_STRINGS = {"true": True, "false": False}
+_NOT_ALNUM = re.compile(r"[^a-z0-9]")
+# Engage's per-audience settings (context.personas.audience_settings) in listsync's own names.
+_ENGAGE_SETTING_NAMES = {
+    "updateExistingUsersOnly": "update_existing_users_only",
+    "globalUnsubscribe": "channel_unsubscribe",
+    "channelUnsubscribe": "channel_unsubscribe",
+    "campaignId": "campaign_id",
+}
+_BOOLEAN_SETTINGS = frozenset({"update_existing_users_only", "channel_unsubscribe"})
 
 
 @dataclass(frozen=True)
@@ -54,7 +71,7 @@ class RawEvent:
     """
 
     raw: dict[str, Any]
-    size: int
+    size: int | None
 
 
 @dataclass(frozen=True)
@@ -102,15 +119,23 @@ def parse_body(body: bytes, *, path_type: str | None) -> Rejection | list[BodyIt
 
 def parse_line(line: bytes | str) -> BodyItem:
     """Parse one line of a JSON-lines file (`listsync ingest`); the type comes from the event."""
-    text = line if isinstance(line, str) else line.decode("utf-8", errors="replace")
+    if isinstance(line, bytes):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            # The receiver refuses the same bytes; a file must not turn them into U+FFFD silently.
+            reason = f"malformed_json: line is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+            return RejectedItem(Rejection(reason), line.decode("utf-8", errors="replace"))
+    else:
+        text = line
     try:
         decoded = _loads(text)
     except ValueError as exc:
         return RejectedItem(Rejection(f"malformed_json: {exc}"), text)
     if not isinstance(decoded, dict):
         reason = f"not_an_object: event must be a JSON object, got {_json_type(decoded)}"
-        return RejectedItem(Rejection(reason), _dump(_redact_value(decoded)))
-    return RawEvent(decoded, len(text.encode("utf-8")))
+        return RejectedItem(Rejection(reason), _dump(redact_value(decoded)))
+    return RawEvent(decoded, len(line) if isinstance(line, bytes) else len(text.encode("utf-8", "replace")))
 
 
 def _loads(body: bytes | str) -> Any:
@@ -151,7 +176,7 @@ def _split_batch(body: dict[str, Any]) -> Rejection | list[BodyItem]:
 def _batch_item(item: Any, shared: Mapping[str, Mapping[str, Any]]) -> BodyItem:
     if not isinstance(item, dict):
         reason = f"not_an_object: batch item must be an object, got {_json_type(item)}"
-        return RejectedItem(Rejection(reason), _dump(_redact_value(item)))
+        return RejectedItem(Rejection(reason), _dump(redact_value(item)))
     return RawEvent(_merge_shared(item, shared), _encoded_size(item))
 
 
@@ -202,6 +227,7 @@ def validate_event(
 
 
 def _validated(raw: Mapping[str, Any], received_at: datetime, encoded_size: int | None) -> InboundEvent:
+    nested_write_key = _check_values(raw)
     _check_size(raw, encoded_size)
     kind = _event_type(raw)
     objects = {name: _object_field(raw, name) for name in _OBJECT_FIELDS}
@@ -212,7 +238,7 @@ def _validated(raw: Mapping[str, Any], received_at: datetime, encoded_size: int 
         raise _Invalid("missing_identifier: event has neither userId nor anonymousId")
     _check_type_specific(raw, kind)
     email, email_problem = _email(objects)
-    stored = _without_write_keys(raw)
+    stored = _without_write_keys(raw, nested=nested_write_key)
     event = InboundEvent(
         type=kind,
         message_id=_message_id(raw),
@@ -220,8 +246,8 @@ def _validated(raw: Mapping[str, Any], received_at: datetime, encoded_size: int 
         user_id=user_id,
         anonymous_id=anonymous_id,
         email=email,
-        event=_optional_string(raw, "event"),
-        name=_optional_string(raw, "name"),
+        event=_name(raw, "event"),
+        name=_name(raw, "name"),
         traits=objects["traits"],
         properties=objects["properties"],
         context=objects["context"],
@@ -229,6 +255,64 @@ def _validated(raw: Mapping[str, Any], received_at: datetime, encoded_size: int 
     )
     _check_audience(event, email_problem)
     return event
+
+
+def _check_values(raw: Mapping[str, Any]) -> bool:
+    """Refuse what the database, apply or an Iterable request body could not take, anywhere in
+    the event: nesting deeper than MAX_DEPTH, NUL characters and lone surrogates in keys or
+    strings, non-finite numbers (`1e999` parses as infinity; JSON has no way to send it).
+
+    Walks iteratively (no recursion, whatever the depth). Returns whether a write key is nested
+    below the top level, so the stored copy is rebuilt only for events that need it.
+    """
+    nested_write_key = False
+    stack: list[tuple[Any, int, tuple[Any, ...]]] = [(raw, 1, ())]
+    while stack:
+        value, depth, path = stack.pop()
+        if isinstance(value, dict):
+            if depth > MAX_DEPTH:
+                raise _Invalid(f"too_deep: {_path_text(path)} is nested more than {MAX_DEPTH} levels deep")
+            for key, item in value.items():
+                _check_text(key, (path, key), "a key")
+                nested_write_key |= depth > 1 and _is_write_key(key)
+                stack.append((item, depth + 1, (path, key)))
+        elif isinstance(value, list):
+            if depth > MAX_DEPTH:
+                raise _Invalid(f"too_deep: {_path_text(path)} is nested more than {MAX_DEPTH} levels deep")
+            stack.extend((item, depth + 1, (path, index)) for index, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, path, "a value")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise _Invalid(f"invalid_number: {_path_text(path)} is not a finite number")
+    return nested_write_key
+
+
+def _check_text(text: str, path: tuple[Any, ...], what: str) -> None:
+    if "\x00" in text:
+        raise _Invalid(
+            f"invalid_text: {what} at {_path_text(path)} contains a NUL character (\\u0000), "
+            "which cannot be stored"
+        )
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Invalid(
+                f"invalid_text: {what} at {_path_text(path)} contains a lone UTF-16 surrogate, "
+                "which is not text"
+            ) from None
+
+
+def _path_text(path: tuple[Any, ...]) -> str:
+    """`properties.items[0].name` from the linked (parent, key) tuples of `_check_values`."""
+    keys: list[Any] = []
+    while path:
+        path, key = path
+        keys.append(key)
+    text = ""
+    for key in reversed(keys):
+        text += f"[{key}]" if isinstance(key, int) else f"{'.' if text else ''}{str(key)[:60]!r}"
+    return text or "the event"
 
 
 def _check_size(raw: Mapping[str, Any], encoded_size: int | None) -> None:
@@ -263,7 +347,10 @@ def _identifier(raw: Mapping[str, Any], name: str, code: str) -> str | None:
         return None
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise _Invalid(f"{code}: {name} must be a string, got {_json_type(value)}")
-    return str(value)
+    text = str(value) if isinstance(value, str) or abs(value) < 10**MAX_NAME_LENGTH else ""
+    if not text or len(text) > MAX_NAME_LENGTH:
+        raise _Invalid(f"{code}: {name} is longer than {MAX_NAME_LENGTH} characters")
+    return text
 
 
 def _check_user_id(user_id: str | None) -> None:
@@ -296,11 +383,20 @@ def _optional_string(raw: Mapping[str, Any], name: str) -> str | None:
     return value
 
 
+def _name(raw: Mapping[str, Any], name: str) -> str | None:
+    value = _optional_string(raw, name)
+    if value is not None and len(value) > MAX_NAME_LENGTH:
+        raise _Invalid(f"wrong_type: {name} is longer than {MAX_NAME_LENGTH} characters")
+    return value
+
+
 def _message_id(raw: Mapping[str, Any]) -> str:
     """The sender's messageId, or one derived from the content so an identical replay dedupes."""
     given = raw.get("messageId")
     if given is not None and not isinstance(given, str):
         raise _Invalid(f"invalid_message_id: messageId must be a string, got {_json_type(given)}")
+    if given and len(given) > MAX_NAME_LENGTH:
+        raise _Invalid(f"invalid_message_id: messageId is longer than {MAX_NAME_LENGTH} characters")
     if given:
         return given
     hashed = {k: v for k, v in raw.items() if k not in _UNHASHED_FIELDS}
@@ -325,7 +421,10 @@ def _parse_time(name: str, value: Any) -> datetime:
         raise _Invalid(f"invalid_timestamp: {name} {value[:40]!r} is not ISO-8601") from None
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59:59-14:00 is past the last representable instant
+        raise _Invalid(f"invalid_timestamp: {name} {value[:40]!r} is out of range in UTC") from None
 
 
 def _email(objects: Mapping[str, Mapping[str, Any]]) -> tuple[str | None, str | None]:
@@ -343,7 +442,7 @@ def _email(objects: Mapping[str, Mapping[str, Any]]) -> tuple[str | None, str | 
         if not isinstance(value, str):
             return None, f"{where} must be a string, got {_json_type(value)}"
         email = value.strip().lower()
-        if not _EMAIL_RE.fullmatch(email):
+        if len(email) > MAX_EMAIL_LENGTH or not _EMAIL_RE.fullmatch(email):
             return None, f"{where} {value[:60]!r} is not an email address"
         return email, None
     return None, None
@@ -352,8 +451,12 @@ def _email(objects: Mapping[str, Mapping[str, Any]]) -> tuple[str | None, str | 
 def _check_audience(event: InboundEvent, email_problem: str | None) -> None:
     if not is_audience_event(event):
         return
-    if _audience_key(event) is None:
+    key = _audience_key(event)
+    if key is None:
         raise _Invalid("missing_audience_key: audience event without a computation or audience key")
+    if len(key) > MAX_NAME_LENGTH:
+        raise _Invalid(f"missing_audience_key: the audience key is longer than {MAX_NAME_LENGTH} characters")
+    audience_settings(_personas(event).get("audience_settings"))
     if event.user_id is None and event.email is None:
         if email_problem:
             raise _Invalid(f"invalid_email: {email_problem}")
@@ -444,46 +547,64 @@ def _member_traits(event: InboundEvent, source: Mapping[str, Any], key: str) -> 
 
 
 def _audience_settings(event: InboundEvent) -> Mapping[str, Any] | None:
-    settings = _personas(event).get("audience_settings")
-    return settings if isinstance(settings, dict) else None
+    return audience_settings(_personas(event).get("audience_settings")) or None
+
+
+def audience_settings(sent: Any) -> dict[str, Any]:
+    """Engage's per-audience settings in listsync's names and types, unknown names ignored.
+
+    Engage sends some as strings (`"campaignId": "777"`, `"channelUnsubscribe": "false"`); those
+    are coerced. A value that cannot be coerced refuses the event, naming the setting, rather than
+    reaching Iterable as a string.
+    """
+    if not isinstance(sent, dict):
+        return {}
+    settings: dict[str, Any] = {}
+    for name, value in sent.items():
+        ours = _ENGAGE_SETTING_NAMES.get(name)
+        if ours is not None and value is not None:
+            settings[ours] = _setting_value(name, ours, value)
+    return settings
+
+
+def _setting_value(name: str, ours: str, value: Any) -> bool | int:
+    if ours in _BOOLEAN_SETTINGS:
+        flag = _FLAG_STRINGS.get(value.strip().lower()) if isinstance(value, str) else value
+        if isinstance(flag, bool):
+            return flag
+        raise _Invalid(f"invalid_audience_setting: {name} must be true or false, got {str(value)[:40]!r}")
+    number: Any = value.strip() if isinstance(value, str) else value
+    if isinstance(number, str) and number.isdigit() and len(number) < 19:
+        number = int(number)
+    if isinstance(number, int) and not isinstance(number, bool) and 0 <= number < 2**63:
+        return number
+    raise _Invalid(f"invalid_audience_setting: {name} must be a whole number, got {str(value)[:40]!r}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Storage helpers
 
 
-def redact(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy of an event without secrets, for storing rejected payloads.
+def _without_write_keys(raw: Mapping[str, Any], *, nested: bool) -> dict[str, Any]:
+    """The event to store: write keys dropped (at any depth when `nested`), everything else kept
+    (unlike `redact`, which also drops tokens and passwords from payloads kept for diagnosis).
+    Only the top level is copied unless a write key hides deeper."""
+    if not nested:
+        return {k: v for k, v in raw.items() if not _is_write_key(k)}
+    return _drop_write_keys(raw)  # type: ignore[no-any-return]
 
-    Drops, at any depth (lists included), every key whose name, ignoring case and separators,
-    contains writekey, apikey, password, passwd, secret, token or authorization. This errs on
-    the side of dropping (a device push token goes too): the copy is for diagnosis, not replay.
-    """
-    return {k: _redact_value(v) for k, v in raw.items() if not _is_secret_key(k)}
 
-
-def _without_write_keys(value: Any) -> Any:
-    """The event to store: write keys dropped at any depth, everything else kept (unlike `redact`,
-    which also drops tokens and passwords from payloads kept only for diagnosis)."""
+def _drop_write_keys(value: Any) -> Any:
+    # Recursion is bounded: `_check_values` refused anything deeper than MAX_DEPTH.
     if isinstance(value, Mapping):
-        return {k: _without_write_keys(v) for k, v in value.items()
-                if re.sub(r"[^a-z0-9]", "", str(k).lower()) != "writekey"}
+        return {k: _drop_write_keys(v) for k, v in value.items() if not _is_write_key(k)}
     if isinstance(value, list):
-        return [_without_write_keys(v) for v in value]
+        return [_drop_write_keys(v) for v in value]
     return value
 
 
-def _redact_value(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return redact(value)
-    if isinstance(value, list):
-        return [_redact_value(v) for v in value]
-    return value
-
-
-def _is_secret_key(key: Any) -> bool:
-    folded = re.sub(r"[^a-z0-9]", "", str(key).lower())
-    return any(marker in folded for marker in _SECRET_MARKERS)
+def _is_write_key(key: str) -> bool:
+    return len(key) < 24 and _NOT_ALNUM.sub("", key.lower()) == "writekey"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,5 +631,9 @@ def _dump(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def _encoded_size(value: Any) -> int:
-    return len(_dump(value).encode("utf-8"))
+def _encoded_size(value: Any) -> int | None:
+    """UTF-8 bytes of `value` as JSON; None when it is nested too deep to encode (refused later)."""
+    try:
+        return len(_dump(value).encode("utf-8", "surrogatepass"))
+    except RecursionError:
+        return None

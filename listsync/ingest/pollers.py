@@ -4,10 +4,20 @@ files, a drop folder, and a SQL query (reverse ETL).
 All three end in `accept.accept_items`, the path the HTTP receiver takes, so a file line or a SQL
 row becomes an inbox event exactly like a posted one and `apply_inbox` folds it in later.
 
-Drop folder convention: a file is read once, start to end, and never again; appending to a file
-that was read changes nothing. Writers should write under another name (anything not ending in
-.ndjson/.jsonl/.json/.gz, e.g. `.tmp`) and rename when done. As a second line of defence, files
-modified less than `min_age_seconds` ago are left for the next poll.
+Drop folder rules:
+* A file is known by its name, size and modification time. It is read once, start to end; a file
+  rewritten, rotated or appended to under a name already read is read again from its first line,
+  and its events dedupe on messageId (derived from the content when the sender left it out).
+* Writers should write under another name (anything not ending in .ndjson/.jsonl/.json/.gz, e.g.
+  `.tmp`) and rename when done. As a second line of defence, files modified less than
+  `min_age_seconds` ago are left for the next poll.
+* Only regular files of the folder itself are read. A symbolic link is followed only to a regular
+  file in the same folder; a link out of it (or a FIFO, device, ...) is never opened.
+* A file that cannot be read (corrupt gzip, a link out of the folder, not a regular file) is
+  quarantined: `source_files.error` and a `bad_file:` row in `rejected_events` say why, and it is
+  not tried again until it changes. Lines committed before the fault stay; other files go on.
+* A line longer than one event may be (32 KB) is refused as `event_too_large` without being held
+  in memory; a line that is not UTF-8 is refused as `malformed_json`, as the receiver refuses it.
 
 SQL source: see `poll_sql`. The diff runs inside the listsync database against a temporary table,
 so neither the snapshot nor the stored members are ever held in Python memory.
@@ -23,9 +33,13 @@ import hashlib
 import itertools
 import json
 import logging
+import os
+import stat
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +68,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from listsync.config import Settings
 from listsync.db import models as m
+from listsync.db.repo import store_rejections
 from listsync.db.session import transaction
 from listsync.domain import Desired, Rejection
 from listsync.ingest import extract
@@ -83,9 +98,35 @@ def open_ndjson(path: str) -> BinaryIO:
     return open(path, "rb")  # the caller owns and closes the stream
 
 
+@dataclass(frozen=True)
+class _LongLine:
+    """A line longer than MAX_LINE_BYTES: only its start is kept, for the dead letter."""
+
+    start: bytes
+    size: int
+
+
+# A line longer than one event may be (plus room for the newline) is refused without parsing it, so
+# a 100 MB line costs a bounded buffer, not several copies of itself.
+MAX_LINE_BYTES = extract.MAX_EVENT_BYTES + 2
+_LINE_EXCERPT = 1024
+
+
+def bounded_lines(stream: BinaryIO | IO[bytes]) -> Iterator[bytes | _LongLine]:
+    """The lines of `stream`, each at most MAX_LINE_BYTES; a longer one becomes a `_LongLine`."""
+    while line := stream.readline(MAX_LINE_BYTES + 1):
+        if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
+            yield line
+            continue
+        start, size = line[:_LINE_EXCERPT], len(line)
+        while not line.endswith(b"\n") and (line := stream.readline(1 << 20)):
+            size += len(line)
+        yield _LongLine(start, size)
+
+
 def ingest_stream(
     factory: sessionmaker[Session],
-    lines: Iterable[bytes],
+    lines: Iterable[bytes | _LongLine] | BinaryIO | IO[bytes],
     *,
     source: str,
     now_fn: NowFn,
@@ -94,8 +135,11 @@ def ingest_stream(
     """Store Segment-format events, one JSON object per line; blank lines are skipped.
 
     Each chunk of lines is one transaction: a failure loses at most the chunk in flight, and a
-    rerun of the same input stores nothing twice (events dedupe on messageId).
+    rerun of the same input stores nothing twice (events dedupe on messageId). A stream is read
+    through `bounded_lines`.
     """
+    if hasattr(lines, "readline"):
+        lines = bounded_lines(cast(IO[bytes], lines))
     total = IngestCounts()
     for batch in _batched(lines, chunk):
         items = _parse_lines(batch)
@@ -106,9 +150,13 @@ def ingest_stream(
     return total
 
 
-def _parse_lines(lines: Iterable[bytes]) -> list[extract.BodyItem]:
-    items = []
+def _parse_lines(lines: Iterable[bytes | _LongLine]) -> list[extract.BodyItem]:
+    items: list[extract.BodyItem] = []
     for line in lines:
+        if isinstance(line, _LongLine):
+            reason = f"event_too_large: a line of {line.size} bytes > {extract.MAX_EVENT_BYTES}"
+            items.append(extract.RejectedItem(Rejection(reason), line.start.decode("utf-8", "replace")))
+            continue
         stripped = line.rstrip(b"\r\n")
         if stripped.strip():
             items.append(extract.parse_line(stripped))
@@ -127,6 +175,19 @@ def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 # Drop folder
 
 
+@dataclass(frozen=True)
+class _FolderEntry:
+    """A file of the drop folder as seen by one poll: its real path and what identifies its content."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+
+
+class _BadFile(Exception):
+    """A file that will not become readable by waiting: it is quarantined with this reason."""
+
+
 def poll_folder(
     factory: sessionmaker[Session],
     folder: Path,
@@ -135,52 +196,70 @@ def poll_folder(
     chunk: int = 1000,
     min_age_seconds: float = 1.0,
 ) -> IngestCounts:
-    """Read every new file of `folder` once; resumes a file where the last committed chunk ended.
+    """Read every new or changed file of `folder`; resumes a file where the last committed chunk ended.
 
     The count of lines read is written in the same transaction as the chunk's events, so after a
     crash a file continues after its last committed line: no event is lost or stored twice, even
-    for events without a messageId.
+    for events without a messageId. A bad file is quarantined and the others go on.
     """
     total = IngestCounts()
-    for path in _ready_files(folder, min_age_seconds):
+    for entry in _ready_files(factory, folder, min_age_seconds, now_fn):
         try:
-            total.add(_read_file(factory, path, now_fn, chunk))
-        except (OSError, EOFError, IntegrityError) as exc:
-            # Unreadable, truncated, or taken by another replica: leave it for the next poll.
-            logger.warning(
-                "could not read %s: %s",
-                path.name,
-                exc,
-                extra={"event": "source_file_unreadable", "path": str(path)},
-            )
+            total.add(_read_file(factory, entry, now_fn, chunk))
+        except (_LostRace, FileNotFoundError, IntegrityError) as exc:
+            # Taken by another replica, or renamed away: nothing to do this time.
+            logger.info("skipped %s: %s", entry.path.name, exc, extra={"event": "source_file_skipped"})
+        except (_BadFile, OSError, EOFError, zlib.error) as exc:
+            _quarantine(factory, entry, f"{type(exc).__name__}: {exc}", now_fn())
     return total
 
 
-def _ready_files(folder: Path, min_age_seconds: float) -> list[Path]:
-    """Matching files, oldest name first, that nobody touched for `min_age_seconds`."""
+def _ready_files(
+    factory: sessionmaker[Session], folder: Path, min_age_seconds: float, now_fn: NowFn
+) -> list[_FolderEntry]:
+    """Matching regular files of the folder itself, oldest name first, untouched for `min_age_seconds`.
+
+    A symbolic link is followed only when it points at a regular file inside the folder; any other
+    link, and anything that is not a regular file (a FIFO would block the reader), is quarantined.
+    """
+    root = folder.resolve()
     cutoff = time.time() - min_age_seconds
     ready = []
     for path in sorted(folder.iterdir()):
-        if path.suffix.lower() not in FOLDER_SUFFIXES or not path.is_file():
+        if path.suffix.lower() not in FOLDER_SUFFIXES:
             continue
         try:
-            fresh = path.stat().st_mtime > cutoff
+            entry = _entry(root, path)
         except FileNotFoundError:  # renamed away between listing and looking
             continue
-        if not fresh:
-            ready.append(path.resolve())
+        except _BadFile as exc:
+            _quarantine(factory, _FolderEntry(root / path.name, -1, -1), str(exc), now_fn())
+            continue
+        if entry.mtime_ns / 1e9 <= cutoff:
+            ready.append(entry)
     return ready
 
 
-def _read_file(factory: sessionmaker[Session], path: Path, now_fn: NowFn, chunk: int) -> IngestCounts:
+def _entry(root: Path, path: Path) -> _FolderEntry:
+    real = path.resolve()
+    if real.parent != root:
+        raise _BadFile(f"link_outside_folder: {path.name} points outside the drop folder; not followed")
+    info = real.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise _BadFile(f"not_a_file: {path.name} is not a regular file")
+    return _FolderEntry(real, info.st_size, info.st_mtime_ns)
+
+
+def _read_file(factory: sessionmaker[Session], entry: _FolderEntry, now_fn: NowFn, chunk: int) -> IngestCounts:
+    path = entry.path
     with transaction(factory) as session:
-        file_id, done_lines, completed = _file_progress(session, str(path))
+        file_id, done_lines, completed = _file_progress(session, entry)
     if completed:
         return IngestCounts()
     total = IngestCounts()
-    source = f"file:{path.name}"
+    source = _file_source(path)
     with _open_lines(path) as stream:
-        lines = itertools.islice(stream, done_lines, None)
+        lines = itertools.islice(bounded_lines(stream), done_lines, None)
         for batch in _batched(lines, chunk):
             with transaction(factory) as session:
                 counts = accept_items(session, _parse_lines(batch), source=source, now=now_fn())
@@ -201,28 +280,89 @@ def _read_file(factory: sessionmaker[Session], path: Path, now_fn: NowFn, chunk:
     return total
 
 
-class _LostRace(OSError):
-    """Another process advanced the same file meanwhile; it owns the file, this reader stops.
+def _file_source(path: Path) -> str:
+    return f"file:{path.name}"[:255]
 
-    An OSError so that `poll_folder` treats it like any file it cannot read this time.
-    """
+
+def _quarantine(factory: sessionmaker[Session], entry: _FolderEntry, reason: str, now: datetime) -> None:
+    """Record once why a file is not read (source_files.error and a rejected_events row); it is not
+    tried again until its size or modification time changes."""
+    with transaction(factory) as session:
+        if not _mark_quarantined(session, entry, reason, now):
+            return
+        store_rejections(session, [(f"bad_file: {reason}", "")], source=_file_source(entry.path), now=now)
+    logger.warning(
+        "quarantined %s: %s",
+        entry.path.name,
+        reason,
+        extra={"event": "source_file_quarantined", "path": str(entry.path)},
+    )
+
+
+class _LostRace(Exception):
+    """Another process advanced the same file meanwhile; it owns the file, this reader stops."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(f"{path.name} is being read by another process")
 
 
-def _open_lines(path: Path) -> IO[bytes]:
-    return open_ndjson(str(path))
+@contextmanager
+def _open_lines(path: Path) -> Iterator[IO[bytes]]:
+    """The file's bytes, decompressed for `.gz`; never through a link swapped in since listing."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(descriptor, "rb") as raw:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise _BadFile(f"not_a_file: {path.name} is not a regular file")
+        if not path.name.lower().endswith(".gz"):
+            yield raw
+            return
+        with gzip.GzipFile(fileobj=raw, mode="rb") as unpacked:
+            yield cast(IO[bytes], unpacked)
 
 
-def _file_progress(session: Session, path: str) -> tuple[int, int, bool]:
-    """(id, lines committed, completed) of a drop-folder file, registering it when new."""
-    row = session.scalars(select(m.SourceFile).where(m.SourceFile.path == path)).one_or_none()
+def _file_progress(session: Session, entry: _FolderEntry) -> tuple[int, int, bool]:
+    """(id, lines committed, completed) of a drop-folder file, registering it when new.
+
+    A file whose size or modification time differs from what was recorded was rewritten, rotated
+    or appended to: it is read again from its first line (events dedupe on messageId), and a
+    quarantined file gets another chance.
+    """
+    row = session.scalars(select(m.SourceFile).where(m.SourceFile.path == str(entry.path))).one_or_none()
     if row is None:
-        row = m.SourceFile(path=path, lines_read=0)
+        row = m.SourceFile(path=str(entry.path), lines_read=0, size=entry.size, mtime_ns=entry.mtime_ns)
         session.add(row)
         session.flush()
+    elif (row.size, row.mtime_ns) != (entry.size, entry.mtime_ns) and not _first_sight(row, entry):
+        logger.info(
+            "%s changed since it was read; reading it again",
+            entry.path.name,
+            extra={"event": "source_file_changed", "path": str(entry.path)},
+        )
+        row.lines_read, row.completed_at, row.error = 0, None, None
+        row.size, row.mtime_ns = entry.size, entry.mtime_ns
+        session.flush()
     return row.id, row.lines_read, row.completed_at is not None
+
+
+def _first_sight(row: m.SourceFile, entry: _FolderEntry) -> bool:
+    """A row from before sizes were recorded: take the file as it is now as the one read."""
+    if row.size is not None:
+        return False
+    row.size, row.mtime_ns = entry.size, entry.mtime_ns
+    return True
+
+
+def _mark_quarantined(session: Session, entry: _FolderEntry, reason: str, now: datetime) -> bool:
+    """Record the quarantine of this version of the file; False if it was already recorded."""
+    row = session.scalars(select(m.SourceFile).where(m.SourceFile.path == str(entry.path))).one_or_none()
+    if row is None:
+        row = m.SourceFile(path=str(entry.path), lines_read=0)
+        session.add(row)
+    elif row.error is not None and (row.size, row.mtime_ns) == (entry.size, entry.mtime_ns):
+        return False
+    row.size, row.mtime_ns, row.error, row.completed_at = entry.size, entry.mtime_ns, reason[:2000], now
+    session.flush()
+    return True
 
 
 def _advance(session: Session, file_id: int, expected: int, lines_read: int) -> bool:
@@ -241,6 +381,7 @@ def _complete(session: Session, file_id: int, now: datetime) -> None:
         .where(m.SourceFile.id == file_id, m.SourceFile.completed_at.is_(None))
         .values(completed_at=now)
     )
+
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ Decisions:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -59,19 +60,27 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from listsync import metrics
 from listsync.config import Settings
 from listsync.db.session import transaction
 from listsync.domain import Rejection
 from listsync.ingest import accept, extract
+from listsync.ingest.scrub import scrub_text
 
 logger = logging.getLogger(__name__)
 
 SOURCE = "receiver"
 MAX_BODY_BYTES = extract.MAX_BATCH_BYTES
-# One byte past the limit is enough to know a body is too large; nothing beyond it is read.
+# One byte past the limit is enough to know a body is too large; nothing beyond it is kept.
 _READ_LIMIT = MAX_BODY_BYTES + 1
+# Bytes of an oversized body read (and discarded) so that its sender receives the answer.
+DRAIN_LIMIT = 16 * 1024 * 1024
+BODY_TIMEOUT_SECONDS = 30.0
+# A connection that has not sent a request's headers within this time is closed (slow clients).
+HEADER_TIMEOUT_SECONDS = 10.0
+MAX_CONNECTIONS = 1000
 _GZIP_ENCODINGS = frozenset({"gzip", "x-gzip"})
 _PLAIN_ENCODINGS = frozenset({"", "identity"})
 
@@ -175,6 +184,8 @@ class _Handler:
             raw = await _read_capped(request, _READ_LIMIT)
         except ClientDisconnect:  # gone before the body arrived: nothing to store, nobody to answer
             return _Outcome(400, error="client disconnected")
+        except TimeoutError:
+            return _Outcome(408, error=f"request_timeout: body not received within {BODY_TIMEOUT_SECONDS:g} s")
         body, problem = _decode(raw, request.headers.get("content-encoding", ""), _declared_length(request))
         if header_key is None and (problem is not None or not self._known(_body_write_key(body))):
             return self._refuse(request)
@@ -187,6 +198,11 @@ class _Handler:
                 extra={"event": "receiver_store_failed", "path": request.url.path},
             )
             return _UNAVAILABLE
+        except Exception:
+            # A defect of ours, not the sender's: a 5xx would make Segment's clients retry the same
+            # bytes forever. The body is kept as a dead letter, so nothing is lost, and refused.
+            logger.exception("receiver failed on a request", extra={"event": "receiver_internal_error"})
+            return await run_in_threadpool(_store_unprocessable, self._factory, body)
         self._after_commit(outcome, request.url.path)
         return outcome
 
@@ -245,7 +261,7 @@ def _store(
     now = datetime.now(UTC)
     if problem is not None:
         # The body never became JSON text (too large, bad gzip): dead-letter a readable excerpt.
-        excerpt = accept.scrub_text(body.decode("utf-8", "replace")) if body else ""
+        excerpt = scrub_text(body.decode("utf-8", "replace")) if body else ""
         with transaction(factory) as session:
             accept.accept_items(session, [extract.RejectedItem(problem, excerpt)], source=SOURCE, now=now)
         return _Outcome(400, error=problem.reason)
@@ -259,6 +275,14 @@ def _store(
     if parsed and counts.rejected == len(parsed):
         return _Outcome(400, error=_first_reason(parsed, now))
     return _Outcome(200, counts=counts)
+
+
+def _store_unprocessable(factory: sessionmaker[Session], body: bytes) -> _Outcome:
+    reason = "internal_error: listsync could not process this body; it is kept here for a replay"
+    with transaction(factory) as session:
+        item = extract.RejectedItem(Rejection(reason), scrub_text(body.decode("utf-8", "replace")))
+        accept.accept_items(session, [item], source=SOURCE, now=datetime.now(UTC))
+    return _Outcome(400, error=reason)
 
 
 def _first_reason(items: Sequence[extract.BodyItem], now: datetime) -> str:
@@ -326,15 +350,23 @@ def _declared_length(request: Request) -> int | None:
 
 
 async def _read_capped(request: Request, limit: int) -> bytes:
-    """At most `limit` bytes of the body; the rest is never read into memory."""
+    """At most `limit` bytes of the body; the rest is read and discarded, never kept.
+
+    Many clients (Python's urllib among them) write a whole body before reading the answer: if
+    the server answered mid-body and closed, they would see a connection reset instead of the
+    400. Up to DRAIN_LIMIT bytes are therefore drained; beyond that the connection is closed.
+    The whole read must finish within BODY_TIMEOUT_SECONDS (a slow client is answered 408).
+    """
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= limit:
-            break
-    return b"".join(chunks)[:limit]
+    async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
+        async for chunk in request.stream():
+            if size < limit:
+                chunks.append(chunk[: limit - size])
+            size += len(chunk)
+            if size > DRAIN_LIMIT:
+                break
+    return b"".join(chunks)
 
 
 def _decode(raw: bytes, encoding: str, declared: int | None) -> tuple[bytes, Rejection | None]:
@@ -427,16 +459,17 @@ class ReceiverServer:
         """Bind and serve; returns once uvicorn accepts connections."""
         if self._thread is not None:
             raise RuntimeError("the receiver is already started")
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        self._socket = socket.create_server((self._host, self._requested_port), family=family)
+        self._socket = _listening_socket(self._host, self._requested_port)
         self._port = int(self._socket.getsockname()[1])
         config = uvicorn.Config(
             self._app,
+            http=_GuardedH11Protocol,
             log_level="warning",
             lifespan="off",
             log_config=None,  # leave logging to the daemon's configuration
             access_log=False,
             timeout_graceful_shutdown=10,
+            limit_concurrency=MAX_CONNECTIONS,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name="listsync-receiver", daemon=True)
@@ -476,3 +509,67 @@ class ReceiverServer:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the receiver did not start within {timeout} s")
             time.sleep(0.01)
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket created with proto=IPPROTO_TCP.
+
+    asyncio turns Nagle's algorithm off only for sockets whose proto says TCP, and accepted
+    sockets inherit the listener's; `socket.create_server` leaves proto 0, which made every
+    keep-alive request after the first wait for the peer's delayed ACK (~40 ms).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+        sock.listen(socket.SOMAXCONN)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class _GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's headers.
+
+    uvicorn's keep-alive timer restarts on every byte, so a client trickling a header a byte at a
+    time would hold its connection forever; here the headers of a request must be complete within
+    HEADER_TIMEOUT_SECONDS of the connection opening or of the previous answer.
+    """
+
+    _header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_deadline()
+        super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle:  # a request's headers arrived
+            self._disarm_header_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_header_deadline()
+
+    def _arm_header_deadline(self) -> None:
+        self._disarm_header_deadline()
+        self._header_deadline = self.loop.call_later(HEADER_TIMEOUT_SECONDS, self._headers_too_slow)
+
+    def _disarm_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()

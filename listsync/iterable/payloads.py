@@ -25,8 +25,12 @@ ENVELOPE_BYTES = 1024
 
 
 def dumps(obj: Any) -> bytes:
-    """Serialise a request body exactly as the client sends it (compact, UTF-8)."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Serialise a request body exactly as the client sends it (compact, UTF-8).
+
+    `allow_nan=False`: JSON has no Infinity or NaN, and Iterable would refuse the whole batch;
+    validation refuses such numbers when events arrive, this keeps any that slip by off the wire.
+    """
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
 def _jsonable(item: Any) -> Any:

@@ -394,7 +394,7 @@ def test_identify_delta_fields() -> None:
     assert (delta.user_id, delta.email, delta.message_id) == ("User-1", "a@x.com", "m1")
     assert delta.timestamp == datetime(2024, 4, 30, 10, tzinfo=UTC)
     assert delta.traits == {"email": "A@X.com", "plan": "pro", "city": "Oslo"}
-    assert delta.audience_settings == {"campaignId": 5}
+    assert delta.audience_settings == {"campaign_id": 5}
 
 
 def test_track_delta_fields() -> None:
