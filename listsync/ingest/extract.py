@@ -40,6 +40,11 @@ MAX_EMAIL_LENGTH = 320
 # Deeper events are refused: nothing Iterable takes is nested this far, and walking them recursively
 # (to redact, to build request bodies) must stay far from Python's recursion limit.
 MAX_DEPTH = 64
+# What `_loads` puts in place of a subtree too deep for Python's parser (batch and item levels
+# above MAX_DEPTH are allowed for), refused by `_check_values` as too_deep.
+TOO_DEEP_MARK = "[listsync: nested too deep to parse]"
+_CUT_DEPTH = MAX_DEPTH + 4
+_STRUCTURE = re.compile(r'"(?:[^"\\]++|\\.)*+"|\\.|[\[\]{}]', re.DOTALL)
 
 AUDIENCE_ENTERED = "Audience Entered"
 AUDIENCE_EXITED = "Audience Exited"
@@ -139,12 +144,48 @@ def parse_line(line: bytes | str) -> BodyItem:
 
 
 def _loads(body: bytes | str) -> Any:
-    """json.loads, but NaN/Infinity and runaway nesting count as malformed too."""
+    """json.loads, but NaN/Infinity count as malformed, and runaway nesting is cut, not fatal.
+
+    Python's parser gives up (RecursionError) somewhere below 1000 levels, and where exactly
+    depends on the caller's stack. Rather than refusing a whole batch for one deep event, the
+    text is parsed again with every subtree deeper than `_CUT_DEPTH` replaced by a marker that
+    `_check_values` refuses: the deep event is rejected alone, the others are kept.
+    """
     try:
         return json.loads(body, parse_constant=_refuse_constant)
+    except RecursionError:
+        pass
+    # JSONDecodeError and UnicodeDecodeError are both ValueErrors.
+    text = body.decode("utf-8") if isinstance(body, bytes) else body
+    try:
+        return json.loads(_cut_deep(text, _CUT_DEPTH), parse_constant=_refuse_constant)
     except RecursionError as exc:
         raise ValueError("nesting too deep") from exc
-    # JSONDecodeError and UnicodeDecodeError are both ValueErrors.
+
+
+def _cut_deep(text: str, limit: int) -> str:
+    """`text` with each subtree that starts below `limit` levels replaced by TOO_DEEP_MARK.
+
+    One pass over the structural characters (strings are skipped whole by the pattern, escapes
+    consumed so a stray backslash never opens one), so linear in the text.
+    """
+    parts: list[str] = []
+    depth = 0
+    done = 0
+    cut_from: int | None = None
+    for token in _STRUCTURE.finditer(text):
+        symbol = token.group()
+        if symbol in "[{":
+            depth += 1
+            if depth == limit + 1 and cut_from is None:
+                cut_from = token.start()
+        elif symbol in "]}":
+            if depth == limit + 1 and cut_from is not None:
+                parts += [text[done:cut_from], json.dumps(TOO_DEEP_MARK)]
+                done, cut_from = token.end(), None
+            depth -= 1
+    parts.append(text[done:])
+    return "".join(parts)
 
 
 def _refuse_constant(name: str) -> Any:
@@ -281,6 +322,8 @@ def _check_values(raw: Mapping[str, Any]) -> bool:
                 raise _Invalid(f"too_deep: {_path_text(path)} is nested more than {MAX_DEPTH} levels deep")
             stack.extend((item, depth + 1, (path, index)) for index, item in enumerate(value))
         elif isinstance(value, str):
+            if value == TOO_DEEP_MARK:
+                raise _Invalid(f"too_deep: {_path_text(path)} is nested more than {MAX_DEPTH} levels deep")
             _check_text(value, path, "a value")
         elif isinstance(value, float) and not math.isfinite(value):
             raise _Invalid(f"invalid_number: {_path_text(path)} is not a finite number")
