@@ -160,6 +160,7 @@ class Membership(Base):
             postgresql_where=text("state = 'pending'"),
         ),
         Index("ix_memberships_user_id", "user_id"),
+        Index("ix_memberships_email", "audience_id", "email"),
         {"comment": "Desired and last-synced list membership per audience and subscriber."},
     )
 

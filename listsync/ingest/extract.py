@@ -303,9 +303,32 @@ def _check_values(raw: Mapping[str, Any]) -> bool:
     the event: nesting deeper than MAX_DEPTH, NUL characters and lone surrogates in keys or
     strings, non-finite numbers (`1e999` parses as infinity; JSON has no way to send it).
 
-    Walks iteratively (no recursion, whatever the depth). Returns whether a write key is nested
-    below the top level, so the stored copy is rebuilt only for events that need it.
+    Returns whether a write key is nested below the top level, so the stored copy is rebuilt only
+    for events that need it. Most events are plainly fine, which one C-speed encoding shows; the
+    others are walked to say exactly what and where the problem is.
     """
+    if _plainly_fine(raw):
+        return False
+    return _walk_values(raw)
+
+
+_NESTED_WRITE_KEY = re.compile(r'"write[_-]?key"\s*:', re.IGNORECASE)
+
+
+def _plainly_fine(raw: Mapping[str, Any]) -> bool:
+    """True when encoding shows none of the problems `_walk_values` looks for (False: walk it)."""
+    try:
+        text = json.dumps(raw, ensure_ascii=False, allow_nan=False, default=str)
+        text.encode("utf-8")
+    except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+        return False
+    if "\\u0000" in text or text.count("{") + text.count("[") > MAX_DEPTH or TOO_DEEP_MARK in text:
+        return False
+    return _NESTED_WRITE_KEY.search(text) is None
+
+
+def _walk_values(raw: Mapping[str, Any]) -> bool:
+    """`_check_values` the slow way: walks iteratively (no recursion, whatever the depth)."""
     nested_write_key = False
     stack: list[tuple[Any, int, tuple[Any, ...]]] = [(raw, 1, ())]
     while stack:
@@ -647,7 +670,7 @@ def _drop_write_keys(value: Any) -> Any:
 
 
 def _is_write_key(key: str) -> bool:
-    return len(key) < 24 and _NOT_ALNUM.sub("", key.lower()) == "writekey"
+    return key[:1] in "wW" and len(key) < 24 and _NOT_ALNUM.sub("", key.lower()) == "writekey"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -423,8 +423,9 @@ _snapshot = Table(
     Column("traits", Text, nullable=False),
     prefixes=["TEMPORARY"],
 )
-# Built after the table, so CREATE TABLE creates it too; the two anti-joins probe it.
+# Built after the table, so CREATE TABLE creates them too; the anti-joins probe one per identity rule.
 Index("ix_listsync_sql_snapshot_key", _snapshot.c.audience_key, _snapshot.c.user_id, _snapshot.c.email)
+Index("ix_listsync_sql_snapshot_email", _snapshot.c.audience_key, _snapshot.c.email)
 
 
 def poll_sql(
@@ -574,19 +575,24 @@ def _present_audiences(conn: Connection) -> list[str]:
         return list(conn.scalars(select(_snapshot.c.audience_key).distinct()))
 
 
-def _same_member(t: Any, member: Any) -> Any:
-    """A snapshot row and a membership are the same subscriber by the rules `identity.resolve`
-    folds deltas with: the same userId (an email missing on either side does not matter), or the
-    same email where either side has no userId. Matching on the exact pair instead would make a
-    query without an email column exit and re-enter members every poll."""
-    return or_(
+def _same_member_rules(t: Any, member: Any) -> list[Any]:
+    """The ways a snapshot row and a membership are the same subscriber, by the rules
+    `identity.resolve` folds deltas with: the same userId (an email missing on either side does
+    not matter), or the same email where either side has no userId. Matching on the exact pair
+    instead would make a query without an email column exit and re-enter members every poll.
+
+    One condition per rule, each an equality an index serves (memberships by (audience, userId)
+    and (audience, email); the snapshot likewise): callers probe them as separate EXISTS, so a
+    poll costs a few index lookups per row, never a scan per row as an OR across them did.
+    """
+    return [
         and_(
             t.user_id != "",
             member.c.user_id == t.user_id,
             or_(t.email == "", member.c.email == "", member.c.email == t.email),
         ),
         and_(t.email != "", member.c.email == t.email, or_(t.user_id == "", member.c.user_id == "")),
-    )
+    ]
 
 
 def _emit_enters(conn: Connection, now: datetime, chunk: int, counts: SqlSyncCounts) -> None:
@@ -594,11 +600,14 @@ def _emit_enters(conn: Connection, now: datetime, chunk: int, counts: SqlSyncCou
     member = m.Membership.__table__
     audience = m.Audience.__table__
     t = _snapshot.c
-    already_in = exists(
-        select(member.c.id)
-        .select_from(member.join(audience, audience.c.id == member.c.audience_id))
-        .where(
-            audience.c.audience_key == t.audience_key, member.c.desired == Desired.IN, _same_member(t, member)
+    already_in = or_(
+        *(
+            exists(
+                select(member.c.id)
+                .select_from(member.join(audience, audience.c.id == member.c.audience_id))
+                .where(audience.c.audience_key == t.audience_key, member.c.desired == Desired.IN, rule)
+            )
+            for rule in _same_member_rules(t, member)
         )
     )
     after = 0
@@ -625,7 +634,12 @@ def _emit_exits(
     member = m.Membership.__table__
     audience = m.Audience.__table__
     t = _snapshot.c
-    in_snapshot = exists().where(t.audience_key == audience.c.audience_key, _same_member(t, member))
+    in_snapshot = or_(
+        *(
+            exists().where(t.audience_key == audience.c.audience_key, rule)
+            for rule in _same_member_rules(t, member)
+        )
+    )
     after = 0
     while True:
         page = (
