@@ -84,7 +84,7 @@ def _profile(examples: int) -> settings:
     )
 
 
-EXAMPLES = [pytest.param(12, id="short"), pytest.param(200, id="long", marks=pytest.mark.slow)]
+EXAMPLES = [pytest.param(10, id="short"), pytest.param(200, id="long", marks=pytest.mark.slow)]
 
 
 # ---------------------------------------------------------------------------------------------
