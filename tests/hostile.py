@@ -99,9 +99,8 @@ _FINE_DATES = st.sampled_from(
     ]
 )
 _INVALID_UTF8 = st.sampled_from([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xe2\x82", b"\xf8\x88\x80\x80\x80", b"\x80"])
-# "basic_in_value" is left out until the scrubber keeps Basic credentials after "Authorization:"
-# out of rejected_events: see test_basic_credentials_after_authorization_are_scrubbed (xfail).
 SECRET_SPOTS = [
+    "basic_in_value",
         "password",
         "nested_api_key",
         "token_in_list",

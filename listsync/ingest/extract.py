@@ -14,6 +14,11 @@ group `rejected_events` by `split_part(reason, ':', 1)`:
     invalid_message_id, missing_identifier, missing_event, missing_group_id, missing_previous_id,
     invalid_timestamp, invalid_email, missing_audience_key, too_deep, invalid_text, invalid_number,
     invalid_audience_setting
+
+and, from the receiver, the pollers and the stages after validation: invalid_encoding, request_timeout,
+bad_file (a drop-folder file quarantined), storage_refused (the database refused an event that
+passed validation), apply_failed (folding it failed), internal_error (a defect of listsync's; the
+body is kept for a replay).
 """
 
 from __future__ import annotations

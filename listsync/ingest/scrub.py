@@ -36,6 +36,7 @@ _BARE_VALUE = re.compile(r"[^\s,}\]]++")
 # Inside a bracketed value: strings (escapes consumed, so a stray \" never opens one) or brackets.
 _BRACKET_TOKENS = re.compile(r'"(?:[^"\\]++|\\.)*+"|\\.|[\[\]{}]', re.DOTALL)
 _ESCAPED_WORD_CHAR = re.compile(r"\\u00(4[1-9a-fA-F]|5[0-9aAfF]|6[1-9a-fA-F]|7[0-9aA]|3[0-9]|2[dD])")
+_SCHEME_CREDENTIAL = re.compile(r"[ \t]++(?:\[redacted\]|[^\s,}\]\"']++)")
 _CREDENTIALS = re.compile(r"\b(basic|bearer)\s++([A-Za-z0-9+/=._~-]++)", re.IGNORECASE)
 
 
@@ -78,7 +79,7 @@ def scrub_text(text: str) -> str:
     kept = text[:MAX_KEPT_CHARS]
     if "\\u00" in kept:
         kept = _ESCAPED_WORD_CHAR.sub(lambda m: chr(int(m.group(1), 16)), kept)
-    scrubbed = _CREDENTIALS.sub(_blank_credentials, _blank_secret_values(kept))
+    scrubbed = _blank_secret_values(_CREDENTIALS.sub(_blank_credentials, kept))
     return _storable(scrubbed.replace("\x00", "\\u0000"))
 
 
@@ -130,7 +131,12 @@ def _value_end(text: str, start: int) -> int:
         quoted = pattern.match(text, start)
         return quoted.end() if quoted is not None else len(text)
     bare = _BARE_VALUE.match(text, start)
-    return bare.end() if bare is not None else start
+    if bare is None:
+        return start
+    if bare.group().lower() in ("basic", "bearer"):  # `Authorization: Basic <credential>`
+        credential = _SCHEME_CREDENTIAL.match(text, bare.end())
+        return credential.end() if credential is not None else bare.end()
+    return bare.end()
 
 
 def _bracket_end(text: str, start: int) -> int:
