@@ -3,6 +3,7 @@ point their `host` at listsync.
 
 Routes: `POST /v1/identify|track|page|screen|group|alias|batch`, the one-letter aliases
 `/v1/i|t|p|s|g|a|b` that Segment's browser library (analytics.js) posts to, and `GET /health`.
+`POST /v1/webhook` takes what Segment's Webhooks destinations send (see `_WebhookHandler`).
 segment-analytics-python only ever posts gzip-or-plain JSON to `{host}/v1/batch` with Basic auth
 and the key repeated as `writeKey` in the body.
 
@@ -64,7 +65,7 @@ from listsync import metrics
 from listsync.config import Settings
 from listsync.db.session import transaction
 from listsync.domain import Rejection
-from listsync.ingest import accept, extract
+from listsync.ingest import accept, extract, webhook
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ def build_app(
     routes = [
         Route(f"/v1/{name}", handler.endpoint(kind), methods=["POST"]) for name, kind in _ENDPOINTS.items()
     ]
+    routes.append(_webhook_route(settings, handler))
     routes.append(Route("/health", handler.health, methods=["GET"]))
     routes.append(Route("/metrics", _metrics_endpoint(factory), methods=["GET"]))
     return Starlette(routes=routes)
@@ -167,7 +169,7 @@ class _Handler:
         return JSONResponse({"status": "unavailable"}, status_code=503)
 
     async def _receive(self, request: Request, path_type: str | None) -> _Outcome:
-        header_key = _basic_user(request.headers.get("authorization"))
+        header_key = _header_write_key(request.headers.get("authorization"))
         # A wrong header key is refused before a byte of the body is read.
         if not self._keys or (header_key is not None and not self._known(header_key)):
             return self._refuse(request)
@@ -291,6 +293,127 @@ def _database_answers(factory: sessionmaker[Session]) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# POST /v1/webhook: what Segment's Webhooks destinations send
+
+WEBHOOK_PATH = "/v1/webhook"
+_WEBHOOK_UNAUTHORIZED = _Outcome(401, error="invalid signature or write key")
+
+
+def _webhook_route(settings: Settings, handler: _Handler) -> Route:
+    secrets = [secret.get_secret_value().encode("utf-8") for secret in settings.receiver.webhook_secrets]
+    webhook_handler = _WebhookHandler(handler, [secret for secret in secrets if secret])
+    return Route(WEBHOOK_PATH, webhook_handler.receive, methods=["POST"])
+
+
+class _WebhookHandler:
+    """One Segment event of any type, or a JSON array of them (Webhooks (Actions) with batching).
+
+    Decisions:
+
+    * Credentials: a write key in the Authorization header (Basic, or `Bearer <key>`, which a
+      Segment destination can send as a custom header), or a signature (`X-Signature`, or
+      `X-Segment-Signature` for the whole body) made with one of `receiver.webhook_secrets`; see
+      `listsync.ingest.webhook` for what exactly is signed. Every credential present must be
+      valid: a wrong key or a wrong signature is 401 even beside a good one, and a request with
+      neither is 401. Nothing of a refused request is stored, and neither secrets nor signatures
+      are logged.
+    * A wrong header key is refused before the body is read. A signature needs the whole body,
+      so a body too large (or not valid gzip) cannot be checked: with a header key it is
+      dead-lettered as on the other routes; with a signature alone it is answered 400 with the
+      reason and nothing is stored, as the sender is unknown.
+    * Storing, per-event rejection and answers are those of `/v1/batch`: 200 once the inbox
+      committed, with a bad event of an array recorded alone in `rejected_events`; 400 when the
+      body, or every event in it, was rejected (Segment's platform drops a 4xx other than 408,
+      410, 429 and 460, right for bytes that would fail again); 503 when the database failed,
+      which it retries. A replayed delivery dedupes on messageId.
+    """
+
+    def __init__(self, handler: _Handler, secrets: Sequence[bytes]) -> None:
+        self._handler = handler
+        self._secrets = list(secrets)
+
+    async def receive(self, request: Request) -> Response:
+        outcome = await self._receive(request)
+        return outcome.response()
+
+    async def _receive(self, request: Request) -> _Outcome:
+        handler = self._handler
+        header_key = _header_write_key(request.headers.get("authorization"))
+        if header_key is not None and not handler._known(header_key):
+            return _refuse_webhook(request, "wrong write key")
+        signatures = _signatures(request)
+        if header_key is None and not signatures:
+            return _refuse_webhook(request, "no signature and no write key")
+        try:
+            raw = await _read_capped(request, _READ_LIMIT)
+        except ClientDisconnect:
+            return _Outcome(400, error="client disconnected")
+        body, problem = _decode(raw, request.headers.get("content-encoding", ""), _declared_length(request))
+        if problem is None and not self._verified(signatures, body):
+            return _refuse_webhook(request, "wrong signature")
+        if problem is not None and header_key is None:
+            logger.info(
+                "receiver could not check the signature of an unreadable body: %s",
+                problem.reason[:200],
+                extra={"event": "receiver_webhook_unchecked", "path": request.url.path},
+            )
+            return _Outcome(400, error=problem.reason)
+        try:
+            outcome = await run_in_threadpool(_store_webhook, handler._factory, body, problem)
+        except SQLAlchemyError as exc:
+            logger.error(
+                "receiver could not store a request: %s",
+                type(exc).__name__,
+                extra={"event": "receiver_store_failed", "path": request.url.path},
+            )
+            return _UNAVAILABLE
+        handler._after_commit(outcome, request.url.path)
+        return outcome
+
+    def _verified(self, signatures: Sequence[tuple[str, bool]], body: bytes) -> bool:
+        """Every signature present matches (True when there is none: a header key authenticated)."""
+        return all(
+            webhook.signature_matches(value, body, self._secrets, whole_body_only=whole_body_only)
+            for value, whole_body_only in signatures
+        )
+
+
+def _signatures(request: Request) -> list[tuple[str, bool]]:
+    """(value, whole body only) of each signature header the request carries."""
+    found = []
+    for name, whole_body_only in ((webhook.SIGNATURE_HEADER, False), (webhook.BODY_SIGNATURE_HEADER, True)):
+        value = request.headers.get(name)
+        if value is not None:
+            found.append((value, whole_body_only))
+    return found
+
+
+def _refuse_webhook(request: Request, why: str) -> _Outcome:
+    logger.info(
+        "receiver refused a webhook request: %s",
+        why,
+        extra={"event": "receiver_unauthorized", "path": request.url.path},
+    )
+    return _WEBHOOK_UNAUTHORIZED
+
+
+def _store_webhook(factory: sessionmaker[Session], body: bytes, problem: Rejection | None) -> _Outcome:
+    """Parse, validate and commit one webhook body; returns only after the commit."""
+    now = datetime.now(UTC)
+    parsed = problem or extract.parse_webhook_body(body)
+    if isinstance(parsed, Rejection):
+        excerpt = accept.scrub_text(body.decode("utf-8", "replace")) if body else ""
+        with transaction(factory) as session:
+            accept.accept_items(session, [extract.RejectedItem(parsed, excerpt)], source=SOURCE, now=now)
+        return _Outcome(400, error=parsed.reason)
+    with transaction(factory) as session:
+        counts = accept.accept_items(session, parsed, source=SOURCE, now=now)
+    if parsed and counts.rejected == len(parsed):
+        return _Outcome(400, error=_first_reason(parsed, now))
+    return _Outcome(200, counts=counts)
+
+
+# ---------------------------------------------------------------------------------------------
 # Request parsing helpers
 
 
@@ -306,6 +429,16 @@ def _basic_user(header: str | None) -> str | None:
     except (binascii.Error, UnicodeDecodeError):
         return ""
     return decoded.partition(":")[0]
+
+
+def _header_write_key(header: str | None) -> str | None:
+    """The write key of an Authorization header: a `Bearer` token (what a Segment webhook
+    destination can send as a custom header), else the Basic user name (see `_basic_user`)."""
+    if header is not None:
+        scheme, _, token = header.strip().partition(" ")
+        if scheme.lower() == "bearer":
+            return token.strip()
+    return _basic_user(header)
 
 
 def _body_write_key(body: bytes) -> str | None:
