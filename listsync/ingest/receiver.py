@@ -14,6 +14,7 @@ Decisions:
   `writeKey` in its JSON body (Segment's HTTP API allows it, analytics.js relies on it). Keys are
   compared with `hmac.compare_digest` against every configured key, without stopping at the first
   match. The body's `writeKey` never reaches storage: `extract` drops it from each event.
+  `Authorization: Bearer <write key>` is accepted too (what a Segment webhook destination can send).
 * No configured write keys means every request gets 401 and one warning is logged when the app
   is built. An open receiver would accept anyone's events into Iterable lists; refusing is the
   safe failure, and the warning says why.

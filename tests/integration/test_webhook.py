@@ -15,6 +15,7 @@ import base64
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,6 +23,8 @@ import pytest
 from sqlalchemy import text
 
 from listsync import sync
+from listsync.config import load_settings
+from listsync.errors import ConfigError
 from listsync.ingest import webhook
 from listsync.ingest.receiver import WEBHOOK_PATH, ReceiverServer, build_app
 from tests.emulator import EmulatorServer, IterableEmulator
@@ -387,3 +390,22 @@ def test_size_limits_and_unusable_bodies(ctx: sync.SyncContext, http: httpx.Clie
 )
 def test_first_element_is_taken_as_sent(body: bytes, first: bytes | None) -> None:
     assert webhook.first_element(body) == first
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+
+def test_webhook_secrets_from_the_environment_are_never_echoed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "listsync.toml"
+    path.write_text('[receiver]\nwebhook_secrets = ["from-file-secret"]\n')
+    assert [s.get_secret_value() for s in load_settings(path).receiver.webhook_secrets] == ["from-file-secret"]
+    monkeypatch.setenv("LISTSYNC_RECEIVER__WEBHOOK_SECRETS", f'["{SECRET}", "{OLD_SECRET}"]')
+    settings = load_settings(path)
+    assert [s.get_secret_value() for s in settings.receiver.webhook_secrets] == [SECRET, OLD_SECRET]
+    assert SECRET not in repr(settings) and SECRET not in str(settings.model_dump())
+    monkeypatch.setenv("LISTSYNC_RECEIVER__WEBHOOK_SECRETS", '[{"s": "leaky-value"}]')
+    with pytest.raises(ConfigError) as refused:
+        load_settings(path)
+    assert "receiver.webhook_secrets" in str(refused.value) and "leaky-value" not in str(refused.value)
