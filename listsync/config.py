@@ -69,6 +69,7 @@ class ReceiverSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(8088, ge=0, le=65535)
     write_keys: list[SecretStr] = Field(default_factory=list)
+    webhook_secrets: list[SecretStr] = Field(default_factory=list)
 
 
 class SyncSettings(Section):
@@ -308,4 +309,4 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
 
 
 def _is_secret_key(key: str) -> bool:
-    return any(word in key for word in ("api_key", "write_keys", "url"))
+    return any(word in key for word in ("api_key", "write_keys", "webhook_secrets", "url"))

@@ -148,6 +148,27 @@ def parse_line(line: bytes | str) -> BodyItem:
     return RawEvent(decoded, len(line) if isinstance(line, bytes) else len(text.encode("utf-8", "replace")))
 
 
+def parse_webhook_body(body: bytes) -> Rejection | list[BodyItem]:
+    """Split a `/v1/webhook` body, as Segment's Webhooks destinations send it, into items.
+
+    One event object (its own `type` says which call it is), or a JSON array of them (Webhooks
+    (Actions) with batching on). Array items are checked one by one, as in a batch; there is no
+    shared context to merge. An empty array is an empty list.
+    """
+    if len(body) > MAX_BATCH_BYTES:
+        return Rejection(f"body_too_large: {len(body)} bytes > {MAX_BATCH_BYTES}")
+    try:
+        decoded = _loads(body)
+    except ValueError as exc:
+        return Rejection(f"malformed_json: {exc}")
+    if isinstance(decoded, dict):
+        return [RawEvent(decoded, len(body))]
+    if isinstance(decoded, list):
+        return [_batch_item(item, {}) for item in decoded]
+    got = _json_type(decoded)
+    return Rejection(f"not_an_object: body must be a JSON object or an array of objects, got {got}")
+
+
 def _loads(body: bytes | str) -> Any:
     """json.loads, but NaN/Infinity count as malformed, and runaway nesting is cut, not fatal.
 

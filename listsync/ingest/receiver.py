@@ -3,6 +3,7 @@ point their `host` at listsync.
 
 Routes: `POST /v1/identify|track|page|screen|group|alias|batch`, the one-letter aliases
 `/v1/i|t|p|s|g|a|b` that Segment's browser library (analytics.js) posts to, and `GET /health`.
+`POST /v1/webhook` takes what Segment's Webhooks destinations send (see `_WebhookHandler`).
 segment-analytics-python only ever posts gzip-or-plain JSON to `{host}/v1/batch` with Basic auth
 and the key repeated as `writeKey` in the body.
 
@@ -13,6 +14,7 @@ Decisions:
   `writeKey` in its JSON body (Segment's HTTP API allows it, analytics.js relies on it). Keys are
   compared with `hmac.compare_digest` against every configured key, without stopping at the first
   match. The body's `writeKey` never reaches storage: `extract` drops it from each event.
+  `Authorization: Bearer <write key>` is accepted too (what a Segment webhook destination can send).
 * No configured write keys means every request gets 401 and one warning is logged when the app
   is built. An open receiver would accept anyone's events into Iterable lists; refusing is the
   safe failure, and the warning says why.
@@ -47,6 +49,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import uvicorn
@@ -66,7 +69,7 @@ from listsync import metrics
 from listsync.config import Settings
 from listsync.db.session import transaction
 from listsync.domain import Rejection
-from listsync.ingest import accept, extract
+from listsync.ingest import accept, extract, webhook
 from listsync.ingest.scrub import scrub_text
 
 logger = logging.getLogger(__name__)
@@ -132,14 +135,17 @@ def build_app(
     keys = [key.get_secret_value().encode("utf-8") for key in settings.receiver.write_keys]
     keys = [key for key in keys if key]
     if not keys:
+        only = " except signed ones on /v1/webhook" if settings.receiver.webhook_secrets else ""
         logger.warning(
-            "receiver has no write keys configured; every request will be refused with 401",
+            "receiver has no write keys configured; every request%s will be refused with 401",
+            only,
             extra={"event": "receiver_no_write_keys"},
         )
     handler = _Handler(keys, factory, on_accepted)
     routes = [
         Route(f"/v1/{name}", handler.endpoint(kind), methods=["POST"]) for name, kind in _ENDPOINTS.items()
     ]
+    routes.append(_webhook_route(settings, handler))
     routes.append(Route("/health", handler.health, methods=["GET"]))
     routes.append(Route("/metrics", _metrics_endpoint(factory), methods=["GET"]))
     return Starlette(routes=routes)
@@ -176,21 +182,22 @@ class _Handler:
         return JSONResponse({"status": "unavailable"}, status_code=503)
 
     async def _receive(self, request: Request, path_type: str | None) -> _Outcome:
-        header_key = _basic_user(request.headers.get("authorization"))
+        header_key = _header_write_key(request.headers.get("authorization"))
         # A wrong header key is refused before a byte of the body is read.
         if not self._keys or (header_key is not None and not self._known(header_key)):
             return self._refuse(request)
-        try:
-            raw = await _read_capped(request, _READ_LIMIT)
-        except ClientDisconnect:  # gone before the body arrived: nothing to store, nobody to answer
-            return _Outcome(400, error="client disconnected")
-        except TimeoutError:
-            return _Outcome(408, error=f"request_timeout: body not received within {BODY_TIMEOUT_SECONDS:g} s")
+        raw = await _read_body(request)
+        if isinstance(raw, _Outcome):
+            return raw
         body, problem = _decode(raw, request.headers.get("content-encoding", ""), _declared_length(request))
         if header_key is None and (problem is not None or not self._known(_body_write_key(body))):
             return self._refuse(request)
+        return await self.store(request, body, problem, partial(extract.parse_body, path_type=path_type))
+
+    async def store(self, request: Request, body: bytes, problem: Rejection | None, parse: _Parser) -> _Outcome:
+        """Store an authenticated body in a worker thread; the answer once it is committed."""
         try:
-            outcome = await run_in_threadpool(_store, self._factory, body, problem, path_type)
+            outcome = await run_in_threadpool(_store, self._factory, body, problem, parse)
         except SQLAlchemyError as exc:
             logger.error(
                 "receiver could not store a request: %s",
@@ -254,21 +261,18 @@ class _Handler:
 # Storing (runs in a worker thread)
 
 
-def _store(
-    factory: sessionmaker[Session], body: bytes, problem: Rejection | None, path_type: str | None
-) -> _Outcome:
+_Parser = Callable[[bytes], "Rejection | list[extract.BodyItem]"]
+
+
+def _store(factory: sessionmaker[Session], body: bytes, problem: Rejection | None, parse: _Parser) -> _Outcome:
     """Parse, validate and commit one body; returns only after the commit."""
     now = datetime.now(UTC)
-    if problem is not None:
-        # The body never became JSON text (too large, bad gzip): dead-letter a readable excerpt.
+    parsed = problem or parse(body)
+    if isinstance(parsed, Rejection):
+        # The body as a whole is unusable (too large, bad gzip, not JSON): dead-letter an excerpt.
         excerpt = scrub_text(body.decode("utf-8", "replace")) if body else ""
         with transaction(factory) as session:
-            accept.accept_items(session, [extract.RejectedItem(problem, excerpt)], source=SOURCE, now=now)
-        return _Outcome(400, error=problem.reason)
-    parsed = extract.parse_body(body, path_type=path_type)
-    if isinstance(parsed, Rejection):
-        with transaction(factory) as session:
-            accept.accept_body(session, body, path_type=path_type, source=SOURCE, now=now)
+            accept.accept_items(session, [extract.RejectedItem(parsed, excerpt)], source=SOURCE, now=now)
         return _Outcome(400, error=parsed.reason)
     with transaction(factory) as session:
         counts = accept.accept_items(session, parsed, source=SOURCE, now=now)
@@ -315,6 +319,100 @@ def _database_answers(factory: sessionmaker[Session]) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# POST /v1/webhook: what Segment's Webhooks destinations send
+
+WEBHOOK_PATH = "/v1/webhook"
+_WEBHOOK_UNAUTHORIZED = _Outcome(401, error="invalid signature or write key")
+
+
+def _webhook_route(settings: Settings, handler: _Handler) -> Route:
+    secrets = [secret.get_secret_value().encode("utf-8") for secret in settings.receiver.webhook_secrets]
+    webhook_handler = _WebhookHandler(handler, [secret for secret in secrets if secret])
+    return Route(WEBHOOK_PATH, webhook_handler.receive, methods=["POST"])
+
+
+class _WebhookHandler:
+    """One Segment event of any type, or a JSON array of them (Webhooks (Actions) with batching).
+
+    Decisions:
+
+    * Credentials: a write key in the Authorization header (Basic, or `Bearer <key>`, which a
+      Segment destination can send as a custom header), or a signature (`X-Signature`, or
+      `X-Segment-Signature` for the whole body) made with one of `receiver.webhook_secrets`; see
+      `listsync.ingest.webhook` for what exactly is signed. Every credential present must be
+      valid: a wrong key or a wrong signature is 401 even beside a good one, and a request with
+      neither is 401. Nothing of a refused request is stored, and neither secrets nor signatures
+      are logged.
+    * A wrong header key is refused before the body is read. A signature needs the whole body,
+      so a body too large (or not valid gzip) cannot be checked: with a header key it is
+      dead-lettered as on the other routes; with a signature alone it is answered 400 with the
+      reason and nothing is stored, as the sender is unknown.
+    * Storing, per-event rejection and answers are those of `/v1/batch`: 200 once the inbox
+      committed, with a bad event of an array recorded alone in `rejected_events`; 400 when the
+      body, or every event in it, was rejected (Segment's platform drops a 4xx other than 408,
+      410, 429 and 460, right for bytes that would fail again); 503 when the database failed,
+      which it retries. A replayed delivery dedupes on messageId.
+    """
+
+    def __init__(self, handler: _Handler, secrets: Sequence[bytes]) -> None:
+        self._handler = handler
+        self._secrets = list(secrets)
+
+    async def receive(self, request: Request) -> Response:
+        outcome = await self._receive(request)
+        return outcome.response()
+
+    async def _receive(self, request: Request) -> _Outcome:
+        handler = self._handler
+        header_key = _header_write_key(request.headers.get("authorization"))
+        if header_key is not None and not handler._known(header_key):
+            return _refuse_webhook(request, "wrong write key")
+        signatures = _signatures(request)
+        if header_key is None and not signatures:
+            return _refuse_webhook(request, "no signature and no write key")
+        raw = await _read_body(request)
+        if isinstance(raw, _Outcome):
+            return raw
+        body, problem = _decode(raw, request.headers.get("content-encoding", ""), _declared_length(request))
+        if problem is None and not self._verified(signatures, body):
+            return _refuse_webhook(request, "wrong signature")
+        if problem is not None and header_key is None:
+            logger.info(
+                "receiver could not check the signature of an unreadable body: %s",
+                problem.reason[:200],
+                extra={"event": "receiver_webhook_unchecked", "path": request.url.path},
+            )
+            return _Outcome(400, error=problem.reason)
+        return await handler.store(request, body, problem, extract.parse_webhook_body)
+
+    def _verified(self, signatures: Sequence[tuple[str, bool]], body: bytes) -> bool:
+        """Every signature present matches (True when there is none: a header key authenticated)."""
+        return all(
+            webhook.signature_matches(value, body, self._secrets, whole_body_only=whole_body_only)
+            for value, whole_body_only in signatures
+        )
+
+
+def _signatures(request: Request) -> list[tuple[str, bool]]:
+    """(value, whole body only) of each signature header the request carries."""
+    found = []
+    for name, whole_body_only in ((webhook.SIGNATURE_HEADER, False), (webhook.BODY_SIGNATURE_HEADER, True)):
+        value = request.headers.get(name)
+        if value is not None:
+            found.append((value, whole_body_only))
+    return found
+
+
+def _refuse_webhook(request: Request, why: str) -> _Outcome:
+    logger.info(
+        "receiver refused a webhook request: %s",
+        why,
+        extra={"event": "receiver_unauthorized", "path": request.url.path},
+    )
+    return _WEBHOOK_UNAUTHORIZED
+
+
+# ---------------------------------------------------------------------------------------------
 # Request parsing helpers
 
 
@@ -332,6 +430,16 @@ def _basic_user(header: str | None) -> str | None:
     return decoded.partition(":")[0]
 
 
+def _header_write_key(header: str | None) -> str | None:
+    """The write key of an Authorization header: a `Bearer` token (what a Segment webhook
+    destination can send as a custom header), else the Basic user name (see `_basic_user`)."""
+    if header is not None:
+        scheme, _, token = header.strip().partition(" ")
+        if scheme.lower() == "bearer":
+            return token.strip()
+    return _basic_user(header)
+
+
 def _body_write_key(body: bytes) -> str | None:
     """`writeKey` at the top of a JSON body, for senders that authenticate that way."""
     try:
@@ -347,6 +455,16 @@ def _declared_length(request: Request) -> int | None:
         return int(request.headers["content-length"])
     except (KeyError, ValueError):
         return None
+
+
+async def _read_body(request: Request) -> bytes | _Outcome:
+    """The body (capped at _READ_LIMIT), or the answer for a sender that never finished sending it."""
+    try:
+        return await _read_capped(request, _READ_LIMIT)
+    except ClientDisconnect:  # gone before the body arrived: nothing to store, nobody to answer
+        return _Outcome(400, error="client disconnected")
+    except TimeoutError:
+        return _Outcome(408, error=f"request_timeout: body not received within {BODY_TIMEOUT_SECONDS:g} s")
 
 
 async def _read_capped(request: Request, limit: int) -> bytes:
