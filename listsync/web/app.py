@@ -52,7 +52,9 @@ def build_app(
     return Starlette(routes=[mount(settings, factory, clock=clock), Route("/", _to_status, methods=["GET"])])
 
 
-def mount(settings: StatusPageSettings, factory: sessionmaker[Session], *, clock: Clock | None = None) -> Mount:
+def mount(
+    settings: StatusPageSettings, factory: sessionmaker[Session], *, clock: Clock | None = None
+) -> Mount:
     """The status page's routes under /status, to add to another app (the receiver's)."""
     site = _Site(settings, factory, clock or (lambda: datetime.now(UTC)))
     routes = [
@@ -94,7 +96,9 @@ class _Site:
         if scheme.lower() == "bearer" and given.strip():
             return hmac.compare_digest(given.strip().encode("utf-8"), self._token)
         cookie = request.cookies.get(COOKIE, "")
-        return bool(cookie) and hmac.compare_digest(cookie.encode("utf-8"), self._session_value.encode("ascii"))
+        return bool(cookie) and hmac.compare_digest(
+            cookie.encode("utf-8"), self._session_value.encode("ascii")
+        )
 
     def guard(self, handler: Handler) -> Handler:
         async def guarded(request: Request) -> Response:
@@ -103,21 +107,29 @@ class _Site:
             if "authorization" not in request.headers and "text/html" in request.headers.get("accept", ""):
                 target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
                 return RedirectResponse(html.url("/login", next=target), status_code=303)
-            logger.info("status page refused a request without a valid token",
-                        extra={"event": "status_page_unauthorized", "path": request.url.path})
-            return Response("authentication required\n", status_code=401, media_type="text/plain",
-                            headers={"WWW-Authenticate": 'Bearer realm="listsync status"'})
+            logger.info(
+                "status page refused a request without a valid token",
+                extra={"event": "status_page_unauthorized", "path": request.url.path},
+            )
+            return Response(
+                "authentication required\n",
+                status_code=401,
+                media_type="text/plain",
+                headers={"WWW-Authenticate": 'Bearer realm="listsync status"'},
+            )
 
         return guarded
 
     def _secure(self, response: Response) -> Response:
-        response.headers.update({
-            "Content-Security-Policy": self._csp,
-            "Cache-Control": "no-store",
-            "Referrer-Policy": "no-referrer",
-            "X-Content-Type-Options": "nosniff",
-            "X-Frame-Options": "DENY",
-        })
+        response.headers.update(
+            {
+                "Content-Security-Policy": self._csp,
+                "Cache-Control": "no-store",
+                "Referrer-Policy": "no-referrer",
+                "X-Content-Type-Options": "nosniff",
+                "X-Frame-Options": "DENY",
+            }
+        )
         return response
 
     async def login_form(self, request: Request) -> Response:
@@ -150,7 +162,9 @@ class _Site:
     def _answer(self, request: Request, title: str, main: str, now: datetime) -> Response:
         if request.query_params.get("partial") == "1":
             return HTMLResponse(main)
-        return HTMLResponse(html.document(title, main, refresh_seconds=self._refresh, updated=f"{html.when(now)} UTC"))
+        return HTMLResponse(
+            html.document(title, main, refresh_seconds=self._refresh, updated=f"{html.when(now)} UTC")
+        )
 
     async def overview(self, request: Request) -> Response:
         window = _window(request)
@@ -179,12 +193,17 @@ class _Site:
         failed_after = _int(request, "failed_after")
         data = await run_in_threadpool(self._load_audience, key, requests_before, failed_after)
         if data is None:
-            return self._answer(request, "Unknown audience",
-                                f'<section><p class="error">No audience {html.esc(key)!s}.</p></section>',
-                                self._clock())
+            return self._answer(
+                request,
+                "Unknown audience",
+                f'<section><p class="error">No audience {html.esc(key)!s}.</p></section>',
+                self._clock(),
+            )
         return self._answer(request, key, pages.audience_detail(data), data.now)
 
-    def _load_audience(self, key: str, requests_before: int | None, failed_after: int | None) -> pages.AudienceDetail | None:
+    def _load_audience(
+        self, key: str, requests_before: int | None, failed_after: int | None
+    ) -> pages.AudienceDetail | None:
         now = self._clock()
         with self._factory() as session:
             found = q.audience(session, key)
@@ -258,5 +277,5 @@ def _login_page(target: str, *, error: str) -> str:
         '<label for="token">Admin token</label>'
         '<input id="token" name="token" type="password" autocomplete="current-password" required autofocus>'
         f'<input type="hidden" name="next" value="{html.esc(target)}">'
-        "<button type=\"submit\">Log in</button></form></body></html>"
+        '<button type="submit">Log in</button></form></body></html>'
     )

@@ -42,10 +42,14 @@ def run_chart(buckets: Sequence[RunBucket]) -> str:
     points = []
     for i, b in enumerate(buckets):
         x = LEFT + i * slot + slot * 0.1
-        tip = esc(f"{when(b.start)}: {b.runs} runs, {b.changed} changed, {b.failed} failed, "
-                  f"longest {b.max_duration_seconds:.2f} s")
-        parts.append(f'<g class="bucket"><title>{tip}</title>'
-                     f'<rect x="{x:.1f}" y="{TOP}" width="{slot * 0.8:.1f}" height="{plot_h}" fill="transparent"/>')
+        tip = esc(
+            f"{when(b.start)}: {b.runs} runs, {b.changed} changed, {b.failed} failed, "
+            f"longest {b.max_duration_seconds:.2f} s"
+        )
+        parts.append(
+            f'<g class="bucket"><title>{tip}</title>'
+            f'<rect x="{x:.1f}" y="{TOP}" width="{slot * 0.8:.1f}" height="{plot_h}" fill="transparent"/>'
+        )
         if b.changed:
             parts.append(_bar(x, bar, y_count(b.changed), TOP + plot_h, CHANGED, "changed"))
         if b.failed:
@@ -54,13 +58,17 @@ def run_chart(buckets: Sequence[RunBucket]) -> str:
         if b.runs:
             points.append(f"{x + bar:.1f},{y_dur(b.max_duration_seconds):.1f}")
     if points:
-        parts.append(f'<polyline class="duration" fill="none" stroke="{DURATION}" stroke-width="2" '
-                     f'points="{" ".join(points)}"/>')
+        parts.append(
+            f'<polyline class="duration" fill="none" stroke="{DURATION}" stroke-width="2" '
+            f'points="{" ".join(points)}"/>'
+        )
     parts.append(_x_labels(buckets, slot))
     label = "Members changed, failures and run duration over the window"
-    return (f'<svg id="runs-chart" role="img" aria-label="{label}" viewBox="0 0 {WIDTH} {HEIGHT}" '
-            f'width="100%" preserveAspectRatio="xMidYMid meet" xmlns="http://www.w3.org/2000/svg">'
-            f"<title>{label}</title>{''.join(parts)}</svg>" + _legend())
+    return (
+        f'<svg id="runs-chart" role="img" aria-label="{label}" viewBox="0 0 {WIDTH} {HEIGHT}" '
+        f'width="100%" preserveAspectRatio="xMidYMid meet" xmlns="http://www.w3.org/2000/svg">'
+        f"<title>{label}</title>{''.join(parts)}</svg>" + _legend()
+    )
 
 
 def _bar(x: float, width: float, top: float, bottom: float, color: str, kind: str) -> str:
@@ -74,10 +82,14 @@ def _grid(plot_w: float, plot_h: float, count_max: float, dur_max: float) -> str
         frac = step / 4
         y = TOP + plot_h - plot_h * frac
         lines.append(f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e4e7ec"/>')
-        lines.append(f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11" fill="#667085">'
-                     f"{count_max * frac:,.4g}</text>")
-        lines.append(f'<text x="{LEFT + plot_w + 6}" y="{y + 4:.1f}" font-size="11" fill="{DURATION}">'
-                     f"{esc(_seconds(dur_max * frac))}</text>")
+        lines.append(
+            f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11" fill="#667085">'
+            f"{count_max * frac:,.4g}</text>"
+        )
+        lines.append(
+            f'<text x="{LEFT + plot_w + 6}" y="{y + 4:.1f}" font-size="11" fill="{DURATION}">'
+            f"{esc(_seconds(dur_max * frac))}</text>"
+        )
     return "".join(lines)
 
 
@@ -92,8 +104,10 @@ def _x_labels(buckets: Sequence[RunBucket], slot: float) -> str:
     labels = []
     for i in range(0, len(buckets), step):
         x = LEFT + i * slot
-        labels.append(f'<text x="{x:.1f}" y="{HEIGHT - 12}" font-size="11" fill="#667085">'
-                      f"{esc(buckets[i].start.strftime('%m-%d %H:%M'))}</text>")
+        labels.append(
+            f'<text x="{x:.1f}" y="{HEIGHT - 12}" font-size="11" fill="#667085">'
+            f"{esc(buckets[i].start.strftime('%m-%d %H:%M'))}</text>"
+        )
     return "".join(labels)
 
 

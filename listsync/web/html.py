@@ -120,7 +120,9 @@ def url(path: str, **params: object) -> str:
     return f"{PREFIX}{path}" + (f"?{query}" if query else "")
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, numeric: Iterable[int] = (), empty: str) -> str:
+def table(
+    headers: Sequence[str], rows: Iterable[Sequence[str]], *, numeric: Iterable[int] = (), empty: str
+) -> str:
     """A table whose cells are already HTML; `numeric` columns are right-aligned."""
     right = set(numeric)
 
@@ -128,7 +130,9 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, numeric: Ite
         return ' class="num"' if i in right else ""
 
     head = "".join(f"<th{cls(i)}>{esc(h)}</th>" for i, h in enumerate(headers))
-    body = "".join("<tr>" + "".join(f"<td{cls(i)}>{c}</td>" for i, c in enumerate(row)) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td{cls(i)}>{c}</td>" for i, c in enumerate(row)) + "</tr>" for row in rows
+    )
     if not body:
         body = f'<tr><td colspan="{len(headers)}" class="muted">{esc(empty)}</td></tr>'
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -147,9 +151,7 @@ def document(title: str, main: str, *, refresh_seconds: float | None, updated: s
             f'<noscript><meta http-equiv="refresh" content="{seconds}"></noscript>'
             f"<script>{REFRESH_SCRIPT % seconds}</script>"
         )
-    nav = " ".join(
-        [link("/", "Overview"), link("/runs", "Runs"), link("/rejected", "Rejected events")]
-    )
+    nav = " ".join([link("/", "Overview"), link("/runs", "Runs"), link("/rejected", "Rejected events")])
     logout = f'<form method="post" action="{PREFIX}/logout" style="margin:0"><button>Log out</button></form>'
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'

@@ -66,24 +66,47 @@ def _stamp(now: datetime) -> str:
 
 def overview(data: Overview) -> str:
     runs_more = link("/runs", "all runs in the window", window=data.window)
-    return "".join([
-        _stamp(data.now),
-        section("Audiences", _audience_table(data.audiences.rows, data.now)
+    return "".join(
+        [
+            _stamp(data.now),
+            section(
+                "Audiences",
+                _audience_table(data.audiences.rows, data.now)
                 + _pager(data.audiences.next_cursor, "/", "after", first=data.after is not None),
-                section_id="audiences"),
-        section("Runs", _window_links("/", data.window) + chart.run_chart(data.buckets)
-                + "<h3>Latest runs that sent or failed</h3>" + _runs_table(data.runs.rows)
-                + f'<div class="pager">{runs_more}</div>', section_id="runs"),
-        section("Rejected events", _rejected_summary(data.rejected, data.window), section_id="rejected"),
-        section("Event deliveries", _deliveries_table(data.deliveries), section_id="deliveries"),
-    ])
+                section_id="audiences",
+            ),
+            section(
+                "Runs",
+                _window_links("/", data.window)
+                + chart.run_chart(data.buckets)
+                + "<h3>Latest runs that sent or failed</h3>"
+                + _runs_table(data.runs.rows)
+                + f'<div class="pager">{runs_more}</div>',
+                section_id="runs",
+            ),
+            section("Rejected events", _rejected_summary(data.rejected, data.window), section_id="rejected"),
+            section("Event deliveries", _deliveries_table(data.deliveries), section_id="deliveries"),
+        ]
+    )
 
 
 def _audience_table(rows: Sequence[q.AudienceRow], now: datetime) -> str:
-    headers = ["audience", "list id", "state", "desired", "synced", "pending +", "pending −", "failed",
-               "last synced", "newest delta", "lag"]
-    return table(headers, [_audience_cells(a, now) for a in rows], numeric=range(3, 8),
-                 empty="no audiences yet")
+    headers = [
+        "audience",
+        "list id",
+        "state",
+        "desired",
+        "synced",
+        "pending +",
+        "pending −",
+        "failed",
+        "last synced",
+        "newest delta",
+        "lag",
+    ]
+    return table(
+        headers, [_audience_cells(a, now) for a in rows], numeric=range(3, 8), empty="no audiences yet"
+    )
 
 
 def _audience_cells(a: q.AudienceRow, now: datetime) -> list[str]:
@@ -91,14 +114,34 @@ def _audience_cells(a: q.AudienceRow, now: datetime) -> list[str]:
     state = badge(a.list_state)
     if a.hold_reason:
         state += " " + badge("held")
-        name += (f'<div class="hold">{esc(a.hold_reason)}<br>release with <code>{esc(RELEASE_HOLD)}</code>'
-                 "</div>")
+        name += f'<div class="hold">{_with_command(a.hold_reason, RELEASE_HOLD)}</div>'
+
     elif a.list_state == "missing":
-        name += f'<div class="hold">list missing in Iterable; recreate: <code>{esc(RECREATE_LIST)}</code></div>'
-    return [name, esc(a.list_id), state, number(a.members), number(a.synced_members),
-            number(a.pending_subscribe), number(a.pending_unsubscribe), number(a.failed),
-            esc(when(a.last_synced_at)), esc(when(a.newest_delta_at)),
-            esc(ago(a.lag_seconds(now))) if a.oldest_pending_at else '<span class="muted">in step</span>']
+        name += (
+            f'<div class="hold">list missing in Iterable; recreate: <code>{esc(RECREATE_LIST)}</code></div>'
+        )
+    return [
+        name,
+        esc(a.list_id),
+        state,
+        number(a.members),
+        number(a.synced_members),
+        number(a.pending_subscribe),
+        number(a.pending_unsubscribe),
+        number(a.failed),
+        esc(when(a.last_synced_at)),
+        esc(when(a.newest_delta_at)),
+        esc(ago(a.lag_seconds(now))) if a.oldest_pending_at else '<span class="muted">in step</span>',
+    ]
+
+
+def _with_command(reason: str, command: str) -> str:
+    """The reason with its releasing command set as code, or followed by it if it does not name it."""
+    quoted = esc(f"`{command}`")
+    text = esc(reason)
+    if quoted in text:
+        return text.replace(quoted, f"<code>{esc(command)}</code>")
+    return f"{text}; release with <code>{esc(command)}</code>"
 
 
 def _pager(cursor: str | None, path: str, param: str, *, first: bool, **keep: object) -> str:
@@ -119,13 +162,31 @@ def _window_links(path: str, chosen: str, **keep: object) -> str:
 
 
 def _runs_table(rows: Sequence[q.RunRow]) -> str:
-    headers = ["run", "trigger", "status", "started", "duration", "requests", "subscribed", "unsubscribed",
-               "failed", "summary"]
+    headers = [
+        "run",
+        "trigger",
+        "status",
+        "started",
+        "duration",
+        "requests",
+        "subscribed",
+        "unsubscribed",
+        "failed",
+        "summary",
+    ]
     cells = [
-        [esc(r.id), esc(r.trigger), badge(r.status), esc(when(r.started_at)),
-         esc(f"{r.duration_seconds:.2f} s" if r.duration_seconds is not None else ""),
-         number(r.requests), number(r.subscribed), number(r.unsubscribed), number(r.failed),
-         f'<span class="muted">{esc(r.summary)}</span>']
+        [
+            esc(r.id),
+            esc(r.trigger),
+            badge(r.status),
+            esc(when(r.started_at)),
+            esc(f"{r.duration_seconds:.2f} s" if r.duration_seconds is not None else ""),
+            number(r.requests),
+            number(r.subscribed),
+            number(r.unsubscribed),
+            number(r.failed),
+            f'<span class="muted">{esc(r.summary)}</span>',
+        ]
         for r in rows
     ]
     return table(headers, cells, numeric=range(5, 9), empty="no runs in the window")
@@ -134,9 +195,11 @@ def _runs_table(rows: Sequence[q.RunRow]) -> str:
 def _rejected_summary(groups: Sequence[q.RejectedGroup], window: str) -> str:
     cells = [[f"<code>{esc(g.code)}</code>", number(g.count), esc(when(g.last_at))] for g in groups]
     more = link("/rejected", "samples of each reason", window=window)
-    return (_window_links("/", window) + table(["reason", "events", "latest"], cells, numeric=[1],
-                                               empty="nothing rejected in the window")
-            + f'<div class="pager">{more}</div>')
+    return (
+        _window_links("/", window)
+        + table(["reason", "events", "latest"], cells, numeric=[1], empty="nothing rejected in the window")
+        + f'<div class="pager">{more}</div>'
+    )
 
 
 def _deliveries_table(counts: Sequence[q.DeliveryCount]) -> str:
@@ -147,7 +210,9 @@ def _deliveries_table(counts: Sequence[q.DeliveryCount]) -> str:
         [esc(action), *(number(states.get(s, 0)) for s in DELIVERY_STATES), number(sum(states.values()))]
         for action, states in by_action.items()
     ]
-    return table(["action", *DELIVERY_STATES, "total"], cells, numeric=range(1, 6), empty="no event deliveries yet")
+    return table(
+        ["action", *DELIVERY_STATES, "total"], cells, numeric=range(1, 6), empty="no event deliveries yet"
+    )
 
 
 # --- one audience -------------------------------------------------------------------------------
@@ -156,35 +221,73 @@ def _deliveries_table(counts: Sequence[q.DeliveryCount]) -> str:
 def audience_detail(data: AudienceDetail) -> str:
     a = data.audience
     requests = _requests_table(data.requests.rows) + _pager(
-        data.requests.next_cursor, "/audience", "requests_before", first=data.requests_before is not None,
-        key=a.audience_key, failed_after=data.failed_after)
+        data.requests.next_cursor,
+        "/audience",
+        "requests_before",
+        first=data.requests_before is not None,
+        key=a.audience_key,
+        failed_after=data.failed_after,
+    )
     failed = _failed_table(data.failed.rows) + _pager(
-        data.failed.next_cursor, "/audience", "failed_after", first=data.failed_after is not None,
-        key=a.audience_key, requests_before=data.requests_before)
-    return "".join([
-        _stamp(data.now),
-        section(f"Audience {a.audience_key}", _audience_table([a], data.now), section_id="audience"),
-        section("Failed members", failed, section_id="failed"),
-        section("Recent requests (the ledger)", requests, section_id="requests"),
-    ])
+        data.failed.next_cursor,
+        "/audience",
+        "failed_after",
+        first=data.failed_after is not None,
+        key=a.audience_key,
+        requests_before=data.requests_before,
+    )
+    return "".join(
+        [
+            _stamp(data.now),
+            section(f"Audience {a.audience_key}", _audience_table([a], data.now), section_id="audience"),
+            section("Failed members", failed, section_id="failed"),
+            section("Recent requests (the ledger)", requests, section_id="requests"),
+        ]
+    )
 
 
 def _requests_table(rows: Sequence[q.RequestRow]) -> str:
-    headers = ["request", "endpoint", "items", "status", "http", "Iterable code", "ok / failed", "elapsed",
-               "started", "error"]
+    headers = [
+        "request",
+        "endpoint",
+        "items",
+        "status",
+        "http",
+        "Iterable code",
+        "ok / failed",
+        "elapsed",
+        "started",
+        "error",
+    ]
     cells = [
-        [esc(r.id), esc(r.endpoint), number(r.item_count), badge(r.status), esc(r.http_status),
-         esc(r.iterable_code), esc(f"{r.success_count} / {r.fail_count}" if r.success_count is not None else ""),
-         esc(f"{r.elapsed_ms} ms" if r.elapsed_ms is not None else ""), esc(when(r.started_at)),
-         f'<span class="muted">{esc(r.error)}</span>']
+        [
+            esc(r.id),
+            esc(r.endpoint),
+            number(r.item_count),
+            badge(r.status),
+            esc(r.http_status),
+            esc(r.iterable_code),
+            esc(f"{r.success_count} / {r.fail_count}" if r.success_count is not None else ""),
+            esc(f"{r.elapsed_ms} ms" if r.elapsed_ms is not None else ""),
+            esc(when(r.started_at)),
+            f'<span class="muted">{esc(r.error)}</span>',
+        ]
         for r in rows
     ]
     return table(headers, cells, numeric=[2], empty="no requests for this audience")
 
 
 def _failed_table(rows: Sequence[q.FailedMember]) -> str:
-    cells = [[esc(f.user_id), esc(f.email), esc(f.desired), f'<span class="error">{esc(f.last_error)}</span>',
-              esc(when(f.updated_at))] for f in rows]
+    cells = [
+        [
+            esc(f.user_id),
+            esc(f.email),
+            esc(f.desired),
+            f'<span class="error">{esc(f.last_error)}</span>',
+            esc(when(f.updated_at)),
+        ]
+        for f in rows
+    ]
     return table(["user id", "email", "desired", "reason", "updated"], cells, empty="no failed members")
 
 
@@ -193,11 +296,18 @@ def _failed_table(rows: Sequence[q.FailedMember]) -> str:
 
 def runs(data: Runs) -> str:
     keep = {"window": data.window, "all": "1" if data.show_all else None}
-    toggle = (link("/runs", "only runs that sent or failed", window=data.window) if data.show_all
-              else link("/runs", "include idle runs", window=data.window, all="1"))
-    body = (_window_links("/runs", data.window, all=keep["all"]) + chart.run_chart(data.buckets)
-            + f'<div class="pager">{toggle}</div>' + _runs_table(data.runs.rows)
-            + _pager(data.runs.next_cursor, "/runs", "before", first=data.before is not None, **keep))
+    toggle = (
+        link("/runs", "only runs that sent or failed", window=data.window)
+        if data.show_all
+        else link("/runs", "include idle runs", window=data.window, all="1")
+    )
+    body = (
+        _window_links("/runs", data.window, all=keep["all"])
+        + chart.run_chart(data.buckets)
+        + f'<div class="pager">{toggle}</div>'
+        + _runs_table(data.runs.rows)
+        + _pager(data.runs.next_cursor, "/runs", "before", first=data.before is not None, **keep)
+    )
     return _stamp(data.now) + section("Run history", body, section_id="runs")
 
 
@@ -206,10 +316,19 @@ def rejected(data: Rejected) -> str:
     if not data.groups:
         parts.append('<p class="muted">nothing rejected in the window</p>')
     for g in data.groups:
-        samples = [[esc(when(s.received_at)), esc(s.source), f"<code>{esc(s.reason)}</code>",
-                    f"<code>{esc(_cut(s.payload))}</code>"] for s in g.samples]
-        parts.append(f"<h3><code>{esc(g.code)}</code> · {number(g.count)} events</h3>"
-                     + table(["received", "source", "reason", "payload (secrets removed)"], samples, empty=""))
+        samples = [
+            [
+                esc(when(s.received_at)),
+                esc(s.source),
+                f"<code>{esc(s.reason)}</code>",
+                f"<code>{esc(_cut(s.payload))}</code>",
+            ]
+            for s in g.samples
+        ]
+        parts.append(
+            f"<h3><code>{esc(g.code)}</code> · {number(g.count)} events</h3>"
+            + table(["received", "source", "reason", "payload (secrets removed)"], samples, empty="")
+        )
     return _stamp(data.now) + section("Rejected events by reason", "".join(parts), section_id="rejected")
 
 

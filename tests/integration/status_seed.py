@@ -27,8 +27,13 @@ class Seeded:
 def settings_data(database_url: str, base_url: str, **sections: Any) -> dict[str, Any]:
     data: dict[str, Any] = {
         "database_url": database_url,
-        "iterable": {"api_key": API_KEY, "base_url": base_url, "max_attempts": 2,
-                     "retry_base_seconds": 0.01, "retry_max_seconds": 0.05},
+        "iterable": {
+            "api_key": API_KEY,
+            "base_url": base_url,
+            "max_attempts": 2,
+            "retry_base_seconds": 0.01,
+            "retry_max_seconds": 0.05,
+        },
         "sync": {"retry_base_seconds": 0, "retry_max_seconds": 0, "max_unsubscribe_fraction": 0.5},
         "receiver": {"enabled": False, "port": 0},
         "status_page": {"admin_token": ADMIN_TOKEN},
@@ -51,20 +56,46 @@ def seed(settings: Settings, emu: IterableEmulator) -> Seeded:
     names = Seeded()
     emu.invalid_emails.update(INVALID_EMAILS)
     with sync_context(settings) as ctx:
-        ingest(ctx, _enters(names.held, range(20), at=1) + _enters(names.calm, range(12), at=1)
-               + _enters(names.failing, range(100, 104), at=1))
-        ingest(ctx, [
-            {"type": "track", "event": "Signed Up", "userId": "ada", "messageId": "signup-1",
-             "timestamp": "2026-01-01T00:00:00Z", "properties": {"email": "ada@example.com"}},
-            {"type": "identify", "userId": "ada", "messageId": "identify-1",
-             "timestamp": "2026-01-01T00:00:00Z", "traits": {"email": "ada@example.com"}},
-        ])
+        ingest(
+            ctx,
+            _enters(names.held, range(20), at=1)
+            + _enters(names.calm, range(12), at=1)
+            + _enters(names.failing, range(100, 104), at=1),
+        )
+        ingest(
+            ctx,
+            [
+                {
+                    "type": "track",
+                    "event": "Signed Up",
+                    "userId": "ada",
+                    "messageId": "signup-1",
+                    "timestamp": "2026-01-01T00:00:00Z",
+                    "properties": {"email": "ada@example.com"},
+                },
+                {
+                    "type": "identify",
+                    "userId": "ada",
+                    "messageId": "identify-1",
+                    "timestamp": "2026-01-01T00:00:00Z",
+                    "traits": {"email": "ada@example.com"},
+                },
+            ],
+        )
         sync.run_once(ctx)
         ingest(ctx, _exits(names.held, range(15), at=2) + _exits(names.calm, range(2), at=2))
         sync.run_once(ctx)
-        ingest(ctx, [
-            {"type": "identify", "messageId": "no-identity-1", "timestamp": "2026-01-01T00:00:00Z"},
-            {"type": "identify", "messageId": "no-identity-2", "timestamp": "2026-01-01T00:00:00Z"},
-            {"type": "teleport", "userId": "x", "messageId": "bad-type-1", "timestamp": "2026-01-01T00:00:00Z"},
-        ])
+        ingest(
+            ctx,
+            [
+                {"type": "identify", "messageId": "no-identity-1", "timestamp": "2026-01-01T00:00:00Z"},
+                {"type": "identify", "messageId": "no-identity-2", "timestamp": "2026-01-01T00:00:00Z"},
+                {
+                    "type": "teleport",
+                    "userId": "x",
+                    "messageId": "bad-type-1",
+                    "timestamp": "2026-01-01T00:00:00Z",
+                },
+            ],
+        )
     return names
