@@ -52,6 +52,7 @@ form.login { max-width:22rem; margin:4rem auto; }
 form.login input { width:100%; padding:.5rem; margin:.4rem 0 .8rem; font-size:1rem; }
 form.login button { padding:.45rem 1rem; font-size:1rem; }
 .error { color:var(--bad); }
+time, .nowrap { white-space:nowrap; }
 """
 
 # Reloads the <main> of the page in place, so the scroll position and the chosen window survive;
@@ -85,6 +86,13 @@ def esc(value: object) -> str:
 
 def when(value: datetime | None) -> str:
     return "" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def stamp(value: datetime | None) -> str:
+    """A UTC time as an HTML <time> that does not wrap in a narrow column."""
+    if value is None:
+        return ""
+    return f'<time datetime="{esc(value.isoformat())}">{esc(when(value))}</time>'
 
 
 def ago(seconds: float | None) -> str:

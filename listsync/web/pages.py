@@ -8,7 +8,7 @@ from datetime import datetime
 
 from listsync.db import dashboard as q
 from listsync.web import chart
-from listsync.web.html import ago, badge, esc, link, number, section, table, url, when
+from listsync.web.html import ago, badge, esc, link, number, section, stamp, table, url, when
 
 WINDOWS = {"1h": 3600, "6h": 6 * 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400}
 DEFAULT_WINDOW = "24h"
@@ -129,9 +129,11 @@ def _audience_cells(a: q.AudienceRow, now: datetime) -> list[str]:
         number(a.pending_subscribe),
         number(a.pending_unsubscribe),
         number(a.failed),
-        esc(when(a.last_synced_at)),
-        esc(when(a.newest_delta_at)),
-        esc(ago(a.lag_seconds(now))) if a.oldest_pending_at else '<span class="muted">in step</span>',
+        stamp(a.last_synced_at),
+        stamp(a.newest_delta_at),
+        f'<span class="nowrap">{esc(ago(a.lag_seconds(now)))}</span>'
+        if a.oldest_pending_at
+        else '<span class="muted nowrap">in step</span>',
     ]
 
 
@@ -179,7 +181,7 @@ def _runs_table(rows: Sequence[q.RunRow]) -> str:
             esc(r.id),
             esc(r.trigger),
             badge(r.status),
-            esc(when(r.started_at)),
+            stamp(r.started_at),
             esc(f"{r.duration_seconds:.2f} s" if r.duration_seconds is not None else ""),
             number(r.requests),
             number(r.subscribed),
@@ -193,7 +195,7 @@ def _runs_table(rows: Sequence[q.RunRow]) -> str:
 
 
 def _rejected_summary(groups: Sequence[q.RejectedGroup], window: str) -> str:
-    cells = [[f"<code>{esc(g.code)}</code>", number(g.count), esc(when(g.last_at))] for g in groups]
+    cells = [[f"<code>{esc(g.code)}</code>", number(g.count), stamp(g.last_at)] for g in groups]
     more = link("/rejected", "samples of each reason", window=window)
     return (
         _window_links("/", window)
@@ -269,7 +271,7 @@ def _requests_table(rows: Sequence[q.RequestRow]) -> str:
             esc(r.iterable_code),
             esc(f"{r.success_count} / {r.fail_count}" if r.success_count is not None else ""),
             esc(f"{r.elapsed_ms} ms" if r.elapsed_ms is not None else ""),
-            esc(when(r.started_at)),
+            stamp(r.started_at),
             f'<span class="muted">{esc(r.error)}</span>',
         ]
         for r in rows
@@ -284,7 +286,7 @@ def _failed_table(rows: Sequence[q.FailedMember]) -> str:
             esc(f.email),
             esc(f.desired),
             f'<span class="error">{esc(f.last_error)}</span>',
-            esc(when(f.updated_at)),
+            stamp(f.updated_at),
         ]
         for f in rows
     ]
@@ -318,7 +320,7 @@ def rejected(data: Rejected) -> str:
     for g in data.groups:
         samples = [
             [
-                esc(when(s.received_at)),
+                stamp(s.received_at),
                 esc(s.source),
                 f"<code>{esc(s.reason)}</code>",
                 f"<code>{esc(_cut(s.payload))}</code>",
