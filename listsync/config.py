@@ -191,6 +191,23 @@ class ActionsSettings(Section):
         return mapping.compile_all(self.specs())
 
 
+class StatusPageSettings(Section):
+    """The read-only status page (listsync.web): off unless enabled, always behind admin_token."""
+
+    enabled: bool = False
+    on_receiver: bool = False  # true: served at /status on the receiver's host and port
+    host: str = "127.0.0.1"
+    port: int = Field(8089, ge=0, le=65535)
+    admin_token: SecretStr = SecretStr("")
+    refresh_seconds: float = Field(10.0, ge=1)
+
+    @model_validator(mode="after")
+    def _token_when_enabled(self) -> StatusPageSettings:
+        if self.enabled and len(self.admin_token.get_secret_value()) < 16:
+            raise ValueError("admin_token: required, 16 characters or more, when the status page is enabled")
+        return self
+
+
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
@@ -223,6 +240,16 @@ class Settings(BaseSettings):
     sources: SourcesSettings = Field(default_factory=SourcesSettings)
     actions: ActionsSettings = Field(default_factory=ActionsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    status_page: StatusPageSettings = Field(default_factory=StatusPageSettings)
+
+    @model_validator(mode="after")
+    def _status_page_has_its_own_token(self) -> Settings:
+        token = self.status_page.admin_token.get_secret_value()
+        if token and token in {key.get_secret_value() for key in self.receiver.write_keys}:
+            raise ValueError("status_page.admin_token: must not be one of the receiver's write keys")
+        if self.status_page.enabled and self.status_page.on_receiver and not self.receiver.enabled:
+            raise ValueError("status_page.on_receiver: the receiver is disabled")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -309,4 +336,4 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
 
 
 def _is_secret_key(key: str) -> bool:
-    return any(word in key for word in ("api_key", "write_keys", "webhook_secrets", "url"))
+    return any(word in key for word in ("api_key", "write_keys", "webhook_secrets", "url", "token"))

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.engine import make_url
@@ -27,6 +27,10 @@ from listsync.db import session as dbs
 from listsync.db.session import transaction
 from listsync.errors import ListsyncError
 from listsync.iterable.client import client_from_settings
+
+if TYPE_CHECKING:
+    from listsync.ingest.receiver import ReceiverServer
+    from listsync.web import StatusPage
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +131,8 @@ def run(settings: Settings) -> int:
 
 
 def _serve(settings: Settings, ctx: sync.SyncContext, stopping: threading.Event) -> None:
-    from listsync.ingest import pollers, receiver
+    from listsync import web
+    from listsync.ingest import pollers
 
     if ctx.client.is_dry_run:
         logger.warning(
@@ -150,9 +155,13 @@ def _serve(settings: Settings, ctx: sync.SyncContext, stopping: threading.Event)
             settings.sync.reconcile_interval_seconds,
             lambda: _run_serialized(ctx, sync.RunOptions(trigger="reconcile", reconcile=True)),
         )
-    server = receiver.ReceiverServer.for_settings(settings, ctx.factory) if settings.receiver.enabled else None
+    page = web.status_page(settings)
+    server = _receiver_server(settings, ctx, page) if settings.receiver.enabled else None
     if server:
         server.start()
+    page_server = _status_page_server(settings, page)
+    if page_server:
+        page_server.start()
     scheduler.start()
     logger.info(
         "listsync daemon running",
@@ -162,7 +171,30 @@ def _serve(settings: Settings, ctx: sync.SyncContext, stopping: threading.Event)
     logger.info("stopping: finishing the batch in flight", extra={"event": "daemon_stopping"})
     if server:
         server.stop()
+    if page_server:
+        page_server.stop()
+    if page:
+        page.close()
     scheduler.shutdown(wait=True)
+
+
+def _receiver_server(settings: Settings, ctx: sync.SyncContext, page: StatusPage | None) -> ReceiverServer:
+    from listsync.ingest import receiver
+
+    app = receiver.build_app(settings, ctx.factory)
+    if page and page.on_receiver:
+        app = page.over(app)
+    return receiver.ReceiverServer(app, host=settings.receiver.host, port=settings.receiver.port)
+
+
+def _status_page_server(settings: Settings, page: StatusPage | None) -> ReceiverServer | None:
+    """The status page on its own port, unless it is off or served by the receiver."""
+    from listsync.ingest import receiver
+
+    if page is None or page.on_receiver:
+        return None
+    host, port = settings.status_page.host, settings.status_page.port
+    return receiver.ReceiverServer(page.app, host=host, port=port, name="status_page")
 
 
 def _install_signal_handlers(stopping: threading.Event) -> None:

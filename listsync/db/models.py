@@ -161,6 +161,15 @@ class Membership(Base):
         ),
         Index("ix_memberships_user_id", "user_id"),
         Index("ix_memberships_email", "audience_id", "email"),
+        # Status page: per-audience counts from the index alone, and failed members paged by id.
+        Index("ix_memberships_status", "audience_id", "state", "desired", "synced", "desired_at"),
+        Index(
+            "ix_memberships_failed",
+            "audience_id",
+            "id",
+            sqlite_where=text("state = 'failed'"),
+            postgresql_where=text("state = 'failed'"),
+        ),
         {"comment": "Desired and last-synced list membership per audience and subscriber."},
     )
 
@@ -248,6 +257,7 @@ class EventDelivery(Base):
             postgresql_where=text("state = 'pending'"),
         ),
         Index("ix_event_deliveries_user_id", "user_id"),
+        Index("ix_event_deliveries_action_state", "action", "state"),
         {"comment": "One row per (inbox event, mapping): the Iterable request it makes and its outcome."},
     )
 
@@ -287,7 +297,10 @@ class EventDelivery(Base):
 
 class DeadLetter(Base):
     __tablename__ = "dead_letters"
-    __table_args__ = {"comment": "Events and bodies that could not be accepted, with the reason."}
+    __table_args__ = (
+        Index("ix_dead_letters_received_at", "received_at"),
+        {"comment": "Events and bodies that could not be accepted, with the reason."},
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     received_at: Mapped[datetime] = mapped_column(default=utcnow, comment="UTC")
@@ -298,7 +311,10 @@ class DeadLetter(Base):
 
 class SyncRun(Base):
     __tablename__ = "sync_runs"
-    __table_args__ = {"comment": "Ledger of sync runs (daemon ticks, one-shot syncs, reconciles)."}
+    __table_args__ = (
+        Index("ix_sync_runs_started_at", "started_at"),
+        {"comment": "Ledger of sync runs (daemon ticks, one-shot syncs, reconciles)."},
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     trigger: Mapped[str] = mapped_column(String(32), comment="daemon / sync / reconcile / recovery")
@@ -326,6 +342,7 @@ class ApiRequest(Base):
             sqlite_where=text("status = 'in_flight'"),
             postgresql_where=text("status = 'in_flight'"),
         ),
+        Index("ix_api_requests_audience_id", "audience_id", "id"),
         {"comment": "Every request sent to Iterable, written before the call and completed after."},
     )
 

@@ -15,14 +15,20 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def make_engine(database_url: str, **kwargs: Any) -> Engine:
-    """An engine with the pragmas listsync relies on; SQLite gets WAL and a busy timeout."""
+def make_engine(database_url: str, *, read_only: bool = False, **kwargs: Any) -> Engine:
+    """An engine with the pragmas listsync relies on; SQLite gets WAL and a busy timeout.
+
+    `read_only` (the status page): SQLite transactions begin deferred, so a long read never holds
+    the write lock, and PostgreSQL refuses any write.
+    """
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin_immediate)
+        event.listen(engine, "begin", _sqlite_begin_deferred if read_only else _sqlite_begin_immediate)
         return engine
+    if read_only:
+        kwargs["execution_options"] = {**kwargs.get("execution_options", {}), "postgresql_readonly": True}
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
@@ -42,6 +48,11 @@ def _sqlite_begin_immediate(connection: Any) -> None:
     # Take the write lock at BEGIN: a deferred transaction that reads then writes can fail with
     # "database is locked" when another writer got in between, and SQLite cannot retry it for us.
     connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _sqlite_begin_deferred(connection: Any) -> None:
+    # In WAL mode a deferred reader sees one snapshot and never blocks the writer.
+    connection.exec_driver_sql("BEGIN")
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -541,8 +541,9 @@ class ReceiverServer:
     number `port` reports.
     """
 
-    def __init__(self, app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0, name: str = "receiver") -> None:
         self._app = app
+        self._name = name  # in log lines and events: the status page is served by this class too
         self._host = host
         self._requested_port = port
         self._socket: socket.socket | None = None
@@ -590,14 +591,15 @@ class ReceiverServer:
             limit_concurrency=MAX_CONNECTIONS,
         )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._run, name="listsync-receiver", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"listsync-{self._name}", daemon=True)
         self._thread.start()
         self._wait_started(timeout)
         logger.info(
-            "receiver listening on %s:%d",
+            "%s listening on %s:%d",
+            self._name,
             self._host,
             self.port,
-            extra={"event": "receiver_started", "host": self._host, "port": self.port},
+            extra={"event": f"{self._name}_started", "host": self._host, "port": self.port},
         )
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -609,7 +611,7 @@ class ReceiverServer:
         if self._socket is not None:
             self._socket.close()
         self._thread = None
-        logger.info("receiver stopped", extra={"event": "receiver_stopped"})
+        logger.info("%s stopped", self._name, extra={"event": f"{self._name}_stopped"})
 
     def _run(self) -> None:
         assert self._server is not None and self._socket is not None
