@@ -17,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 from listsync import __version__, logs
 from listsync.config import Settings, load_settings
 from listsync.errors import ConfigError, ListsyncError
+from listsync.startup import database_label
 
 logger = logging.getLogger("listsync")
 
@@ -26,14 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="listsync",
         description=("Keep Iterable lists and profiles in step with your CDP's audiences and events."),
     )
-    parser.add_argument(
-        "--config", metavar="PATH", help="TOML file (default: $LISTSYNC_CONFIG, ./listsync.toml)"
-    )
-    parser.add_argument(
-        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="overrides logging.level"
-    )
+    _global_options(parser, default=None)
     parser.add_argument("--version", action="version", version=f"listsync {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # The global options are also accepted after the verb (`listsync status --config x.toml`);
+    # there their default is SUPPRESS, so a value given before the verb is not overwritten.
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, default=argparse.SUPPRESS)
+    commands = _Subcommands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), common)
     commands.add_parser(
         "daemon", help="run the receiver, the pollers and periodic syncs until SIGTERM/SIGINT"
     )
@@ -57,14 +57,42 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="what the next sync would send, without sending")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     db = commands.add_parser("db", help="database schema")
-    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_commands = _Subcommands(db.add_subparsers(dest="db_command", required=True, metavar="ACTION"), common)
     db_commands.add_parser("upgrade", help="apply the migrations")
     db_commands.add_parser("current", help="print the schema revision")
     return parser
 
 
+def _global_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=default,
+        help="TOML file (default: $LISTSYNC_CONFIG, ./listsync.toml)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        default=default,
+        help="overrides logging.level",
+    )
+
+
+class _Subcommands:
+    """add_parser with the global options added to every verb."""
+
+    def __init__(self, action: Any, common: argparse.ArgumentParser) -> None:
+        self._action = action
+        self._common = common
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self._action.add_parser(name, parents=[self._common], **kwargs)
+        return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    settings: Settings | None = None
     try:
         settings = load_settings(args.config)
         logs.configure(args.log_level or settings.logging.level, settings.logging.json_format)
@@ -74,8 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OperationalError as exc:
         logger.debug("database error", exc_info=True)
+        where = f" at {database_label(settings.database_url)}" if settings else ""
         print(
-            f"listsync: cannot use the database: {exc.orig.__class__.__name__}: {_first_line(exc.orig)}",
+            f"listsync: cannot use the database{where}: {exc.orig.__class__.__name__}: {_first_line(exc.orig)}",
             file=sys.stderr,
         )
         return 2
@@ -95,13 +124,14 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     from listsync import commands
 
     handlers: dict[str, Any] = {
-        "daemon": lambda: commands.daemon(settings),
+        "daemon": lambda: commands.daemon(settings, config_file=args.config),
         "sync": lambda: commands.sync(
             settings,
             allow_mass_unsubscribe=args.allow_mass_unsubscribe,
             recreate_missing_lists=args.recreate_missing_lists,
             reconcile=args.reconcile,
             progress=not args.no_progress,
+            config_file=args.config,
         ),
         "ingest": lambda: commands.ingest(settings, args.file),
         "status": lambda: commands.status(settings, as_json=args.json),

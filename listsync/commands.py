@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from listsync import startup
 from listsync import sync as engine
 from listsync.config import Settings
 from listsync.db import repo
@@ -36,9 +37,10 @@ def sync_context(settings: Settings) -> Iterator[engine.SyncContext]:
         yield engine.SyncContext(settings=settings, factory=factory, client=client)
 
 
-def daemon(settings: Settings) -> int:
+def daemon(settings: Settings, *, config_file: str | None = None) -> int:
     from listsync import daemon as daemon_module
 
+    startup.log_startup("daemon", settings, config_file)
     return daemon_module.run(settings)
 
 
@@ -49,9 +51,11 @@ def sync(
     recreate_missing_lists: bool,
     reconcile: bool,
     progress: bool,
+    config_file: str | None = None,
 ) -> int:
     from listsync.ingest import pollers
 
+    startup.log_startup("sync", settings, config_file)
     options = engine.RunOptions(
         trigger="sync",
         allow_mass_unsubscribe=allow_mass_unsubscribe,
@@ -97,6 +101,7 @@ PLAN_COLUMNS = ["audience_key", "list_id", "subscribe", "unsubscribe", "requests
 
 
 def status(settings: Settings, *, as_json: bool) -> int:
+    startup.require_existing_database(settings.database_url)
     with _database(settings) as (_engine, factory), factory() as session:
         rows = repo.audience_status(session)
     _print_rows(rows, STATUS_COLUMNS, as_json)
@@ -104,6 +109,7 @@ def status(settings: Settings, *, as_json: bool) -> int:
 
 
 def plan(settings: Settings, *, as_json: bool) -> int:
+    startup.require_existing_database(settings.database_url)
     with sync_context(settings) as ctx:
         rows = engine.preview(ctx)
     _print_rows(rows, PLAN_COLUMNS, as_json)

@@ -25,11 +25,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from listsync import mapping
+from listsync import config_env, mapping
 from listsync.domain import ProjectType
 from listsync.errors import ConfigError
 
@@ -260,10 +260,13 @@ def load_settings(explicit: str | os.PathLike[str] | None = None) -> Settings:
     """Build Settings from the chosen file and the environment, or raise one clear ConfigError."""
     path = config_path(explicit)
     data = _read_toml(path) if path else {}
+    config_env.check(Settings, os.environ)
     try:
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path)) from None
+    except SettingsError as exc:  # a value config_env.check could not foresee; still one line
+        raise ConfigError(f"invalid environment variable: {exc}") from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -278,8 +281,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _describe(exc: ValidationError, path: Path | None) -> str:
     """One line naming each bad key and what is expected; values of secret keys are not echoed."""
-    where = f" in {path}" if path else ""
-    parts = []
+    parts, from_file = [], False
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"])
         message = error["msg"].removeprefix("Value error, ")
@@ -287,7 +289,10 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
             message = "unknown key"
         elif not _is_secret_key(key) and "input" in error and not isinstance(error["input"], dict):
             message += f" (got {error['input']!r})"
-        parts.append(f"{key}: {message}")
+        variable = config_env.variable_for(tuple(error["loc"]), os.environ)
+        from_file = from_file or variable is None
+        parts.append(f"{key} (environment variable {variable}): {message}" if variable else f"{key}: {message}")
+    where = f" in {path}" if path and from_file else ""
     return f"invalid configuration{where}: " + "; ".join(parts)
 
 

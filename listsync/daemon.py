@@ -25,7 +25,7 @@ from listsync.config import Settings
 from listsync.db import repo
 from listsync.db import session as dbs
 from listsync.db.session import transaction
-from listsync.errors import ListsyncError
+from listsync.errors import ConfigError, ListsyncError
 from listsync.iterable.client import client_from_settings
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def _serve(settings: Settings, ctx: sync.SyncContext, stopping: threading.Event)
         )
     server = receiver.ReceiverServer.for_settings(settings, ctx.factory) if settings.receiver.enabled else None
     if server:
-        server.start()
+        _start_receiver(server, settings)
     scheduler.start()
     logger.info(
         "listsync daemon running",
@@ -163,6 +163,17 @@ def _serve(settings: Settings, ctx: sync.SyncContext, stopping: threading.Event)
     if server:
         server.stop()
     scheduler.shutdown(wait=True)
+
+
+def _start_receiver(server: Any, settings: Settings) -> None:
+    """A port in use or a host that cannot be bound is a configuration problem: one line, exit 2."""
+    try:
+        server.start()
+    except OSError as exc:
+        where = f"{settings.receiver.host}:{settings.receiver.port}"
+        raise ConfigError(
+            f"the receiver cannot listen on {where} (receiver.host, receiver.port): {exc.strerror or exc}"
+        ) from None
 
 
 def _install_signal_handlers(stopping: threading.Event) -> None:
