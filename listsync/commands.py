@@ -41,6 +41,7 @@ def daemon(settings: Settings, *, config_file: str | None = None) -> int:
     from listsync import daemon as daemon_module
 
     startup.log_startup("daemon", settings, config_file)
+    startup.warn_dev_write_key(settings)
     return daemon_module.run(settings)
 
 

@@ -18,6 +18,9 @@ from listsync.iterable.client import base_url_for
 
 logger = logging.getLogger("listsync")
 
+# The write key of config.dev.toml, printed in the README: fine on a laptop, never in production.
+DEV_WRITE_KEY = "dev-write-key"
+
 
 def database_label(database_url: str) -> str:
     """The database as a person reads it: a SQLite URL's file, else the URL without its password."""
@@ -43,6 +46,16 @@ def log_startup(verb: str, settings: Settings, config_file: str | os.PathLike[st
         describe(settings, config_file),
         extra={"event": "startup", "verb": verb},
     )
+
+
+def warn_dev_write_key(settings: Settings) -> None:
+    """Say loudly when the receiver accepts the write key everybody knows from the README."""
+    if any(key.get_secret_value() == DEV_WRITE_KEY for key in settings.receiver.write_keys):
+        logger.warning(
+            "DEVELOPMENT MODE: the receiver accepts the documented write key of config.dev.toml; anyone "
+            "can send events. Do not use this configuration in production.",
+            extra={"event": "dev_write_key"},
+        )
 
 
 def require_existing_database(database_url: str) -> None:
