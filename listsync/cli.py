@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the rows as JSON")
     plan = commands.add_parser("plan", help="what the next sync would send, without sending")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument(
+        "--sample", type=int, default=0, metavar="N", help="show N example members per audience and N events"
+    )
     db = commands.add_parser("db", help="database schema")
     db_commands = _Subcommands(db.add_subparsers(dest="db_command", required=True, metavar="ACTION"), common)
     db_commands.add_parser("upgrade", help="apply the migrations")
@@ -135,7 +138,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         ),
         "ingest": lambda: commands.ingest(settings, args.file),
         "status": lambda: commands.status(settings, as_json=args.json),
-        "plan": lambda: commands.plan(settings, as_json=args.json),
+        "plan": lambda: commands.plan(settings, as_json=args.json, sample=args.sample),
         "db": lambda: commands.db(settings, args.db_command),
     }
     result: int = handlers[args.command]()

@@ -12,10 +12,10 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from listsync import startup
+from listsync import display, startup
 from listsync import sync as engine
 from listsync.config import Settings
-from listsync.db import repo
+from listsync.db import backlog, repo
 from listsync.db import session as dbs
 from listsync.iterable.client import client_from_settings
 
@@ -105,15 +105,23 @@ def status(settings: Settings, *, as_json: bool) -> int:
     startup.require_existing_database(settings.database_url)
     with _database(settings) as (_engine, factory), factory() as session:
         rows = repo.audience_status(session)
+        waiting = backlog.backlog(session)
     _print_rows(rows, STATUS_COLUMNS, as_json)
+    if not as_json:
+        print(display.backlog_line(waiting, actions_enabled=settings.actions.enabled))
     return 0
 
 
-def plan(settings: Settings, *, as_json: bool) -> int:
+def plan(settings: Settings, *, as_json: bool, sample: int = 0) -> int:
+    from listsync import preview
+
     startup.require_existing_database(settings.database_url)
     with sync_context(settings) as ctx:
-        rows = engine.preview(ctx)
-    _print_rows(rows, PLAN_COLUMNS, as_json)
+        result = preview.plan(ctx, sample=sample)
+    if as_json:
+        print(json.dumps(result.as_json(), indent=2, default=str))
+    else:
+        print(display.plan_text(result, PLAN_COLUMNS))
     return 0
 
 
@@ -135,9 +143,9 @@ def db(settings: Settings, action: str) -> int:
     return 0
 
 
-def render_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+def render_table(rows: list[dict[str, Any]], columns: list[str], empty: str = "(no audiences yet)") -> str:
     if not rows:
-        return "(no audiences yet)"
+        return empty
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
