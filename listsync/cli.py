@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--reconcile", action="store_true", help="read each list back from Iterable and repair drift"
     )
     sync.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    sync.add_argument(
+        "--retry-failed", action="store_true", help="send again the members and events that failed for good"
+    )
     ingest = commands.add_parser(
         "ingest", help="read Segment-format NDJSON events (FILE, FILE.gz or - for stdin)"
     )
@@ -59,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--sample", type=int, default=0, metavar="N", help="show N example members per audience and N events"
     )
+    runs = commands.add_parser("runs", help="the run history (the run_history view), newest first")
+    runs.add_argument("--json", action="store_true", help="print the rows as JSON")
+    runs.add_argument("--limit", type=int, default=20, metavar="N", help="how many runs (default 20)")
+    runs.add_argument("--trigger", help="only runs of this trigger (daemon, sync, reconcile)")
     db = commands.add_parser("db", help="database schema")
     db_commands = _Subcommands(db.add_subparsers(dest="db_command", required=True, metavar="ACTION"), common)
     db_commands.add_parser("upgrade", help="apply the migrations")
@@ -135,10 +142,14 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             reconcile=args.reconcile,
             progress=not args.no_progress,
             config_file=args.config,
+            retry_failed=args.retry_failed,
         ),
         "ingest": lambda: commands.ingest(settings, args.file),
         "status": lambda: commands.status(settings, as_json=args.json),
         "plan": lambda: commands.plan(settings, as_json=args.json, sample=args.sample),
+        "runs": lambda: commands.run_history(
+            settings, as_json=args.json, limit=args.limit, trigger=args.trigger
+        ),
         "db": lambda: commands.db(settings, args.db_command),
     }
     result: int = handlers[args.command]()

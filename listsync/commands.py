@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from listsync import display, startup
 from listsync import sync as engine
 from listsync.config import Settings
-from listsync.db import backlog, repo
+from listsync.db import backlog, repo, runs
 from listsync.db import session as dbs
 from listsync.iterable.client import client_from_settings
 
@@ -53,6 +53,7 @@ def sync(
     reconcile: bool,
     progress: bool,
     config_file: str | None = None,
+    retry_failed: bool = False,
 ) -> int:
     from listsync.ingest import pollers
 
@@ -62,6 +63,7 @@ def sync(
         allow_mass_unsubscribe=allow_mass_unsubscribe,
         recreate_missing_lists=recreate_missing_lists,
         reconcile=reconcile,
+        retry_failed=retry_failed,
     )
     with sync_context(settings) as ctx:
         pollers.poll_configured_sources(ctx.factory, settings)
@@ -69,7 +71,10 @@ def sync(
         report = engine.run_once(ctx, options, progress=bar)
         if bar:
             bar.done()
-    print(report.summary())
+        with ctx.factory() as session:
+            breakdown = runs.audience_breakdown(session, report.run_id) if report.run_id else []
+            duration = runs.duration_seconds(session, report.run_id) if report.run_id else None
+    print(display.run_summary(report, breakdown, duration))
     return report.exit_code
 
 
@@ -122,6 +127,14 @@ def plan(settings: Settings, *, as_json: bool, sample: int = 0) -> int:
         print(json.dumps(result.as_json(), indent=2, default=str))
     else:
         print(display.plan_text(result, PLAN_COLUMNS))
+    return 0
+
+
+def run_history(settings: Settings, *, as_json: bool, limit: int, trigger: str | None) -> int:
+    startup.require_existing_database(settings.database_url)
+    with _database(settings) as (_engine, factory), factory() as session:
+        rows = runs.history(session, limit=limit, trigger=trigger)
+    print(json.dumps(rows, indent=2, default=str) if as_json else display.runs_table(rows))
     return 0
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from listsync.preview import Plan
+    from listsync.sync import RunReport
 
 DELIVERY_COLUMNS = ["action", "endpoint", "pending", "waiting_retry"]
 SAMPLE_COLUMNS = ["audience_key", "direction", "user_id", "email"]
@@ -47,3 +48,59 @@ def plan_text(plan: Plan, audience_columns: list[str]) -> str:
     if plan.folded:
         parts += ["", f"({plan.folded} inbox events were folded for this preview only; nothing was written)"]
     return "\n".join(parts)
+
+
+BREAKDOWN_COLUMNS = ["audience", "requests", "subscribed", "unsubscribed", "not_confirmed"]
+RECONCILE_COLUMNS = ["audience", "missing_resent", "extra_unsubscribed", "unknown_to_listsync", "adopted"]
+RUNS_COLUMNS = [
+    "run_id",
+    "started_at",
+    "duration_seconds",
+    "trigger",
+    "status",
+    "requests",
+    "members_changed",
+    "failures",
+    "events_delivered",
+    "events_failed",
+    "retrying",
+    "held",
+]
+
+
+def run_summary(report: RunReport, breakdown: list[dict[str, Any]], duration: float | None) -> str:
+    """What `listsync sync` prints once at the end: a headline, then small tables."""
+    from listsync import run_log
+
+    took = f" in {duration:.1f} s" if duration is not None else ""
+    lines = [f"run {report.run_id} finished{took}: {run_log.counts_text(report)}"]
+    if breakdown:
+        lines += ["", table(breakdown, BREAKDOWN_COLUMNS)]
+    if report.reconciled:
+        lines += ["", "reconciled (read back from Iterable):", table(_reconciled_rows(report), RECONCILE_COLUMNS)]
+    if report.held:
+        lines.append("held: " + ", ".join(report.held) + " (release with --allow-mass-unsubscribe)")
+    if report.missing_lists:
+        lines.append("lists missing in Iterable: " + ", ".join(report.missing_lists))
+    lines += report.errors
+    if report.fatal:
+        lines.append(report.fatal)
+    return "\n".join(lines)
+
+
+def _reconciled_rows(report: RunReport) -> list[dict[str, Any]]:
+    return [
+        {
+            "audience": key,
+            "missing_resent": found.get("missing", 0),
+            "extra_unsubscribed": found.get("extra", 0),
+            "unknown_to_listsync": found.get("unknown_added", 0),
+            "adopted": found.get("adopted", 0),
+        }
+        for key, found in report.reconciled.items()
+    ]
+
+
+def runs_table(rows: list[dict[str, Any]]) -> str:
+    shown = [{**row, "started_at": str(row["started_at"])[:19].replace("T", " ")} for row in rows]
+    return table(shown, RUNS_COLUMNS, "(no runs yet)")
