@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands = _Subcommands(db.add_subparsers(dest="db_command", required=True, metavar="ACTION"), common)
     db_commands.add_parser("upgrade", help="apply the migrations")
     db_commands.add_parser("current", help="print the schema revision")
+    db_commands.add_parser("prune", help="delete what the [retention] settings no longer keep")
     return parser
 
 

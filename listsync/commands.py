@@ -150,9 +150,25 @@ def db(settings: Settings, action: str) -> int:
         dbs.upgrade(settings.database_url)
         print("database is at the latest schema revision")
         return 0
+    if action == "prune":
+        return _prune(settings)
     from alembic import command
 
     command.current(dbs.alembic_config(settings.database_url))
+    return 0
+
+
+def _prune(settings: Settings) -> int:
+    from datetime import UTC, datetime
+
+    from listsync.db import retention
+
+    startup.require_existing_database(settings.database_url)
+    with _database(settings) as (_engine, factory):
+        pruned = retention.prune(
+            factory, settings.retention, datetime.now(UTC), actions_enabled=settings.actions.enabled
+        )
+    print(f"pruned {pruned.text()}")
     return 0
 
 

@@ -190,6 +190,16 @@ class ActionsSettings(Section):
         return mapping.compile_all(self.specs())
 
 
+class RetentionSettings(Section):
+    """How long finished work is kept; 0 keeps it forever. `listsync db prune` and the daemon apply it."""
+
+    inbox_days: float = Field(14.0, ge=0)
+    request_items_days: float = Field(30.0, ge=0)
+    runs_days: float = Field(90.0, ge=0)
+    rejected_days: float = Field(90.0, ge=0)
+    prune_interval_seconds: float = Field(3600.0, gt=0)
+
+
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
@@ -222,6 +232,7 @@ class Settings(BaseSettings):
     sources: SourcesSettings = Field(default_factory=SourcesSettings)
     actions: ActionsSettings = Field(default_factory=ActionsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -150,6 +150,8 @@ def _serve(settings: Settings, ctx: sync.SyncContext, stopping: threading.Event)
             settings.sync.reconcile_interval_seconds,
             lambda: _run_serialized(ctx, sync.RunOptions(trigger="reconcile", reconcile=True)),
         )
+    prune_every = settings.retention.prune_interval_seconds
+    _schedule(scheduler, "prune", prune_every, _one_replica(ctx, "prune", prune_every, lambda: _prune(ctx)))
     server = receiver.ReceiverServer.for_settings(settings, ctx.factory) if settings.receiver.enabled else None
     if server:
         _start_receiver(server, settings)
@@ -163,6 +165,14 @@ def _serve(settings: Settings, ctx: sync.SyncContext, stopping: threading.Event)
     if server:
         server.stop()
     scheduler.shutdown(wait=True)
+
+
+def _prune(ctx: sync.SyncContext) -> None:
+    from listsync.db import retention
+
+    retention.prune(
+        ctx.factory, ctx.settings.retention, ctx.clock(), actions_enabled=ctx.settings.actions.enabled
+    )
 
 
 def _start_receiver(server: Any, settings: Settings) -> None:
