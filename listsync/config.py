@@ -200,6 +200,10 @@ class RetentionSettings(Section):
     prune_interval_seconds: float = Field(3600.0, gt=0)
 
 
+class HealthSettings(Section):
+    max_sync_lag_seconds: float = Field(900.0, ge=0)  # GET /health says sync_lag beyond this; 0: never
+
+
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
@@ -233,6 +237,7 @@ class Settings(BaseSettings):
     actions: ActionsSettings = Field(default_factory=ActionsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
 
     @classmethod
     def settings_customise_sources(
