@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument(
         "--reconcile", action="store_true", help="read each list back from Iterable and repair drift"
     )
-    sync.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    sync.add_argument("--no-progress", action="store_true", help="no progress display (bars on a terminal, periodic lines otherwise)")
     sync.add_argument(
         "--retry-failed", action="store_true", help="send again the members and events that failed for good"
     )
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ingest", help="read Segment-format NDJSON events (FILE, FILE.gz or - for stdin)"
     )
     ingest.add_argument("file", metavar="FILE")
+    ingest.add_argument("--no-progress", action="store_true", help="no progress display")
     status = commands.add_parser("status", help="a table per audience (the audience_status view)")
     status.add_argument("--json", action="store_true", help="print the rows as JSON")
     plan = commands.add_parser("plan", help="what the next sync would send, without sending")
@@ -145,7 +146,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             config_file=args.config,
             retry_failed=args.retry_failed,
         ),
-        "ingest": lambda: commands.ingest(settings, args.file),
+        "ingest": lambda: commands.ingest(settings, args.file, progress=not args.no_progress),
         "status": lambda: commands.status(settings, as_json=args.json),
         "plan": lambda: commands.plan(settings, as_json=args.json, sample=args.sample),
         "runs": lambda: commands.run_history(

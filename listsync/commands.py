@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from listsync import display, startup
+from listsync import progress as progress_display
 from listsync import sync as engine
 from listsync.config import Settings
 from listsync.db import backlog, repo, runs
@@ -67,10 +68,12 @@ def sync(
     )
     with sync_context(settings) as ctx:
         pollers.poll_configured_sources(ctx.factory, settings)
-        bar = _ProgressBar() if progress and sys.stderr.isatty() else None
-        report = engine.run_once(ctx, options, progress=bar)
-        if bar:
-            bar.done()
+        if progress:
+            bars = progress_display.Display(terminal=sys.stderr.isatty())
+            with bars.shown(), progress_display.SyncMonitor(ctx.factory, bars) as monitor:
+                report = engine.run_once(ctx, options, progress=monitor.advance)
+        else:
+            report = engine.run_once(ctx, options)
         with ctx.factory() as session:
             breakdown = runs.audience_breakdown(session, report.run_id) if report.run_id else []
             duration = runs.duration_seconds(session, report.run_id) if report.run_id else None
@@ -78,12 +81,17 @@ def sync(
     return report.exit_code
 
 
-def ingest(settings: Settings, path: str) -> int:
+def ingest(settings: Settings, path: str, *, progress: bool = True) -> int:
     from listsync.ingest import pollers
 
     with _database(settings) as (_engine, factory):
         try:
-            counts = pollers.ingest_path(factory, path)
+            if progress:
+                bars = progress_display.Display(terminal=sys.stderr.isatty())
+                with bars.shown(), progress_display.IngestMonitor(factory, bars):
+                    counts = pollers.ingest_path(factory, path)
+            else:
+                counts = pollers.ingest_path(factory, path)
         except OSError as exc:
             print(f"listsync: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
             return 2
@@ -184,18 +192,3 @@ def render_table(rows: list[dict[str, Any]], columns: list[str], empty: str = "(
 
 def _cell(value: Any) -> str:
     return "" if value is None else str(value)
-
-
-class _ProgressBar:
-    """A one-line progress counter on stderr for terminals."""
-
-    def __init__(self) -> None:
-        self.sent = 0
-
-    def __call__(self, audience_key: str, members: int) -> None:
-        self.sent += members
-        sys.stderr.write(f"\r{audience_key}: {self.sent} member changes sent")
-        sys.stderr.flush()
-
-    def done(self) -> None:
-        sys.stderr.write("\n")
