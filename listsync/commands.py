@@ -13,7 +13,6 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from listsync import display, startup
-from listsync import progress as progress_display
 from listsync import sync as engine
 from listsync.config import Settings
 from listsync.db import backlog, repo, runs
@@ -69,6 +68,8 @@ def sync(
     with sync_context(settings) as ctx:
         pollers.poll_configured_sources(ctx.factory, settings)
         if progress:
+            from listsync import progress as progress_display  # rich: only for the verbs that draw
+
             bars = progress_display.Display(terminal=sys.stderr.isatty())
             with bars.shown(), progress_display.SyncMonitor(ctx.factory, bars) as monitor:
                 report = engine.run_once(ctx, options, progress=monitor.advance)
@@ -87,6 +88,8 @@ def ingest(settings: Settings, path: str, *, progress: bool = True) -> int:
     with _database(settings) as (_engine, factory):
         try:
             if progress:
+                from listsync import progress as progress_display
+
                 bars = progress_display.Display(terminal=sys.stderr.isatty())
                 with bars.shown(), progress_display.IngestMonitor(factory, bars):
                     counts = pollers.ingest_path(factory, path)
