@@ -12,9 +12,10 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from listsync import display, startup
 from listsync import sync as engine
 from listsync.config import Settings
-from listsync.db import repo
+from listsync.db import backlog, repo, runs
 from listsync.db import session as dbs
 from listsync.iterable.client import client_from_settings
 
@@ -36,9 +37,11 @@ def sync_context(settings: Settings) -> Iterator[engine.SyncContext]:
         yield engine.SyncContext(settings=settings, factory=factory, client=client)
 
 
-def daemon(settings: Settings) -> int:
+def daemon(settings: Settings, *, config_file: str | None = None) -> int:
     from listsync import daemon as daemon_module
 
+    startup.log_startup("daemon", settings, config_file)
+    startup.warn_dev_write_key(settings)
     return daemon_module.run(settings)
 
 
@@ -49,31 +52,49 @@ def sync(
     recreate_missing_lists: bool,
     reconcile: bool,
     progress: bool,
+    config_file: str | None = None,
+    retry_failed: bool = False,
 ) -> int:
     from listsync.ingest import pollers
 
+    startup.log_startup("sync", settings, config_file)
     options = engine.RunOptions(
         trigger="sync",
         allow_mass_unsubscribe=allow_mass_unsubscribe,
         recreate_missing_lists=recreate_missing_lists,
         reconcile=reconcile,
+        retry_failed=retry_failed,
     )
     with sync_context(settings) as ctx:
         pollers.poll_configured_sources(ctx.factory, settings)
-        bar = _ProgressBar() if progress and sys.stderr.isatty() else None
-        report = engine.run_once(ctx, options, progress=bar)
-        if bar:
-            bar.done()
-    print(report.summary())
+        if progress:
+            from listsync import progress as progress_display  # rich: only for the verbs that draw
+
+            bars = progress_display.Display(terminal=sys.stderr.isatty())
+            with bars.shown(), progress_display.SyncMonitor(ctx.factory, bars) as monitor:
+                report = engine.run_once(ctx, options, progress=monitor.advance)
+        else:
+            report = engine.run_once(ctx, options)
+        with ctx.factory() as session:
+            breakdown = runs.audience_breakdown(session, report.run_id) if report.run_id else []
+            duration = runs.duration_seconds(session, report.run_id) if report.run_id else None
+    print(display.run_summary(report, breakdown, duration))
     return report.exit_code
 
 
-def ingest(settings: Settings, path: str) -> int:
+def ingest(settings: Settings, path: str, *, progress: bool = True) -> int:
     from listsync.ingest import pollers
 
     with _database(settings) as (_engine, factory):
         try:
-            counts = pollers.ingest_path(factory, path)
+            if progress:
+                from listsync import progress as progress_display
+
+                bars = progress_display.Display(terminal=sys.stderr.isatty())
+                with bars.shown(), progress_display.IngestMonitor(factory, bars):
+                    counts = pollers.ingest_path(factory, path)
+            else:
+                counts = pollers.ingest_path(factory, path)
         except OSError as exc:
             print(f"listsync: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
             return 2
@@ -97,16 +118,34 @@ PLAN_COLUMNS = ["audience_key", "list_id", "subscribe", "unsubscribe", "requests
 
 
 def status(settings: Settings, *, as_json: bool) -> int:
+    startup.require_existing_database(settings.database_url)
     with _database(settings) as (_engine, factory), factory() as session:
         rows = repo.audience_status(session)
+        waiting = backlog.backlog(session)
     _print_rows(rows, STATUS_COLUMNS, as_json)
+    if not as_json:
+        print(display.backlog_line(waiting, actions_enabled=settings.actions.enabled))
     return 0
 
 
-def plan(settings: Settings, *, as_json: bool) -> int:
+def plan(settings: Settings, *, as_json: bool, sample: int = 0) -> int:
+    from listsync import preview
+
+    startup.require_existing_database(settings.database_url)
     with sync_context(settings) as ctx:
-        rows = engine.preview(ctx)
-    _print_rows(rows, PLAN_COLUMNS, as_json)
+        result = preview.plan(ctx, sample=sample)
+    if as_json:
+        print(json.dumps(result.as_json(), indent=2, default=str))
+    else:
+        print(display.plan_text(result, PLAN_COLUMNS))
+    return 0
+
+
+def run_history(settings: Settings, *, as_json: bool, limit: int, trigger: str | None) -> int:
+    startup.require_existing_database(settings.database_url)
+    with _database(settings) as (_engine, factory), factory() as session:
+        rows = runs.history(session, limit=limit, trigger=trigger)
+    print(json.dumps(rows, indent=2, default=str) if as_json else display.runs_table(rows))
     return 0
 
 
@@ -122,15 +161,31 @@ def db(settings: Settings, action: str) -> int:
         dbs.upgrade(settings.database_url)
         print("database is at the latest schema revision")
         return 0
+    if action == "prune":
+        return _prune(settings)
     from alembic import command
 
     command.current(dbs.alembic_config(settings.database_url))
     return 0
 
 
-def render_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+def _prune(settings: Settings) -> int:
+    from datetime import UTC, datetime
+
+    from listsync.db import retention
+
+    startup.require_existing_database(settings.database_url)
+    with _database(settings) as (_engine, factory):
+        pruned = retention.prune(
+            factory, settings.retention, datetime.now(UTC), actions_enabled=settings.actions.enabled
+        )
+    print(f"pruned {pruned.text()}")
+    return 0
+
+
+def render_table(rows: list[dict[str, Any]], columns: list[str], empty: str = "(no audiences yet)") -> str:
     if not rows:
-        return "(no audiences yet)"
+        return empty
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
@@ -140,18 +195,3 @@ def render_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def _cell(value: Any) -> str:
     return "" if value is None else str(value)
-
-
-class _ProgressBar:
-    """A one-line progress counter on stderr for terminals."""
-
-    def __init__(self) -> None:
-        self.sent = 0
-
-    def __call__(self, audience_key: str, members: int) -> None:
-        self.sent += members
-        sys.stderr.write(f"\r{audience_key}: {self.sent} member changes sent")
-        sys.stderr.flush()
-
-    def done(self) -> None:
-        sys.stderr.write("\n")

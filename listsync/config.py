@@ -25,11 +25,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from listsync import mapping
+from listsync import config_env, mapping
 from listsync.domain import ProjectType
 from listsync.errors import ConfigError
 
@@ -208,6 +208,20 @@ class StatusPageSettings(Section):
         return self
 
 
+class RetentionSettings(Section):
+    """How long finished work is kept; 0 keeps it forever. `listsync db prune` and the daemon apply it."""
+
+    inbox_days: float = Field(14.0, ge=0)
+    request_items_days: float = Field(30.0, ge=0)
+    runs_days: float = Field(90.0, ge=0)
+    rejected_days: float = Field(90.0, ge=0)
+    prune_interval_seconds: float = Field(3600.0, gt=0)
+
+
+class HealthSettings(Section):
+    max_sync_lag_seconds: float = Field(900.0, ge=0)  # GET /health says sync_lag beyond this; 0: never
+
+
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
@@ -241,6 +255,8 @@ class Settings(BaseSettings):
     actions: ActionsSettings = Field(default_factory=ActionsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     status_page: StatusPageSettings = Field(default_factory=StatusPageSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
 
     @model_validator(mode="after")
     def _status_page_has_its_own_token(self) -> Settings:
@@ -304,10 +320,13 @@ def load_settings(explicit: str | os.PathLike[str] | None = None) -> Settings:
     """Build Settings from the chosen file and the environment, or raise one clear ConfigError."""
     path = config_path(explicit)
     data = _read_toml(path) if path else {}
+    config_env.check(Settings, os.environ)
     try:
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path)) from None
+    except SettingsError as exc:  # a value config_env.check could not foresee; still one line
+        raise ConfigError(f"invalid environment variable: {exc}") from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -322,8 +341,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _describe(exc: ValidationError, path: Path | None) -> str:
     """One line naming each bad key and what is expected; values of secret keys are not echoed."""
-    where = f" in {path}" if path else ""
-    parts = []
+    parts, from_file = [], False
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"])
         message = error["msg"].removeprefix("Value error, ")
@@ -331,7 +349,10 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
             message = "unknown key"
         elif not _is_secret_key(key) and "input" in error and not isinstance(error["input"], dict):
             message += f" (got {error['input']!r})"
-        parts.append(f"{key}: {message}")
+        variable = config_env.variable_for(tuple(error["loc"]), os.environ)
+        from_file = from_file or variable is None
+        parts.append(f"{key} (environment variable {variable}): {message}" if variable else f"{key}: {message}")
+    where = f" in {path}" if path and from_file else ""
     return f"invalid configuration{where}: " + "; ".join(parts)
 
 

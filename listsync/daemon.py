@@ -25,7 +25,7 @@ from listsync.config import Settings
 from listsync.db import repo
 from listsync.db import session as dbs
 from listsync.db.session import transaction
-from listsync.errors import ListsyncError
+from listsync.errors import ConfigError, ListsyncError
 from listsync.iterable.client import client_from_settings
 
 if TYPE_CHECKING:
@@ -155,13 +155,15 @@ def _serve(settings: Settings, ctx: sync.SyncContext, stopping: threading.Event)
             settings.sync.reconcile_interval_seconds,
             lambda: _run_serialized(ctx, sync.RunOptions(trigger="reconcile", reconcile=True)),
         )
+    prune_every = settings.retention.prune_interval_seconds
+    _schedule(scheduler, "prune", prune_every, _one_replica(ctx, "prune", prune_every, lambda: _prune(ctx)))
     page = web.status_page(settings)
     server = _receiver_server(settings, ctx, page) if settings.receiver.enabled else None
     if server:
-        server.start()
+        _start_listening(server, "receiver", settings.receiver.host, settings.receiver.port)
     page_server = _status_page_server(settings, page)
     if page_server:
-        page_server.start()
+        _start_listening(page_server, "status_page", settings.status_page.host, settings.status_page.port)
     scheduler.start()
     logger.info(
         "listsync daemon running",
@@ -195,6 +197,25 @@ def _status_page_server(settings: Settings, page: StatusPage | None) -> Receiver
         return None
     host, port = settings.status_page.host, settings.status_page.port
     return receiver.ReceiverServer(page.app, host=host, port=port, name="status_page")
+
+
+def _prune(ctx: sync.SyncContext) -> None:
+    from listsync.db import retention
+
+    retention.prune(
+        ctx.factory, ctx.settings.retention, ctx.clock(), actions_enabled=ctx.settings.actions.enabled
+    )
+
+
+def _start_listening(server: Any, section: str, host: str, port: int) -> None:
+    """A port in use or a host that cannot be bound is a configuration problem: one line, exit 2."""
+    try:
+        server.start()
+    except OSError as exc:
+        raise ConfigError(
+            f"the {section.replace('_', ' ')} cannot listen on {host}:{port} ({section}.host, {section}.port): "
+            f"{exc.strerror or exc}"
+        ) from None
 
 
 def _install_signal_handlers(stopping: threading.Event) -> None:

@@ -92,6 +92,15 @@ def deliver_pending(ctx: sync.SyncContext, *, now_fn: Callable[[], datetime] | N
     return report
 
 
+def route_pending(ctx: sync.SyncContext) -> int:
+    """Route new inbox events to their actions without sending anything; returns how many were
+    routed. `listsync plan` calls it inside a transaction it rolls back."""
+    report = DeliveryReport()
+    if ctx.settings.actions.enabled:
+        _route_all(ctx, ctx.settings.actions.compiled(), report, ctx.clock)
+    return report.routed
+
+
 # --- routing ----------------------------------------------------------------------------------------
 
 

@@ -92,7 +92,37 @@ class BacklogCollector(Collector):
             inbox.add_metric(
                 [], session.scalar(text("SELECT count(*) FROM inbox WHERE applied_at IS NULL")) or 0
             )
-        yield from (pending, failed, lag, inbox)
+            operator = list(_operator_gauges(session))
+        yield from (pending, failed, lag, inbox, *operator)
+
+
+def _operator_gauges(session: Session) -> Iterator[GaugeMetricFamily]:
+    """Last successful run, event-delivery backlog and failures: what the example alerts watch."""
+    from listsync.db import backlog, health_queries
+
+    last_ok = health_queries.last_successful_run_at(session)
+    yield GaugeMetricFamily(
+        "listsync_last_successful_run_timestamp_seconds",
+        "End of the last sync run that finished without a fatal error (Unix time; 0: none yet).",
+        value=last_ok.timestamp() if last_ok else 0.0,
+    )
+    waiting = backlog.backlog(session)
+    deliveries = GaugeMetricFamily(
+        "listsync_event_deliveries", "Event deliveries by state (pending includes waiting_retry).", labels=["state"]
+    )
+    for state, column in (
+        ("pending", "deliveries_pending"),
+        ("waiting_retry", "deliveries_waiting_retry"),
+        ("failed", "deliveries_failed"),
+    ):
+        deliveries.add_metric([state], waiting[column])
+    yield deliveries
+    run = health_queries.last_finished_run(session)
+    yield GaugeMetricFamily(
+        "listsync_last_run_failed",
+        "1 when the last finished run ended on a fatal error (refused API key, Iterable unreachable).",
+        value=1.0 if run is not None and run.status == "failed" else 0.0,
+    )
 
 
 def _oldest_pending(session: Session) -> list[tuple[str, datetime]]:

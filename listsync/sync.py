@@ -25,10 +25,10 @@ from typing import NoReturn
 from sqlalchemy.orm import Session, sessionmaker
 
 from listsync import membership as rules
-from listsync import planner
+from listsync import planner, run_log
 from listsync.config import AudienceSettings, Settings
 from listsync.db import models as m
-from listsync.db import repo
+from listsync.db import repo, retry, runs
 from listsync.db.session import transaction
 from listsync.domain import Desired, Direction, ProjectType, Synced
 from listsync.errors import AuthError, IterableError, ListNotFoundError, PermanentError, RetryableError
@@ -68,6 +68,7 @@ class RunOptions:
     allow_mass_unsubscribe: bool = False
     recreate_missing_lists: bool = False
     reconcile: bool = False
+    retry_failed: bool = False
 
 
 @dataclass
@@ -188,6 +189,8 @@ def run_once(
     """Apply the inbox, then send until no audience has work that is due."""
     report = RunReport(dry_run=ctx.client.is_dry_run)
     apply_all(ctx)
+    if options.retry_failed:
+        _retry_failed(ctx)
     with transaction(ctx.factory) as session:
         report.run_id = repo.start_run(session, trigger=options.trigger, owner=ctx.owner, now=ctx.clock())
     if options.recreate_missing_lists:
@@ -202,8 +205,20 @@ def run_once(
         report.requests += events.requests
         report.events_retrying = events.retrying
         report.fatal = events.fatal
-    _finish(ctx, report)
+    _finish(ctx, report, options.trigger)
     return report
+
+
+def _retry_failed(ctx: SyncContext) -> None:
+    with transaction(ctx.factory) as session:
+        members = retry.retry_failed_members(session, ctx.clock())
+        events = retry.retry_failed_deliveries(session, ctx.clock())
+    logger.info(
+        "retrying what failed: %d members, %d event deliveries",
+        members,
+        events,
+        extra={"event": "retry_failed", "members": members, "deliveries": events},
+    )
 
 
 def _passes(ctx: SyncContext, options: RunOptions, report: RunReport, progress: Progress | None) -> None:
@@ -797,8 +812,9 @@ def _reconcile(ctx: SyncContext, audience: m.Audience, list_id: int) -> dict[str
     return found
 
 
-def _finish(ctx: SyncContext, report: RunReport) -> None:
+def _finish(ctx: SyncContext, report: RunReport, trigger: str) -> None:
     status = m.RunStatus.FAILED if report.fatal else m.RunStatus.OK
+    duration = None
     with transaction(ctx.factory) as session:
         # Counted at the end, not as failures happen: a later pass of this run may have delivered
         # members that an earlier pass had to put back.
@@ -815,9 +831,18 @@ def _finish(ctx: SyncContext, report: RunReport) -> None:
                 failed=report.failed,
                 summary=report.summary(),
             )
-    logger.info(
-        "sync run finished: %s", report.summary(), extra={"event": "run_finished", "run_id": report.run_id}
-    )
+            runs.record_outcome(
+                session,
+                report.run_id,
+                held=report.held,
+                events_delivered=report.events_delivered,
+                events_failed=report.events_failed,
+                retrying=report.retrying,
+            )
+            duration = runs.duration_seconds(session, report.run_id)
+            if trigger == "daemon" and run_log.is_idle(report):
+                runs.forget(session, report.run_id)
+    run_log.log_finished(report, trigger=trigger, duration=duration)
 
 
 def preview(ctx: SyncContext) -> list[dict[str, object]]:

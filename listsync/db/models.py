@@ -225,6 +225,7 @@ class InboxEvent(Base):
             sqlite_where=text("routed_at IS NULL"),
             postgresql_where=text("routed_at IS NULL"),
         ),
+        Index("ix_inbox_received_at", "received_at"),
         {"comment": "Accepted raw events, committed before the receiver answers 200."},
     )
 
@@ -331,6 +332,18 @@ class SyncRun(Base):
     unsubscribed: Mapped[int] = mapped_column(Integer, default=0, comment="members confirmed out")
     failed: Mapped[int] = mapped_column(Integer, default=0, comment="members that failed for good")
     summary: Mapped[str | None] = mapped_column(Text, comment="human summary or the error that ended it")
+    held: Mapped[str | None] = mapped_column(
+        Text, comment="audiences held by the mass-unsubscribe guard in this run, comma-separated"
+    )
+    events_delivered: Mapped[int] = mapped_column(
+        Integer, default=0, server_default="0", comment="event deliveries Iterable accepted"
+    )
+    events_failed: Mapped[int] = mapped_column(
+        Integer, default=0, server_default="0", comment="event deliveries that failed for good"
+    )
+    retrying: Mapped[int] = mapped_column(
+        Integer, default=0, server_default="0", comment="members and events waiting for a retry at the end"
+    )
 
 
 class ApiRequest(Base):

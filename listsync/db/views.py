@@ -78,3 +78,48 @@ FROM event_deliveries d
 
 # Created by revision 0002, apart from VIEWS (which revision 0001 creates from this module).
 DELIVERY_VIEWS = {"event_status": EVENT_STATUS}
+
+# Created by revision 0004. One row: work accepted but not done yet, beside the audiences.
+SYNC_BACKLOG = """
+CREATE VIEW sync_backlog AS
+SELECT (SELECT count(*) FROM inbox WHERE applied_at IS NULL) AS inbox_unapplied,
+       (SELECT min(received_at) FROM inbox WHERE applied_at IS NULL) AS oldest_unapplied_at,
+       (SELECT count(*) FROM inbox WHERE routed_at IS NULL) AS inbox_unrouted,
+       (SELECT count(*) FROM event_deliveries WHERE state = 'pending') AS deliveries_pending,
+       (SELECT count(*) FROM event_deliveries WHERE state = 'pending' AND next_attempt_at IS NOT NULL)
+           AS deliveries_waiting_retry,
+       (SELECT count(*) FROM event_deliveries WHERE state = 'failed') AS deliveries_failed
+"""
+
+# Seconds between two UTC timestamps, in each database's own date arithmetic.
+_DURATION = {
+    "sqlite": "ROUND((julianday(r.finished_at) - julianday(r.started_at)) * 86400.0, 3)",
+    "postgresql": "ROUND(CAST(EXTRACT(EPOCH FROM (r.finished_at - r.started_at)) AS numeric), 3)",
+}
+
+RUN_HISTORY = """
+CREATE VIEW run_history AS
+SELECT r.id AS run_id,
+       r.started_at AS started_at,
+       {duration} AS duration_seconds,
+       r.trigger AS trigger,
+       r.status AS status,
+       r.requests AS requests,
+       r.subscribed + r.unsubscribed AS members_changed,
+       r.failed AS failures,
+       r.held AS held,
+       r.events_delivered AS events_delivered,
+       r.events_failed AS events_failed,
+       r.retrying AS retrying,
+       r.subscribed AS subscribed,
+       r.unsubscribed AS unsubscribed,
+       r.finished_at AS finished_at,
+       r.owner AS owner,
+       r.summary AS summary
+FROM sync_runs r
+"""
+
+
+def operator_views(dialect: str) -> dict[str, str]:
+    """The views of revision 0004, in the given dialect's SQL."""
+    return {"sync_backlog": SYNC_BACKLOG, "run_history": RUN_HISTORY.format(duration=_DURATION[dialect])}

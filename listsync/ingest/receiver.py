@@ -2,7 +2,7 @@
 point their `host` at listsync.
 
 Routes: `POST /v1/identify|track|page|screen|group|alias|batch`, the one-letter aliases
-`/v1/i|t|p|s|g|a|b` that Segment's browser library (analytics.js) posts to, and `GET /health`.
+`/v1/i|t|p|s|g|a|b` that Segment's browser library (analytics.js) posts to, and `GET /health` (listsync.health).
 `POST /v1/webhook` takes what Segment's Webhooks destinations send (see `_WebhookHandler`).
 segment-analytics-python only ever posts gzip-or-plain JSON to `{host}/v1/batch` with Basic auth
 and the key repeated as `writeKey` in the body.
@@ -54,7 +54,6 @@ from typing import Any
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
-from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
@@ -65,7 +64,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from listsync import metrics
+from listsync import health, metrics
 from listsync.config import Settings
 from listsync.db.session import transaction
 from listsync.domain import Rejection
@@ -146,7 +145,7 @@ def build_app(
         Route(f"/v1/{name}", handler.endpoint(kind), methods=["POST"]) for name, kind in _ENDPOINTS.items()
     ]
     routes.append(_webhook_route(settings, handler))
-    routes.append(Route("/health", handler.health, methods=["GET"]))
+    routes += health.routes(settings, factory)
     routes.append(Route("/metrics", _metrics_endpoint(factory), methods=["GET"]))
     return Starlette(routes=routes)
 
@@ -175,11 +174,6 @@ class _Handler:
             return outcome.response()
 
         return receive
-
-    async def health(self, _request: Request) -> Response:
-        if await run_in_threadpool(_database_answers, self._factory):
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "unavailable"}, status_code=503)
 
     async def _receive(self, request: Request, path_type: str | None) -> _Outcome:
         header_key = _header_write_key(request.headers.get("authorization"))
@@ -302,20 +296,6 @@ def _first_reason(items: Sequence[extract.BodyItem], now: datetime) -> str:
     if isinstance(checked, Rejection):
         return checked.reason
     return "rejected: every event of the body was rejected"
-
-
-def _database_answers(factory: sessionmaker[Session]) -> bool:
-    try:
-        with factory() as session:
-            session.execute(text("SELECT 1"))
-    except SQLAlchemyError as exc:
-        logger.warning(
-            "health check: database unreachable: %s",
-            type(exc).__name__,
-            extra={"event": "receiver_health_failed"},
-        )
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -616,8 +616,16 @@ class IterableClient:
         return error
 
     def _log_success(self, endpoint: str, sent: _Sent, items: int) -> None:
-        logger.info(
-            "iterable request",
+        # List calls are few and worth a line each; one line per single-event call would bury the
+        # log under thousands of deliveries, whose counts the run summary reports instead.
+        level = logging.INFO if "/lists" in endpoint or items > 1 else logging.DEBUG
+        logger.log(
+            level,
+            "iterable request %s: HTTP %s, %d items, %d ms",
+            endpoint,
+            sent.verdict.status,
+            items,
+            sent.elapsed_ms,
             extra={
                 "event": "iterable_request",
                 "endpoint": endpoint,

@@ -2,7 +2,9 @@
 
     python -m tests.emulator --port 9999 --project-type hybrid --api-key KEY
 
-Point listsync's Iterable base URL at the printed address. Stop with Ctrl-C.
+Run it with the virtual environment's Python from the repository root (`.venv/bin/python -m
+tests.emulator`). Point listsync's Iterable base URL at the printed address; `GET /_emulator` shows
+its lists with their members. Stop with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import argparse
 import threading
 
-from tests.emulator.server import EmulatorServer
+from tests.emulator.server import OVERVIEW_PATH, EmulatorServer
 from tests.emulator.state import DEFAULT_API_KEY, IterableEmulator
 from tests.emulator.users import PROJECT_TYPES
 
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         emulator.disable_rate_limits()
     with EmulatorServer(emulator, host=args.host, port=args.port) as server:
         print(f"Iterable emulator ({args.project_type} project) listening on {server.url}", flush=True)
+        print(f"lists and members: curl {server.url}{OVERVIEW_PATH}", flush=True)
         try:
             threading.Event().wait()
         except KeyboardInterrupt:

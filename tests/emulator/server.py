@@ -12,6 +12,7 @@ closed server.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import sys
 import threading
@@ -25,6 +26,8 @@ from tests.emulator.replies import Reply
 from tests.emulator.state import IterableEmulator
 
 IDLE_TIMEOUT_SECONDS = 60.0
+# Not an Iterable endpoint and needs no API key: lists with their members, for a person to look at.
+OVERVIEW_PATH = "/_emulator"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -47,6 +50,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         body = self._read_body()
         target = urlsplit(self.path)
+        if self.command == "GET" and target.path.rstrip("/") == OVERVIEW_PATH:
+            self._send(Reply(200, json.dumps(self.server.emulator.overview(), indent=2).encode()))
+            return
         query = dict(parse_qsl(target.query, keep_blank_values=True))
         headers = dict(self.headers.items())
         reply = self.server.emulator.handle(self.command, unquote(target.path), query, headers, body)

@@ -347,6 +347,27 @@ class IterableEmulator:
         with self._lock:
             return {(user.email, user.user_id) for user in self._members(list_id)}
 
+    def overview(self) -> dict[str, Any]:
+        """Every list with its members, and counts of users, events and purchases: what a person
+        developing against the emulator wants to look at (served at GET /_emulator)."""
+        with self._lock:
+            lists = [
+                {
+                    "id": record.id,
+                    "name": record.name,
+                    "members": [{"email": u.email, "userId": u.user_id} for u in self._members(record.id)],
+                }
+                for record in sorted(self.list_records.values(), key=lambda r: r.id)
+            ]
+            return {
+                "project_type": self.project_type,
+                "lists": lists,
+                "users": len(self.store.users),
+                "events": len(self.event_records),
+                "purchases": len(self.purchase_records),
+                "requests": len(self._requests),
+            }
+
     def list_member_emails(self, list_id: int) -> set[str]:
         """Emails of the list's members (members without one are left out)."""
         return {email for email, _ in self.list_members(list_id) if email is not None}

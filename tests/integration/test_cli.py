@@ -141,7 +141,7 @@ def test_ingest_plan_sync_status_round_trip(
     # plan: per-audience counts, nothing sent
     code, out, _ = run_cli(capsys, config, "plan", "--json")
     assert code == 0
-    plan = {row["audience_key"]: row for row in json.loads(out)}
+    plan = {row["audience_key"]: row for row in json.loads(out)["audiences"]}
     assert (plan["vip"]["subscribe"], plan["vip"]["unsubscribe"]) == (3, 0)
     assert (plan["churn"]["subscribe"], plan["churn"]["unsubscribe"]) == (1, 0)
     code, out, _ = run_cli(capsys, config, "plan")
@@ -161,7 +161,7 @@ def test_ingest_plan_sync_status_round_trip(
     run_cli(capsys, config, "ingest", str(events))
     before = len(emu.requests)
     code, out, _ = run_cli(capsys, config, "plan", "--json")
-    plan = {row["audience_key"]: row for row in json.loads(out)}
+    plan = {row["audience_key"]: row for row in json.loads(out)["audiences"]}
     assert (plan["vip"]["subscribe"], plan["vip"]["unsubscribe"], plan["vip"]["list_id"]) == (0, 1, vip)
     assert (plan["churn"]["subscribe"], plan["churn"]["unsubscribe"]) == (0, 0)
     assert len(emu.requests) == before

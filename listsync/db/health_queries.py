@@ -1,0 +1,56 @@
+"""The reads behind GET /health and the operator gauges of /metrics. Each is one cheap query:
+partial indexes find the oldest pending rows without reading the others."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from listsync.db import models as m
+
+
+def last_finished_run(session: Session) -> Any:
+    r = m.SyncRun
+    stmt = (
+        select(r.id, r.status, r.summary, r.finished_at)
+        .where(r.finished_at.is_not(None))
+        .order_by(r.id.desc())
+        .limit(1)
+    )
+    return session.execute(stmt).one_or_none()
+
+
+def last_successful_run_at(session: Session) -> datetime | None:
+    r = m.SyncRun
+    return session.scalar(select(func.max(r.finished_at)).where(r.status == m.RunStatus.OK))
+
+
+def oldest_waiting_work(session: Session) -> datetime | None:
+    """Since when the oldest accepted work has waited: an unapplied inbox event (since it was
+    received), a pending delivery (since it was routed), or a pending member (since it became
+    pending). Members are looked at through the pending index, the first PENDING_SAMPLE of them:
+    the oldest rows come first there, and a full scan of a large backlog on every probe would cost
+    more than the answer is worth."""
+    inbox, d, ms = m.InboxEvent, m.EventDelivery, m.Membership
+    first_unapplied = select(func.min(inbox.id)).where(inbox.applied_at.is_(None)).scalar_subquery()
+    first_pending = select(func.min(d.id)).where(d.state == m.DeliveryState.PENDING).scalar_subquery()
+    members = (
+        select(ms.updated_at)
+        .where(ms.state == m.MemberState.PENDING)
+        .order_by(ms.audience_id, ms.id)
+        .limit(PENDING_SAMPLE)
+        .subquery()
+    )
+    candidates = [
+        session.scalar(select(inbox.received_at).where(inbox.id == first_unapplied)),
+        session.scalar(select(d.created_at).where(d.id == first_pending)),
+        session.scalar(select(func.min(members.c.updated_at))),
+    ]
+    found = [stamp for stamp in candidates if stamp is not None]
+    return min(found) if found else None
+
+
+PENDING_SAMPLE = 10_000
