@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Select, case, func, select, text
+from sqlalchemy import ColumnElement, Select, case, func, select, text
 from sqlalchemy.orm import Session
 
 from listsync.db import models as m
@@ -176,12 +176,12 @@ def _with_counts(session: Session, audiences: Sequence[m.Audience]) -> list[Audi
 _COMBOS = list(itertools.product(m.MemberState, Desired, [*Synced, None]))
 
 
-def _member_counts(session: Session, audience_ids: Sequence[int]) -> dict[int, dict[str, object]]:
+def _member_counts(session: Session, audience_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
     """The audience_status view's counts, plus the newest and oldest-pending change times."""
     return {audience_id: _counts_of(session, audience_id) for audience_id in audience_ids}
 
 
-def _counts_of(session: Session, audience_id: int) -> dict[str, object]:
+def _counts_of(session: Session, audience_id: int) -> dict[str, Any]:
     """One statement of scalar subqueries, each an equality range of ix_memberships_status: a
     count(*) per combination (SQLite steps the index without comparing keys, several times faster
     than one GROUP BY over the same rows), and the first or last desired_at of a range, which is
@@ -374,7 +374,7 @@ def failed_members_page(
 # --- rejected events and deliveries -------------------------------------------------------------
 
 
-def _reason_code(dialect: str) -> object:
+def _reason_code(dialect: str) -> ColumnElement[str]:
     """The code before the first ':' of a dead letter's reason ('code: explanation')."""
     d = m.DeadLetter.reason
     if dialect == "postgresql":
@@ -388,7 +388,7 @@ def rejected_groups(
     """Dead letters received since `since`, grouped by reason code, largest group first, each with
     its latest few rows (payloads were scrubbed of secrets when stored)."""
     d = m.DeadLetter
-    code = _reason_code(session.get_bind().dialect.name).label("code")  # type: ignore[attr-defined]
+    code = _reason_code(session.get_bind().dialect.name).label("code")
     stmt = (
         select(code, func.count().label("n"), func.max(d.received_at).label("last_at"))
         .where(d.received_at >= since)
@@ -409,7 +409,7 @@ def _samples(session: Session, code: str, since: datetime, limit: int) -> list[R
     reason_code = _reason_code(session.get_bind().dialect.name)
     stmt = (
         select(d)
-        .where(d.received_at >= since, reason_code == code)  # type: ignore[operator]
+        .where(d.received_at >= since, reason_code == code)
         .order_by(d.received_at.desc(), d.id.desc())
         .limit(limit)
     )

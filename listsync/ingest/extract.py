@@ -409,6 +409,8 @@ def _path_text(path: tuple[Any, ...]) -> str:
 
 def _check_size(raw: Mapping[str, Any], encoded_size: int | None) -> None:
     size = _encoded_size(raw) if encoded_size is None else encoded_size
+    if size is None:  # too deep to encode; `_check_values` refuses it first
+        raise _Invalid(f"too_deep: the event is nested more than {MAX_DEPTH} levels deep")
     if size > MAX_EVENT_BYTES:
         raise _Invalid(f"event_too_large: {size} bytes > {MAX_EVENT_BYTES}")
 
@@ -711,7 +713,7 @@ def _json_type(value: Any) -> str:
         return "boolean"
     if isinstance(value, int | float):
         return "number"
-    names = {str: "string", list: "list", dict: "object"}
+    names: dict[type, str] = {str: "string", list: "list", dict: "object"}
     return names.get(type(value), type(value).__name__)
 
 

@@ -372,7 +372,7 @@ def _advance(session: Session, file_id: int, expected: int, lines_read: int) -> 
         .where(m.SourceFile.id == file_id, m.SourceFile.lines_read == expected)
         .values(lines_read=lines_read)
     )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def _complete(session: Session, file_id: int, now: datetime) -> None:
@@ -559,7 +559,7 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else str(value)
 
 
-def _invalid(counts: SqlSyncCounts, reason: str) -> None:
+def _invalid(counts: SqlSyncCounts, reason: str) -> dict[str, str] | None:
     counts.invalid += 1
     if counts.invalid <= 5:  # enough to diagnose; a bad column would otherwise log every row
         logger.warning(
@@ -686,7 +686,7 @@ def _emit_page(
         ]
         if events:
             counts.events.add(_accept_events(session, events, now))
-    return rows
+    return list(rows)
 
 
 def _held_audiences(conn: Connection, present: Sequence[str]) -> list[str]:

@@ -18,7 +18,7 @@ def _nice_max(value: float) -> float:
     """The top of an axis with four gridline steps of 1, 2 or 5 times a power of ten."""
     if value <= 0:
         return 4.0
-    step = 10 ** math.floor(math.log10(value / 4))
+    step = 10.0 ** math.floor(math.log10(value / 4))
     for factor in (1, 2, 5, 10):
         if factor * step * 4 >= value:
             return factor * step * 4
