@@ -67,7 +67,8 @@ class Request:
     user_id: str | None
     email: str | None
     iterable_id: str | None = None
-    new_email: str | None = None  # explicit newEmail: users/updateEmail after the update
+    new_email: str | None = None  # explicit newEmail: the profile's email is changed to it
+    update_only: bool = False  # users/bulkUpdate's updateOnly (Iterable enables it per project)
 
 
 @dataclass(frozen=True)
@@ -228,22 +229,22 @@ def _user_object(fields: Mapping[str, Any]) -> dict[str, Any]:
     _optional(user, "email", _email(fields.get("email")))
     _optional(user, "userId", _user_id(fields.get("userId")))
     data = convert_dates(_object(fields.get("dataFields"), "dataFields"))
-    phone = fields.get("phoneNumber")
-    if phone is not None:
-        data["phoneNumber"] = str(phone)
+    if "phoneNumber" in fields:
+        phone = fields["phoneNumber"]
+        data["phoneNumber"] = None if phone is None else str(phone)  # null clears the SMS number
     user["dataFields"] = data
     user["mergeNestedObjects"] = fields.get("mergeNestedObjects") is True
     return user
 
 
 def _upsert_user(mapping: ActionMapping, fields: Mapping[str, Any], endpoint: str) -> Request:
+    """users/update, or one users/bulkUpdate item. newEmail is carried beside the body: delivery
+    changes the email the way the project type wants (`identity.email_update`) in both modes,
+    where Segment's batch mode writes dataFields.email and works in hybrid projects only."""
     user = _user_object(fields)
     new_email = _email(fields.get("newEmail"))
-    if new_email is not None and mapping.batch:
-        # bulkUpdate has no newEmail; Segment writes it into dataFields.email (hybrid projects).
-        user["dataFields"]["email"] = new_email
-        new_email = None
-    return Request(endpoint, user, user.get("userId"), user.get("email"), None, new_email)
+    update_only = mapping.batch and fields.get("updateOnly") is True
+    return Request(endpoint, user, user.get("userId"), user.get("email"), None, new_email, update_only)
 
 
 # --- events -----------------------------------------------------------------------------------------

@@ -115,7 +115,8 @@ def test_upsert_user_new_email_single_and_batched() -> None:
     assert isinstance(single, Request) and single.new_email == "b@x.com" and "newEmail" not in single.body
     batched = actions.build(mapping.compile_mapping(MappingSpec(**{**spec.__dict__, "batch": True})), event)
     assert isinstance(batched, Request) and batched.endpoint == "users/bulkUpdate"
-    assert batched.new_email is None and batched.body["dataFields"]["email"] == "b@x.com"
+    # delivery changes the email per project type (identity.email_update), in both modes
+    assert batched.new_email == "b@x.com" and batched.body["dataFields"]["email"] == "a@x.com"
 
 
 def test_custom_event_body_with_campaign_and_template() -> None:
