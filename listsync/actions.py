@@ -388,18 +388,28 @@ def build(
     project_type: ProjectType = ProjectType.HYBRID,
     pages: PageSettings = PageSettings(),
 ) -> Request | Skip | None:
-    """The request `mapping` sends for `event` (which carries messageId and timestamp)."""
+    """The request `mapping` sends for `event` (which carries messageId and timestamp). An event
+    naming neither an email nor a userId is refused with that reason by every action, in single
+    and batch mode alike, before anything else is checked."""
+    if mapping.classic_pages and event.get("type") in ("page", "screen") and page_event_name(event, pages) is None:
+        return None  # a page call the classic page settings do not track
     try:
-        request = _build(mapping, event, pages)
+        fields = mapping.resolve(event)
+        email, user_id = _identifiers(mapping, fields)
+        return _check_identity(email, user_id, project_type) or _build(mapping, event, fields, pages)
     except _Invalid as exc:
         return Skip(str(exc), failed=True)
-    if request is None:
-        return None
-    return _check_identity(request.email, request.user_id, project_type) or request
 
 
-def _build(mapping: ActionMapping, event: Mapping[str, Any], pages: PageSettings) -> Request | None:
-    fields = mapping.resolve(event)
+def _identifiers(mapping: ActionMapping, fields: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    if mapping.action in (ActionKind.TRACK_PURCHASE, ActionKind.CART_UPDATES):
+        fields = _object(fields.get("user"), "user")
+    return _email(fields.get("email")), _user_id(fields.get("userId"))
+
+
+def _build(
+    mapping: ActionMapping, event: Mapping[str, Any], fields: Mapping[str, Any], pages: PageSettings
+) -> Request | None:
     if mapping.action is ActionKind.UPSERT_USER:
         return _upsert_user(mapping, fields, ENDPOINTS[(ActionKind.UPSERT_USER, mapping.batch)])
     if mapping.action is ActionKind.CUSTOM_EVENT:
