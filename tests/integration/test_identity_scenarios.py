@@ -233,3 +233,27 @@ def test_events_out_of_order_and_replayed(database_url: str, project: tuple[Iter
         check(ctx, emu, "vip", per_type(emu, {"u1@x.com", "u2@x.com"}, {"u1", "u2"}, {"u1", "u2"}))
         if emu.project_type != "email":
             assert {r["email"] for r in members(ctx, "vip")} == {"u1@x.com", "u2@x.com"}
+
+
+def test_rows_left_by_earlier_releases_for_one_user_id_are_merged(
+    database_url: str, hybrid: tuple[IterableEmulator, str]
+) -> None:
+    """Two memberships for one userId (what the headline bug left behind; here made by running as
+    an email project) become one when the next event about that userId arrives, and the exit
+    then removes the profile."""
+    emu, url = hybrid
+    with sync_context(settings(database_url, url, "email")) as ctx:
+        ingest(ctx, [audience_event("vip", inside=True, user_id="l5", email="l5@example.com", at=1)])
+        run(ctx)
+        ingest(ctx, [audience_event("vip", inside=True, user_id="l5", email="l5-new@example.com", at=2)])
+        run(ctx)
+        assert len(members(ctx, "vip")) == 2
+    with sync_context(settings(database_url, url, "hybrid")) as ctx:
+        ingest(ctx, [audience_event("vip", inside=False, user_id="l5", email="l5-new@example.com", at=3)])
+        run(ctx)
+        assert listed_user_ids(emu, "vip") == set()
+        rows = members(ctx, "vip")
+        assert [(r["user_id"], r["email"], r["desired"], r["synced"]) for r in rows] == [
+            ("l5", "l5-new@example.com", "out", "out")], rows
+        (unsub,) = emu.requests_to("lists/unsubscribe")
+        assert unsub.body["subscribers"] == [{"userId": "l5"}]
