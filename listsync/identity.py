@@ -69,13 +69,21 @@ def resolve(project_type: ProjectType, event: Identity, candidates: Mapping[int,
     return _resolve_by_email(event, candidates)
 
 
-def _ids(candidates: Mapping[int, Identity], user_id: str | None | bool = False,
-         email: str | None | bool = False) -> list[int]:
-    """Row ids whose userId / email equal the given ones (False: any)."""
+class _Any:
+    """Matches any identifier in `_ids` (None already means "absent")."""
+
+
+_ANY = _Any()
+
+
+def _ids(
+    candidates: Mapping[int, Identity], user_id: str | None | _Any = _ANY, email: str | None | _Any = _ANY
+) -> list[int]:
+    """Row ids whose userId / email equal the given ones, in id order."""
     return sorted(
         i
         for i, who in candidates.items()
-        if (user_id is False or who.user_id == user_id) and (email is False or who.email == email)
+        if (user_id is _ANY or who.user_id == user_id) and (email is _ANY or who.email == email)
     )
 
 
