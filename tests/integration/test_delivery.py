@@ -139,7 +139,7 @@ def test_custom_mapping_through_the_receiver_path(database_url: str, emulator: t
 def test_refusals_and_unsendable_events_are_recorded(database_url: str, emulator: tuple[IterableEmulator, str]) -> None:
     emu, url = emulator
     emu.invalid_emails.add("bad@example.com")
-    with sync_context(make_settings(database_url, url)) as ctx:
+    with sync_context(make_settings(database_url, url, actions={"batching": False})) as ctx:
         ingest(ctx, [
             _event("identify", "r1", userId="u1", traits={"email": "bad@example.com"}),
             _event("track", "r2", anonymousId="anon", event="Viewed"),
@@ -173,7 +173,7 @@ def test_a_retrying_event_holds_later_events_of_the_same_user(
 ) -> None:
     emu, url = emulator
     emu.add_fault(FaultRule(endpoint="events/track", kind="status", status=503, count=2))
-    settings = make_settings(database_url, url, iterable={"max_attempts": 1})
+    settings = make_settings(database_url, url, iterable={"max_attempts": 1}, actions={"batching": False})
     with sync_context(settings) as ctx:
         ingest(ctx, [_event("track", f"o{i}", userId="u1" if i % 2 == 0 else "u2", event=f"E{i}") for i in range(6)])
         first = delivery.deliver_pending(ctx)
