@@ -289,12 +289,14 @@ class _Sender:
         new_email = explicit or row.email or ""
         if change is not None and change.endpoint == identity.UPDATE_EMAIL:
             self._flush_user(row.user_key)
-            if row.user_key in self.blocked or not self._attempt([row], self._update_email(change, new_email), settle=False):
+            if row.user_key in self.blocked:
                 return False
+            if not self._attempt([row], self._update_email(change, new_email), settle=False):
+                return False
+            if row.user_id:
+                self.known_emails[row.user_id] = new_email
         if explicit:
             row.body, row.email = {**row.body, "email": new_email}, new_email
-        if row.user_id:
-            self.known_emails[row.user_id] = new_email
         return True
 
     def _update_email(self, change: identity.EmailUpdate, new_email: str) -> Callable[[], None]:
