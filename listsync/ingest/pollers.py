@@ -55,7 +55,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from listsync.config import Settings
 from listsync.db import models as m
 from listsync.db.session import transaction
-from listsync.domain import Desired, Rejection
+from listsync.domain import Desired, ProjectType, Rejection
 from listsync.ingest import extract
 from listsync.ingest.accept import IngestCounts, accept_items, apply_inbox
 
@@ -325,8 +325,9 @@ def poll_sql(
                 _create_snapshot(conn)
                 _load_snapshot(conn, source, query, now, chunk, counts)
                 present = _present_audiences(conn)
-                _emit_enters(conn, now, chunk, counts)
-                _emit_exits(conn, present, now, chunk, counts)
+                by_user_id = settings.iterable.project_type is not ProjectType.EMAIL
+                _emit_enters(conn, now, chunk, counts, by_user_id)
+                _emit_exits(conn, present, now, chunk, counts, by_user_id)
                 counts.held = _held_audiences(conn, present)
             finally:
                 with conn.begin():
@@ -433,22 +434,24 @@ def _present_audiences(conn: Connection) -> list[str]:
         return list(conn.scalars(select(_snapshot.c.audience_key).distinct()))
 
 
-def _same_member(t: Any, member: Any) -> Any:
+def _same_member(t: Any, member: Any, by_user_id: bool) -> Any:
     """A snapshot row and a membership are the same subscriber by the rules `identity.resolve`
-    folds deltas with: the same userId (an email missing on either side does not matter), or the
+    folds deltas with: the same userId (whatever the emails when a userId names the profile, as in
+    hybrid and userId projects; else an email missing on either side does not matter), or the
     same email where either side has no userId. Matching on the exact pair instead would make a
     query without an email column exit and re-enter members every poll."""
+    same_user = and_(t.user_id != "", member.c.user_id == t.user_id)
+    if not by_user_id:
+        same_user = and_(same_user, or_(t.email == "", member.c.email == "", member.c.email == t.email))
     return or_(
-        and_(
-            t.user_id != "",
-            member.c.user_id == t.user_id,
-            or_(t.email == "", member.c.email == "", member.c.email == t.email),
-        ),
+        same_user,
         and_(t.email != "", member.c.email == t.email, or_(t.user_id == "", member.c.user_id == "")),
     )
 
 
-def _emit_enters(conn: Connection, now: datetime, chunk: int, counts: SqlSyncCounts) -> None:
+def _emit_enters(
+    conn: Connection, now: datetime, chunk: int, counts: SqlSyncCounts, by_user_id: bool
+) -> None:
     """Snapshot rows whose member is not desired-in, page by page (keyset on seq)."""
     member = m.Membership.__table__
     audience = m.Audience.__table__
@@ -457,7 +460,7 @@ def _emit_enters(conn: Connection, now: datetime, chunk: int, counts: SqlSyncCou
         select(member.c.id)
         .select_from(member.join(audience, audience.c.id == member.c.audience_id))
         .where(
-            audience.c.audience_key == t.audience_key, member.c.desired == Desired.IN, _same_member(t, member)
+            audience.c.audience_key == t.audience_key, member.c.desired == Desired.IN, _same_member(t, member, by_user_id)
         )
     )
     after = 0
@@ -476,7 +479,7 @@ def _emit_enters(conn: Connection, now: datetime, chunk: int, counts: SqlSyncCou
 
 
 def _emit_exits(
-    conn: Connection, present: Sequence[str], now: datetime, chunk: int, counts: SqlSyncCounts
+    conn: Connection, present: Sequence[str], now: datetime, chunk: int, counts: SqlSyncCounts, by_user_id: bool
 ) -> None:
     """Desired-in members of audiences in the result that have no row in it (keyset on id)."""
     if not present:
@@ -484,7 +487,7 @@ def _emit_exits(
     member = m.Membership.__table__
     audience = m.Audience.__table__
     t = _snapshot.c
-    in_snapshot = exists().where(t.audience_key == audience.c.audience_key, _same_member(t, member))
+    in_snapshot = exists().where(t.audience_key == audience.c.audience_key, _same_member(t, member, by_user_id))
     after = 0
     while True:
         page = (
