@@ -694,8 +694,7 @@ def _record_failure(
 
 
 def _list_users(ctx: SyncContext, list_id: int, need_user_ids: bool) -> tuple[set[str], set[str]]:
-    """(emails, userIds) Iterable has in the list; getUsers is limited to 5 calls a minute. Hybrid
-    projects read both: a member is unsubscribed by userId and may have been subscribed by email."""
+    """(emails, userIds) Iterable has in the list; getUsers is limited to 5 calls a minute."""
     project_type = ctx.settings.iterable.project_type
     emails: set[str] = set()
     user_ids: set[str] = set()
@@ -703,7 +702,7 @@ def _list_users(ctx: SyncContext, list_id: int, need_user_ids: bool) -> tuple[se
         emails = {
             e.strip().lower() for e in ctx.client.get_list_users(list_id, prefer_user_id=False) if e.strip()
         }
-    if project_type is not ProjectType.EMAIL or need_user_ids:
+    if project_type is ProjectType.USER_ID or need_user_ids:
         user_ids = {u.strip() for u in ctx.client.get_list_users(list_id, prefer_user_id=True) if u.strip()}
     return emails, user_ids
 
@@ -733,7 +732,8 @@ def _resolve_in_flight(ctx: SyncContext, audience: m.Audience, report: RunReport
         return True
     try:
         with transaction(ctx.factory) as session:
-            need_ids = any(
+            # Hybrid projects unsubscribe by userId, so an in-doubt exit is looked up by userId.
+            need_ids = ctx.settings.iterable.project_type is ProjectType.HYBRID or any(
                 not s.email for ids in members.values() for s in repo.member_states(session, ids).values()
             )
         emails, user_ids = _list_users(ctx, audience.list_id, need_ids)
