@@ -69,7 +69,8 @@ class Request:
     user_id: str | None
     email: str | None
     iterable_id: str | None = None
-    new_email: str | None = None  # explicit newEmail: users/updateEmail after the update
+    new_email: str | None = None  # explicit newEmail: the profile's email is changed to it
+    update_only: bool = False  # users/bulkUpdate's updateOnly (Iterable enables it per project)
 
 
 @dataclass(frozen=True)
@@ -234,22 +235,22 @@ def _user_object(fields: Mapping[str, Any]) -> dict[str, Any]:
     _optional(user, "email", _email(fields.get("email")))
     _optional(user, "userId", _user_id(fields.get("userId")))
     data = convert_dates(_object(fields.get("dataFields"), "dataFields"))
-    phone = fields.get("phoneNumber")
-    if phone is not None:
-        data["phoneNumber"] = str(phone)
+    if "phoneNumber" in fields:
+        phone = fields["phoneNumber"]
+        data["phoneNumber"] = None if phone is None else str(phone)  # null clears the SMS number
     user["dataFields"] = data
     user["mergeNestedObjects"] = fields.get("mergeNestedObjects") is True
     return user
 
 
 def _upsert_user(mapping: ActionMapping, fields: Mapping[str, Any], endpoint: str) -> Request:
+    """users/update, or one users/bulkUpdate item. newEmail is carried beside the body: delivery
+    changes the email the way the project type wants (`identity.email_update`) in both modes,
+    where Segment's batch mode writes dataFields.email and works in hybrid projects only."""
     user = _user_object(fields)
     new_email = _email(fields.get("newEmail"))
-    if new_email is not None and mapping.batch:
-        # bulkUpdate has no newEmail; Segment writes it into dataFields.email (hybrid projects).
-        user["dataFields"]["email"] = new_email
-        new_email = None
-    return Request(endpoint, user, user.get("userId"), user.get("email"), None, new_email)
+    update_only = mapping.batch and fields.get("updateOnly") is True
+    return Request(endpoint, user, user.get("userId"), user.get("email"), None, new_email, update_only)
 
 
 # --- events -----------------------------------------------------------------------------------------
@@ -405,19 +406,26 @@ def build(
     project_type: ProjectType = ProjectType.HYBRID,
     pages: PageSettings = PageSettings(),
 ) -> Request | Skip | None:
-    """The request `mapping` sends for `event` (which carries messageId and timestamp)."""
+    """The request `mapping` sends for `event` (which carries messageId and timestamp). An event
+    naming neither an email nor a userId is refused with that reason by every action, in single
+    and batch mode alike, before anything else is checked."""
+    if mapping.classic_pages and event.get("type") in ("page", "screen") and page_event_name(event, pages) is None:
+        return None  # a page call the classic page settings do not track
     try:
-        request = _build(mapping, event, pages)
+        fields = mapping.resolve(event)
+        email, user_id = _identifiers(mapping, fields)
+        refused = _check_identity(email, user_id, project_type)
+        if refused is not None:
+            return refused
+        request = _build(mapping, event, fields, pages)
         if request is not None:
             _check_sendable(request)
+        return request
     except _Invalid as exc:
         return Skip(str(exc), failed=True)
     except (ValueError, TypeError, LookupError, ArithmeticError, RecursionError) as exc:
         # One event's odd data must fail that delivery alone, never the routing of the others.
         return Skip(f"invalid_event: {type(exc).__name__}: {str(exc)[:200]}", failed=True)
-    if request is None:
-        return None
-    return _check_identity(request.email, request.user_id, project_type) or request
 
 
 MAX_ITERABLE_ID_LENGTH = 512  # event_deliveries.event_id
@@ -434,8 +442,15 @@ def _check_sendable(request: Request) -> None:
         raise _Invalid(f"invalid_field: the event id is longer than {MAX_ITERABLE_ID_LENGTH} characters")
 
 
-def _build(mapping: ActionMapping, event: Mapping[str, Any], pages: PageSettings) -> Request | None:
-    fields = mapping.resolve(event)
+def _identifiers(mapping: ActionMapping, fields: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    if mapping.action in (ActionKind.TRACK_PURCHASE, ActionKind.CART_UPDATES):
+        fields = _object(fields.get("user"), "user")
+    return _email(fields.get("email")), _user_id(fields.get("userId"))
+
+
+def _build(
+    mapping: ActionMapping, event: Mapping[str, Any], fields: Mapping[str, Any], pages: PageSettings
+) -> Request | None:
     if mapping.action is ActionKind.UPSERT_USER:
         return _upsert_user(mapping, fields, ENDPOINTS[(ActionKind.UPSERT_USER, mapping.batch)])
     if mapping.action is ActionKind.CUSTOM_EVENT:

@@ -156,7 +156,7 @@ class ActionsSettings(Section):
     track_all_pages: bool = False
     track_categorized_pages: bool = False
     track_named_pages: bool = False
-    batching: bool = False
+    batching: bool = True  # Segment's enable_batching default for Upsert User and Custom Event
     max_attempts: int = Field(10, ge=1, le=1000)
     mappings: list[MappingSettings] = Field(default_factory=list, max_length=mapping.MAX_MAPPINGS)
 

@@ -33,7 +33,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from listsync import actions, sync
+from listsync import actions, identity, sync
 from listsync.db import models as m
 from listsync.db import repo
 from listsync.db.session import transaction
@@ -48,9 +48,13 @@ ROUTE_BATCH = 1000
 PAGE_SIZE = 1000
 MAX_PASSES = 50
 LEASE_NAME = "event_deliveries"
-# Iterable answers these from updateEmail when the old address is not (or no longer) there; the
+UPSERT_ENDPOINTS = frozenset({"users/update", "users/bulkUpdate"})
+# Kept in a delivery's stored body beside the request, never sent in it.
+_DIRECTIVE_KEYS = ("newEmail", "updateOnly")
+# Iterable answers these from updateEmail when the old address is not (or no longer) there, or
+# when the new one already has a profile of its own (a list subscribe may have made it); the
 # update that follows creates or finds the user, so they are not failures of the event.
-_UNKNOWN_USER_CODES = frozenset({"UnknownEmailError", "UnknownUserIdError"})
+_TOLERATED_UPDATE_EMAIL_CODES = frozenset({"UnknownEmailError", "UnknownUserIdError", "EmailAlreadyExists"})
 
 
 @dataclass
@@ -169,12 +173,19 @@ def _delivery_row(
     body = dict(built.body)
     if built.new_email:
         body["newEmail"] = built.new_email  # kept with the body; taken out again before sending
+    if built.update_only:
+        body["updateOnly"] = True
     return {**values, "state": m.DeliveryState.PENDING, "last_error": None, "endpoint": built.endpoint,
             "body": body, "user_key": built.user_id or built.email or "", "user_id": built.user_id,
             "email": built.email, "iterable_id": built.iterable_id}
 
 
 # --- sending ----------------------------------------------------------------------------------------
+
+
+def wire_body(body: dict[str, Any]) -> dict[str, Any]:
+    """The stored body as Iterable gets it, without listsync's own directives."""
+    return {key: value for key, value in body.items() if key not in _DIRECTIVE_KEYS}
 
 
 @dataclass
@@ -208,10 +219,11 @@ class _Sender:
     def __init__(self, ctx: sync.SyncContext, report: DeliveryReport, clock: Callable[[], datetime]) -> None:
         self.ctx = ctx
         self.client = ctx.client
+        self.project_type = ctx.settings.iterable.project_type
         self.report = report
         self.clock = clock
         self.blocked: set[str] = set()
-        self.batches: dict[str, list[_Row]] = defaultdict(list)
+        self.batches: dict[tuple[str, bool], list[_Row]] = defaultdict(list)  # (endpoint, updateOnly)
         self.known_emails: dict[str, str] = {}
         self.outcomes: list[dict[str, Any]] = []
 
@@ -238,16 +250,17 @@ class _Sender:
                 self.blocked.add(row.user_key)  # its later rows wait behind it
                 continue
             self._one(row)
-        for endpoint in list(self.batches):
-            self._flush(endpoint)
+        for key in list(self.batches):
+            self._flush(key)
 
     def _one(self, row: _Row) -> None:
-        if row.endpoint in ("users/update", "users/bulkUpdate") and not self._move_email(row):
+        if row.endpoint in UPSERT_ENDPOINTS and not self._move_email(row):
             return
         if row.endpoint in actions.BULK_ENDPOINTS:
-            self.batches[row.endpoint].append(row)
-            if len(self.batches[row.endpoint]) >= PAGE_SIZE:
-                self._flush(row.endpoint)
+            key = (row.endpoint, row.body.get("updateOnly") is True)
+            self.batches[key].append(row)
+            if len(self.batches[key]) >= PAGE_SIZE:
+                self._flush(key)
             return
         self._flush_user(row.user_key)
         if row.user_key not in self.blocked:
@@ -255,13 +268,11 @@ class _Sender:
 
     def _flush_user(self, user_key: str) -> None:
         """Send the open batches holding this user first, so a single call cannot overtake them."""
-        for endpoint, rows in list(self.batches.items()):
+        for key, rows in list(self.batches.items()):
             if any(r.user_key == user_key for r in rows):
-                self._flush(endpoint)
+                self._flush(key)
 
     def _single(self, row: _Row) -> None:
-        body = dict(row.body)
-        new_email = body.pop("newEmail", None)
         call = {
             "users/update": self.client.update_user,
             "events/track": self.client.track_event,
@@ -269,32 +280,46 @@ class _Sender:
             "commerce/updateCart": self.client.update_cart,
         }[row.endpoint]
         self.report.requests += 1
-        call(body)
-        if new_email:
-            self.report.requests += 1
-            self.client.update_email(new_email=new_email, current_email=row.email, current_user_id=row.user_id)
-            row.email = new_email
+        call(wire_body(row.body))
 
     def _move_email(self, row: _Row) -> bool:
-        """users/updateEmail first when a known userId arrives with a new email; False if the row
-        failed or must wait."""
-        old = self.known_emails.get(row.user_id or "")
-        if not row.user_id or not row.email or not old or old == row.email:
-            return True
-        self._flush_user(row.user_key)
-        if row.user_key in self.blocked:
-            return False
+        """Change the profile's email before its update: for an explicit newEmail, or when a known
+        userId arrives with another email than it was last delivered with. `identity.email_update`
+        says how: users/updateEmail in email-based projects; elsewhere the update by userId carries
+        the new email. False if the row failed or must wait."""
+        explicit = row.body.get("newEmail")
+        if explicit:
+            change = identity.email_update(self.project_type, row.user_id, row.email)
+        else:
+            old = self.known_emails.get(row.user_id or "")
+            if not row.user_id or not row.email or not old or old == row.email:
+                return True
+            change = identity.email_update(self.project_type, row.user_id, old)
+        new_email = explicit or row.email or ""
+        if change is not None and change.endpoint == identity.UPDATE_EMAIL:
+            self._flush_user(row.user_key)
+            if row.user_key in self.blocked:
+                return False
+            if not self._attempt([row], self._update_email(change, new_email), settle=False):
+                return False
+            if row.user_id:
+                self.known_emails[row.user_id] = new_email
+        if explicit:
+            row.body, row.email = {**row.body, "email": new_email}, new_email
+        return True
 
-        def move() -> None:
+    def _update_email(self, change: identity.EmailUpdate, new_email: str) -> Callable[[], None]:
+        def call() -> None:
             self.report.requests += 1
             try:
-                self.client.update_email(new_email=row.email or "", current_email=old, current_user_id=row.user_id)
+                self.client.update_email(
+                    new_email=new_email, current_email=change.current_email, current_user_id=change.current_user_id
+                )
             except PermanentError as exc:
-                if exc.code not in _UNKNOWN_USER_CODES:
+                if exc.code not in _TOLERATED_UPDATE_EMAIL_CODES:
                     raise
-            self.known_emails[row.user_id or ""] = row.email or ""
 
-        return self._attempt([row], move, settle=False)
+        return call
 
     def _attempt(self, rows: Sequence[_Row], call: Callable[[], object], *, settle: bool = True) -> bool:
         """Run one request for `rows` and record what it means for them; True on success."""
@@ -317,22 +342,26 @@ class _Sender:
                 self._delivered(row)
         return True
 
-    def _flush(self, endpoint: str) -> None:
-        rows = self.batches.pop(endpoint, [])
+    def _flush(self, key: tuple[str, bool]) -> None:
+        rows = self.batches.pop(key, [])
         if rows:
-            for chunk in chunk_by_limits(rows, size_of=lambda row: json_size(row.body)):
+            for chunk in chunk_by_limits(rows, size_of=lambda row: json_size(wire_body(row.body))):
                 # A user blocked by an earlier chunk's failure keeps its later rows back (per-user order).
                 ready = [row for row in chunk if row.user_key not in self.blocked]
                 if ready:
-                    self._send_bulk(endpoint, ready)
+                    self._send_bulk(key, ready)
 
-    def _send_bulk(self, endpoint: str, rows: Sequence[_Row]) -> None:
-        send = self.client.bulk_update_users if endpoint == "users/bulkUpdate" else self.client.track_bulk
+    def _send_bulk(self, key: tuple[str, bool], rows: Sequence[_Row]) -> None:
+        endpoint, update_only = key
+        items = [wire_body(row.body) for row in rows]
         result: list[BulkResult] = []
 
         def call() -> None:
             self.report.requests += 1
-            result.append(send([row.body for row in rows]))
+            if endpoint == "users/bulkUpdate":
+                result.append(self.client.bulk_update_users(items, update_only=update_only))
+            else:
+                result.append(self.client.track_bulk(items))
 
         if self._attempt(rows, call, settle=False):
             self._settle_bulk(rows, result[0])

@@ -14,8 +14,10 @@ from typing import Any
 
 
 class ProjectType(StrEnum):
-    """Iterable project identity model; "hybrid" also covers email-based projects."""
+    """Iterable's three project types (see `listsync.identity`). "hybrid" also serves email-based
+    projects, as Segment's setting does; "email" makes each email its own profile."""
 
+    EMAIL = "email"
     HYBRID = "hybrid"
     USER_ID = "userId"
 

@@ -61,6 +61,8 @@ ACTION_NAMES: dict[str, ActionKind] = {
     "Cart Updates": ActionKind.CART_UPDATES,
 }
 BATCHABLE = frozenset({ActionKind.UPSERT_USER, ActionKind.CUSTOM_EVENT})
+# Segment's schemas allow null only for phoneNumber: a `phone: null` trait clears the SMS number.
+NULLABLE_FIELDS = frozenset({"phoneNumber"})
 
 
 def path(expr: str) -> dict[str, str]:
@@ -115,9 +117,9 @@ DEFAULT_FIELDS: dict[ActionKind, dict[str, Any]] = {
     },
     ActionKind.CART_UPDATES: {"user": USER_DEFAULT, "items": path("$.properties.products")},
 }
-# Fields an action takes without a default mapping.
+# Fields an action takes without a default mapping (updateOnly: sent on users/bulkUpdate only).
 EXTRA_FIELDS: dict[ActionKind, frozenset[str]] = {
-    ActionKind.UPSERT_USER: frozenset({"newEmail"}),
+    ActionKind.UPSERT_USER: frozenset({"newEmail", "updateOnly"}),
     ActionKind.CUSTOM_EVENT: frozenset(),
     ActionKind.TRACK_PURCHASE: frozenset(),
     ActionKind.CART_UPDATES: frozenset(),
@@ -181,6 +183,12 @@ class Path(Value):
 
     def resolve(self, event: Event) -> Any:
         return lookup(event, self.steps)
+
+    def holds_null(self, event: Event) -> bool:
+        """The event has the key this path names, with the value null (not merely no key)."""
+        parent = lookup(event, self.steps[:-1]) if len(self.steps) > 1 else event
+        last = self.steps[-1]
+        return isinstance(parent, Mapping) and isinstance(last, str) and last in parent and parent[last] is None
 
 
 @dataclass(frozen=True)
@@ -510,9 +518,16 @@ class ActionMapping:
 
     def resolve(self, event: Event) -> dict[str, Any]:
         """The action's fields for this event; fields that resolve to nothing (or "") are left out,
-        as Segment drops empty top-level values before calling the action."""
-        resolved = ((name, value.resolve(event)) for name, value in self.fields)
-        return {name: value for name, value in resolved if value is not None and value != ""}
+        as Segment drops empty top-level values before calling the action, except an explicit null
+        in a field that allows it (NULLABLE_FIELDS)."""
+        out: dict[str, Any] = {}
+        for name, value in self.fields:
+            resolved = value.resolve(event)
+            if resolved is not None and resolved != "":
+                out[name] = resolved
+            elif name in NULLABLE_FIELDS and isinstance(value, Path) and value.holds_null(event):
+                out[name] = None
+        return out
 
 
 def action_kind(raw: str) -> ActionKind:

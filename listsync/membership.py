@@ -11,7 +11,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from listsync.domain import Desired, MembershipDelta, ProjectType, Synced
+from listsync import identity
+from listsync.domain import Desired, EmailChange, MembershipDelta, ProjectType, Synced
 
 PENDING, SYNCED, FAILED = "pending", "synced", "failed"
 
@@ -39,11 +40,20 @@ def newer(delta: MembershipDelta, current: MemberState) -> bool:
     return (delta.timestamp, delta.message_id) > (current.desired_at, current.desired_message_id)
 
 
+def current_identity(member: MemberState) -> identity.Identity:
+    return identity.identity(member.user_id, member.email)
+
+
+def synced_identity(member: MemberState) -> identity.Identity:
+    """The identifiers Iterable was last given for this member."""
+    return identity.identity(member.synced_user_id, member.synced_email)
+
+
 def identity_moved(member: MemberState, project_type: ProjectType) -> bool:
-    """A subscribed member whose identifiers changed since Iterable confirmed them (hybrid only)."""
-    if project_type is not ProjectType.HYBRID or member.synced is not Synced.IN:
+    """A subscribed member whose identifiers moved since Iterable confirmed them (`identity.stale`)."""
+    if member.synced is not Synced.IN:
         return False
-    return bool(member.synced_email) and member.synced_email != member.email
+    return identity.stale(project_type, current_identity(member), synced_identity(member))
 
 
 def needs_send(member: MemberState, project_type: ProjectType) -> bool:
@@ -106,6 +116,36 @@ def change_email(member: MemberState, email: str, project_type: ProjectType) -> 
     return replace(settle(moved, project_type), attempts=0, last_error=None)
 
 
+def split_email(
+    member: MemberState, change: EmailChange, project_type: ProjectType
+) -> tuple[MemberState, MemberState | None]:
+    """An email change in an email project: the old address's profile leaves the audience as of
+    the change, and (when the member was in) the new address's profile enters in its place."""
+    left = replace(member, desired=Desired.OUT, desired_at=change.timestamp, desired_message_id=change.message_id)
+    left = replace(settle(left, project_type), attempts=0, last_error=None)
+    if member.desired is not Desired.IN:
+        return left, None
+    entered = replace(
+        member, email=change.email, synced=None, synced_email=None, synced_user_id=None, attempts=0, last_error=None
+    )
+    return left, settle(entered, project_type)
+
+
+def absorb(member: MemberState, others: list[MemberState], project_type: ProjectType) -> MemberState:
+    """One membership for rows that name one Iterable profile: the latest desired state wins, and
+    what Iterable was given is kept if any of them is in the list, so an exit still removes it."""
+    latest = max([member, *others], key=lambda s: (s.desired_at, s.desired_message_id))
+    merged = replace(
+        member, desired=latest.desired, desired_at=latest.desired_at, desired_message_id=latest.desired_message_id
+    )
+    listed = next((s for s in [member, *others] if s.synced is Synced.IN), None)
+    if listed is not None:
+        merged = replace(
+            merged, synced=Synced.IN, synced_email=listed.synced_email, synced_user_id=listed.synced_user_id
+        )
+    return settle(merged, project_type)
+
+
 def confirm(
     member: MemberState, sent: Synced, email: str | None, user_id: str | None, project_type: ProjectType
 ) -> MemberState:
@@ -142,10 +182,10 @@ def retry_delay(attempts: int, base_seconds: float, max_seconds: float) -> float
     return float(min(max_seconds, base_seconds * 2 ** min(attempts - 1, 30)))
 
 
-def adopt_identity(member: MemberState, user_id: str, email: str, project_type: ProjectType) -> MemberState:
-    """The member with identifiers an event adds: a missing userId or email filled in (hybrid); in
-    userId projects the email is only a profile detail and follows the latest event."""
-    if project_type is ProjectType.USER_ID:
-        return replace(member, email=email) if email and email != member.email else member
-    filled = replace(member, user_id=member.user_id or user_id, email=member.email or email)
-    return filled if filled != member else member
+def adopt_identity(member: MemberState, who: identity.Identity, project_type: ProjectType) -> MemberState:
+    """The member with the identifiers `identity.adopt` chose; a failure caused by the old ones
+    (a missing userId, an unknown user) is cleared, as sending with the new ones may work."""
+    if who == current_identity(member):
+        return member
+    moved = replace(member, user_id=who.user_id or "", email=who.email or "")
+    return replace(settle(moved, project_type), attempts=0, last_error=None)

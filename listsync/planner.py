@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from listsync import identity
+from listsync.actions import convert_dates
 from listsync.domain import Desired, Direction, ProjectType, Synced
 from listsync.iterable.payloads import Subscriber, chunk_by_limits, json_size
 
@@ -102,27 +103,34 @@ def _route(
     subscribes: list[tuple[int, Subscriber]],
     unsubscribes: list[tuple[int, Subscriber]],
 ) -> None:
-    if member.desired is Desired.IN:
-        who = identity.identity(member.user_id, member.email)
-        reason = identity.missing_identifier(project_type, who)
-        if reason:
-            plan.unsendable.append((member.id, reason))
-            return
+    subscribing = member.desired is Desired.IN
+    if not subscribing and member.synced is not Synced.IN:
+        return
+    who = addressee(member, project_type, subscribing)
+    reason = identity.missing_identifier(project_type, identity.Identity(who.user_id, who.email))
+    if reason:
+        plan.unsendable.append((member.id, reason))
+    elif subscribing:
         fields = select_data_fields(member.data_fields, names)
-        subscribes.append((member.id, identity.subscriber_for_subscribe(project_type, who, fields)))
-    elif member.synced is Synced.IN:
-        # Remove what Iterable was given, which may differ from today's identifiers.
-        sent_before = member.synced_user_id or member.synced_email
-        who = (
-            identity.identity(member.synced_user_id, member.synced_email)
-            if sent_before
-            else identity.identity(member.user_id, member.email)
-        )
-        reason = identity.missing_identifier(project_type, who)
-        if reason:
-            plan.unsendable.append((member.id, reason))
-            return
-        unsubscribes.append((member.id, identity.subscriber_for_unsubscribe(project_type, who)))
+        subscribes.append((member.id, to_subscriber(who, fields)))
+    else:
+        unsubscribes.append((member.id, to_subscriber(who, None)))
+
+
+def addressee(member: PendingMember, project_type: ProjectType, subscribing: bool) -> identity.Addressee:
+    """Who a subscribe or unsubscribe for this member names, as `identity` decides it."""
+    current = identity.identity(member.user_id, member.email)
+    synced = identity.identity(member.synced_user_id, member.synced_email)
+    return identity.for_request(project_type, current, synced, subscribing)
+
+
+def to_subscriber(who: identity.Addressee, data_fields: Mapping[str, Any] | None) -> Subscriber:
+    return Subscriber(
+        email=who.email,
+        user_id=who.user_id,
+        data_fields=convert_dates(data_fields) if data_fields else None,
+        prefer_user_id=who.prefer_user_id,
+    )
 
 
 def _batches(direction: Direction, items: list[tuple[int, Subscriber]], batch_size: int) -> list[Batch]:

@@ -24,8 +24,8 @@ from typing import NoReturn
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from listsync import identity, planner, run_log
 from listsync import membership as rules
-from listsync import planner, run_log
 from listsync.config import AudienceSettings, Settings
 from listsync.db import models as m
 from listsync.db import repo, retry, runs
@@ -713,7 +713,7 @@ def _list_users(ctx: SyncContext, list_id: int, need_user_ids: bool) -> tuple[se
     project_type = ctx.settings.iterable.project_type
     emails: set[str] = set()
     user_ids: set[str] = set()
-    if project_type is ProjectType.HYBRID:
+    if project_type is not ProjectType.USER_ID:
         emails = {
             e.strip().lower() for e in ctx.client.get_list_users(list_id, prefer_user_id=False) if e.strip()
         }
@@ -726,12 +726,12 @@ def _in_list(who: Subscriber, emails: set[str], user_ids: set[str]) -> bool:
     return bool((who.email and who.email in emails) or (who.user_id and who.user_id in user_ids))
 
 
-def _sent_identity(state: rules.MemberState, subscribing: bool) -> Subscriber:
-    """Who an in-doubt request was about: today's identifiers for a subscribe, and for an
-    unsubscribe the ones Iterable had been given (the planner unsubscribes those)."""
-    if not subscribing and (state.synced_email or state.synced_user_id):
-        return Subscriber(email=state.synced_email or None, user_id=state.synced_user_id or None)
-    return Subscriber(email=state.email or None, user_id=state.user_id or None)
+def _sent_identity(state: rules.MemberState, subscribing: bool, project_type: ProjectType) -> Subscriber:
+    """Who an in-doubt request was about: what the planner sends for this member."""
+    who = identity.for_request(
+        project_type, rules.current_identity(state), rules.synced_identity(state), subscribing
+    )
+    return planner.to_subscriber(who, None)
 
 
 def _resolve_in_flight(ctx: SyncContext, audience: m.Audience, report: RunReport) -> bool:
@@ -747,7 +747,8 @@ def _resolve_in_flight(ctx: SyncContext, audience: m.Audience, report: RunReport
         return True
     try:
         with transaction(ctx.factory) as session:
-            need_ids = any(
+            # Hybrid projects unsubscribe by userId, so an in-doubt exit is looked up by userId.
+            need_ids = ctx.settings.iterable.project_type is ProjectType.HYBRID or any(
                 not s.email for ids in members.values() for s in repo.member_states(session, ids).values()
             )
         emails, user_ids = _list_users(ctx, audience.list_id, need_ids)
@@ -783,7 +784,7 @@ def _settle_request(
         updated: dict[int, rules.MemberState] = {}
         outcomes: dict[int, tuple[str, str | None]] = {}
         for member_id, state in states.items():
-            sent = _sent_identity(state, subscribing)
+            sent = _sent_identity(state, subscribing, project_type)
             applied = _in_list(sent, emails, user_ids) == subscribing
             outcomes[member_id] = ("applied" if applied else "not_applied", None)
             if applied:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, bindparam, case, func, or_, select, text, update
+from sqlalchemy import Select, and_, bindparam, case, delete, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -212,6 +212,7 @@ class _Members:
         self.by_user: dict[tuple[int, str], set[int]] = defaultdict(set)
         self.by_email: dict[tuple[int, str], set[int]] = defaultdict(set)
         self.dirty: set[int] = set()
+        self.removed: set[int] = set()
         self._next_new = -1
         for row in rows:
             self._index(row.id, row.audience_id, _to_state(row))
@@ -222,6 +223,14 @@ class _Members:
             self.by_user[(audience_id, state.user_id)].add(member_id)
         if state.email:
             self.by_email[(audience_id, state.email)].add(member_id)
+
+    def candidates(self, audience_id: int, who: identity.Identity) -> dict[int, identity.Identity]:
+        """Live memberships of the audience sharing a userId or an email with `who`, by their
+        current identifiers (an index entry may be older than the row it points to)."""
+        ids = self.by_user.get((audience_id, who.user_id or ""), set()) | self.by_email.get(
+            (audience_id, who.email or ""), set()
+        )
+        return {i: rules.current_identity(self.states[i]) for i in ids if i in self.states}
 
     def add(self, audience_id: int, state: rules.MemberState) -> None:
         member_id, self._next_new = self._next_new, self._next_new - 1
@@ -235,6 +244,16 @@ class _Members:
         self.states[member_id] = state
         self.dirty.add(member_id)
 
+    def absorb(self, member_id: int, others: Sequence[int], project_type: ProjectType) -> None:
+        """Merge rows of one Iterable profile into `member_id`; the others are deleted."""
+        merged = rules.absorb(self.states[member_id], [self.states[i] for i in others], project_type)
+        for other in others:
+            del self.states[other]
+            self.dirty.discard(other)
+            if other > 0:
+                self.removed.add(other)
+        self.put(member_id, merged)
+
 
 def apply_deltas(
     session: Session,
@@ -243,13 +262,9 @@ def apply_deltas(
     now: datetime,
 ) -> int:
     """Fold (audience_id, delta, data_fields) into memberships, in event-time order per member.
-    Returns how many memberships changed.
-
-    Each delta is matched to the subscriber(s) it is about by `identity.resolve`: the same userId
-    and email; else a row that lacked the identifier the delta now brings (a member first seen
-    without an email is still one member once the email is known); else every row of the one
-    identifier the delta has. Only then is a new row created.
-    """
+    Returns how many memberships changed. `identity.resolve` says which membership each delta
+    is about (and which rows name the same Iterable profile and are merged); only when none is
+    a new row created."""
     known = _Members(
         load_candidates(
             session,
@@ -263,7 +278,7 @@ def apply_deltas(
             continue
         _fold(known, audience_id, delta, fields, project_type)
     _write_members(session, known, now)
-    return len(known.dirty)
+    return len(known.dirty) + len(known.removed)
 
 
 def _fold(
@@ -273,27 +288,26 @@ def _fold(
     fields: dict[str, Any] | None,
     project_type: ProjectType,
 ) -> None:
-    user_id, email = delta.user_id or "", delta.email or ""
-    candidates = {
-        i: (known.states[i].user_id, known.states[i].email)
-        for i in known.by_user.get((audience_id, user_id), set())
-        | known.by_email.get((audience_id, email), set())
-    }
-    targets = identity.resolve(project_type, user_id, email, candidates)
-    if not targets:
+    who = identity.identity(delta.user_id, delta.email)
+    match = identity.resolve(project_type, who, known.candidates(audience_id, who))
+    if not match.targets:
         known.add(audience_id, rules.new_member(delta, fields, project_type))
         return
-    for member_id in targets:
+    if match.absorbed:
+        known.absorb(match.targets[0], match.absorbed, project_type)
+    for member_id in match.targets:
         state = known.states[member_id]
-        # In userId projects the email is a profile detail that must not go back in time.
-        if len(targets) == 1 and (project_type is ProjectType.HYBRID or rules.newer(delta, state)):
-            state = rules.adopt_identity(state, user_id, email, project_type)
+        if len(match.targets) == 1:
+            kept = identity.adopt(project_type, rules.current_identity(state), who, rules.newer(delta, state))
+            state = rules.adopt_identity(state, kept, project_type)
         updated = rules.apply_delta(state, delta, fields, project_type) or state
         if updated != known.states[member_id]:
             known.put(member_id, updated)
 
 
 def _write_members(session: Session, known: _Members, now: datetime) -> None:
+    if known.removed:
+        session.execute(delete(m.Membership).where(m.Membership.id.in_(sorted(known.removed))))
     inserts, updates = [], []
     # New members (negative ids: -1, -2, ...) are inserted in the order their events came.
     for member_id in sorted(known.dirty, key=lambda i: (i < 0, abs(i))):
@@ -320,13 +334,9 @@ def _write_members(session: Session, known: _Members, now: datetime) -> None:
 def apply_email_change(
     session: Session, change: EmailChange, project_type: ProjectType, now: datetime
 ) -> int:
-    """Move a user's single subscriber row per audience to the new email (hybrid projects only).
-
-    Several rows for one userId in an audience mean several addresses on purpose (Engage sends one
-    event per email), so those are left alone rather than guessed at.
-    """
-    if project_type is not ProjectType.HYBRID:
-        return 0
+    """A plain identify gave a userId a (possibly) new email: per audience, `identity.email_change`
+    says which membership that changes and whether it is renamed (the same Iterable profile) or
+    split (email projects: the old address's profile leaves, the new one's enters)."""
     stmt = select(m.Membership).where(m.Membership.user_id == change.user_id)
     rows = list(session.scalars(stmt.with_for_update() if _is_postgres(session) else stmt))
     by_audience: dict[int, list[m.Membership]] = defaultdict(list)
@@ -334,19 +344,52 @@ def apply_email_change(
         by_audience[row.audience_id].append(row)
     moved = 0
     for members in by_audience.values():
-        if len(members) != 1 or members[0].email in ("", change.email):
+        found = identity.email_change(
+            project_type, change.user_id, change.email, {r.id: identity.identity(r.user_id, r.email) for r in members}
+        )
+        if found is None:
             continue
-        row = members[0]
+        row = next(r for r in members if r.id == found[0])
         if row.email_at is not None and change.timestamp <= row.email_at:
             continue  # a late, older identify must not bring back an address the user left
-        state = rules.change_email(_to_state(row), change.email, project_type)
-        session.execute(
-            update(m.Membership)
-            .where(m.Membership.id == row.id)
-            .values(**_state_values(state), next_attempt_at=None, updated_at=now, email_at=change.timestamp)
-        )
+        if found[1] is identity.EmailEffect.RENAME:
+            _save_member(session, row.id, rules.change_email(_to_state(row), change.email, project_type), now, change)
+        elif not _split_email(session, row, change, project_type, now):
+            continue
         moved += 1
     return moved
+
+
+def _save_member(
+    session: Session, member_id: int, state: rules.MemberState, now: datetime, change: EmailChange
+) -> None:
+    session.execute(
+        update(m.Membership)
+        .where(m.Membership.id == member_id)
+        .values(**_state_values(state), next_attempt_at=None, updated_at=now, email_at=change.timestamp)
+    )
+
+
+def _split_email(
+    session: Session, row: m.Membership, change: EmailChange, project_type: ProjectType, now: datetime
+) -> bool:
+    """The old address leaves as of the change; the new address, unless it already has a
+    membership of its own, enters in its place. False when a later audience event outranks it."""
+    state = _to_state(row)
+    if (change.timestamp, change.message_id) <= (state.desired_at, state.desired_message_id):
+        return False
+    left, entered = rules.split_email(state, change, project_type)
+    _save_member(session, row.id, left, now, change)
+    taken = select(m.Membership.id).where(
+        m.Membership.audience_id == row.audience_id, m.Membership.email == change.email
+    )
+    if entered is not None and session.scalar(taken.limit(1)) is None:
+        session.execute(
+            _insert(session, m.Membership),
+            [{"audience_id": row.audience_id, **_state_values(entered), "created_at": now,
+              "updated_at": now, "next_attempt_at": None, "email_at": change.timestamp}],
+        )
+    return True
 
 
 # --- sync: claims, reading work, recording outcomes ---------------------------------------------

@@ -70,7 +70,7 @@ from listsync.config import Settings
 from listsync.db import models as m
 from listsync.db.repo import store_rejections
 from listsync.db.session import transaction
-from listsync.domain import Desired, Rejection
+from listsync.domain import Desired, ProjectType, Rejection
 from listsync.ingest import extract
 from listsync.ingest.accept import IngestCounts, accept_items, apply_inbox
 
@@ -467,8 +467,9 @@ def poll_sql(
                 _create_snapshot(conn)
                 _load_snapshot(conn, source, query, now, chunk, counts)
                 present = _present_audiences(conn)
-                _emit_enters(conn, now, chunk, counts)
-                _emit_exits(conn, present, now, chunk, counts)
+                by_user_id = settings.iterable.project_type is not ProjectType.EMAIL
+                _emit_enters(conn, now, chunk, counts, by_user_id)
+                _emit_exits(conn, present, now, chunk, counts, by_user_id)
                 counts.held = _held_audiences(conn, present)
             finally:
                 with conn.begin():
@@ -575,27 +576,29 @@ def _present_audiences(conn: Connection) -> list[str]:
         return list(conn.scalars(select(_snapshot.c.audience_key).distinct()))
 
 
-def _same_member_rules(t: Any, member: Any) -> list[Any]:
+def _same_member_rules(t: Any, member: Any, by_user_id: bool) -> list[Any]:
     """The ways a snapshot row and a membership are the same subscriber, by the rules
-    `identity.resolve` folds deltas with: the same userId (an email missing on either side does
-    not matter), or the same email where either side has no userId. Matching on the exact pair
-    instead would make a query without an email column exit and re-enter members every poll.
+    `identity.resolve` folds deltas with: the same userId (whatever the emails when a userId names
+    the profile, as in hybrid and userId projects; else an email missing on either side does not
+    matter), or the same email where either side has no userId. Matching on the exact pair instead
+    would make a query without an email column exit and re-enter members every poll.
 
     One condition per rule, each an equality an index serves (memberships by (audience, userId)
     and (audience, email); the snapshot likewise): callers probe them as separate EXISTS, so a
     poll costs a few index lookups per row, never a scan per row as an OR across them did.
     """
+    same_user = and_(t.user_id != "", member.c.user_id == t.user_id)
+    if not by_user_id:
+        same_user = and_(same_user, or_(t.email == "", member.c.email == "", member.c.email == t.email))
     return [
-        and_(
-            t.user_id != "",
-            member.c.user_id == t.user_id,
-            or_(t.email == "", member.c.email == "", member.c.email == t.email),
-        ),
+        same_user,
         and_(t.email != "", member.c.email == t.email, or_(t.user_id == "", member.c.user_id == "")),
     ]
 
 
-def _emit_enters(conn: Connection, now: datetime, chunk: int, counts: SqlSyncCounts) -> None:
+def _emit_enters(
+    conn: Connection, now: datetime, chunk: int, counts: SqlSyncCounts, by_user_id: bool
+) -> None:
     """Snapshot rows whose member is not desired-in, page by page (keyset on seq)."""
     member = m.Membership.__table__
     audience = m.Audience.__table__
@@ -607,7 +610,7 @@ def _emit_enters(conn: Connection, now: datetime, chunk: int, counts: SqlSyncCou
                 .select_from(member.join(audience, audience.c.id == member.c.audience_id))
                 .where(audience.c.audience_key == t.audience_key, member.c.desired == Desired.IN, rule)
             )
-            for rule in _same_member_rules(t, member)
+            for rule in _same_member_rules(t, member, by_user_id)
         )
     )
     after = 0
@@ -626,7 +629,7 @@ def _emit_enters(conn: Connection, now: datetime, chunk: int, counts: SqlSyncCou
 
 
 def _emit_exits(
-    conn: Connection, present: Sequence[str], now: datetime, chunk: int, counts: SqlSyncCounts
+    conn: Connection, present: Sequence[str], now: datetime, chunk: int, counts: SqlSyncCounts, by_user_id: bool
 ) -> None:
     """Desired-in members of audiences in the result that have no row in it (keyset on id)."""
     if not present:
@@ -637,7 +640,7 @@ def _emit_exits(
     in_snapshot = or_(
         *(
             exists().where(t.audience_key == audience.c.audience_key, rule)
-            for rule in _same_member_rules(t, member)
+            for rule in _same_member_rules(t, member, by_user_id)
         )
     )
     after = 0

@@ -456,14 +456,18 @@ class IterableClient:
     def update_user(self, body: dict[str, Any]) -> ApiResult:
         return self._single("/api/users/update", body)
 
-    def bulk_update_users(self, users: Sequence[dict[str, Any]]) -> BulkResult:
-        return self._bulk("/api/users/bulkUpdate", {"users": list(users)}, "users")
+    def bulk_update_users(self, users: Sequence[dict[str, Any]], *, update_only: bool = False) -> BulkResult:
+        """updateOnly (not in Iterable's swagger; Segment sends it, Iterable enables it per project)
+        is included only when true, as Segment does."""
+        body: dict[str, Any] = {"updateOnly": True} if update_only else {}
+        return self._bulk("/api/users/bulkUpdate", {**body, "users": list(users)}, "users")
 
     def update_email(
         self, *, new_email: str, current_email: str | None = None, current_user_id: str | None = None
     ) -> ApiResult:
-        if not current_email and not current_user_id:
-            raise ValueError("update_email needs current_email or current_user_id")
+        if bool(current_email) == bool(current_user_id):
+            # Iterable's spec: currentEmail or currentUserId, not both.
+            raise ValueError("update_email needs exactly one of current_email and current_user_id")
         body: dict[str, Any] = {"newEmail": new_email}
         if current_email:
             body["currentEmail"] = current_email

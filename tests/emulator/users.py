@@ -13,6 +13,12 @@ Project types (Iterable's "Project Types and Unique Identifiers"):
 * ``userId``: userId is required (at most 52 characters, case-sensitive); email is an ordinary
   field that need not be unique.
 
+A new email, per type: ``users/update`` (and any upsert) with a known userId and a new email
+changes that profile's email in hybrid and userId projects; in email projects the email finds (or
+creates) another profile and the userId moves to it, so the profile is renamed only by
+``users/updateEmail`` (by ``currentEmail`` or ``currentUserId``), and list membership follows the
+renamed profile. A lookup (unsubscribe) by an identifier no profile has is ``notFound``.
+
 Emulator choices where Iterable is silent: emails are compared and stored lower-cased; an email is
 valid when it looks like ``local@domain.tld`` and is not in ``invalid_emails``; a non-string
 identifier is invalid; an empty string counts as absent; in email projects a userId moves to the

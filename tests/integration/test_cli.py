@@ -221,7 +221,7 @@ def test_bad_configuration_exits_2_with_one_line_naming_the_key(
         code, out, err = run_cli(capsys, config, *verb)
         assert code == 2
         assert err.strip().count("\n") == 0 and "sync.batch_size" in err, err
-    data = config_data(database_url, "http://127.0.0.1:9", iterable={"project_type": "email"})
+    data = config_data(database_url, "http://127.0.0.1:9", iterable={"project_type": "emailBased"})
     config = write_config(tmp_path / "bad2.toml", data)
     code, _, err = run_cli(capsys, config, "sync")
     assert code == 2 and "iterable.project_type" in err

@@ -47,7 +47,7 @@ def _event(kind: str, message_id: str, **fields: Any) -> dict[str, Any]:
 
 def test_presets_send_exact_bodies(database_url: str, emulator: tuple[IterableEmulator, str]) -> None:
     emu, url = emulator
-    with sync_context(make_settings(database_url, url)) as ctx:
+    with sync_context(make_settings(database_url, url, actions={"batching": False})) as ctx:
         ingest(ctx, [
             _event("identify", "m1", userId="u1", traits={"email": "A@x.com", "phone": "+14155550100",
                                                           "born": "1990-01-02T03:04:05+02:00", "day": "2020-05-06"},
@@ -87,8 +87,8 @@ def test_presets_send_exact_bodies(database_url: str, emulator: tuple[IterableEm
         {"user": {"userId": "u1", "dataFields": {}, "mergeNestedObjects": False},
          "items": [{"id": "9", "name": "Dice", "price": 1.25, "quantity": 4}]},
     ]
-    # a known user's new email goes through updateEmail before the update
-    assert _bodies(emu, "users/updateEmail") == [{"newEmail": "b@x.com", "currentEmail": "a@x.com", "currentUserId": "u1"}]
+    # a known user's new email: in a hybrid project users/update by userId changes it
+    assert _bodies(emu, "users/updateEmail") == []
     user = emu.user_by_user_id("u1")
     assert user is not None and user.email == "b@x.com" and user.data_fields["phoneNumber"] == "+14155550100"
     assert emu.events["m2"]["campaignId"] == 11 and emu.purchases["o1"]["total"] == 30.5
@@ -139,7 +139,7 @@ def test_custom_mapping_through_the_receiver_path(database_url: str, emulator: t
 def test_refusals_and_unsendable_events_are_recorded(database_url: str, emulator: tuple[IterableEmulator, str]) -> None:
     emu, url = emulator
     emu.invalid_emails.add("bad@example.com")
-    with sync_context(make_settings(database_url, url)) as ctx:
+    with sync_context(make_settings(database_url, url, actions={"batching": False})) as ctx:
         ingest(ctx, [
             _event("identify", "r1", userId="u1", traits={"email": "bad@example.com"}),
             _event("track", "r2", anonymousId="anon", event="Viewed"),
@@ -173,7 +173,7 @@ def test_a_retrying_event_holds_later_events_of_the_same_user(
 ) -> None:
     emu, url = emulator
     emu.add_fault(FaultRule(endpoint="events/track", kind="status", status=503, count=2))
-    settings = make_settings(database_url, url, iterable={"max_attempts": 1})
+    settings = make_settings(database_url, url, iterable={"max_attempts": 1}, actions={"batching": False})
     with sync_context(settings) as ctx:
         ingest(ctx, [_event("track", f"o{i}", userId="u1" if i % 2 == 0 else "u2", event=f"E{i}") for i in range(6)])
         first = delivery.deliver_pending(ctx)

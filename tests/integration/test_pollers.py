@@ -280,3 +280,28 @@ def test_poll_sql_refuses_a_query_without_identity_columns(
     with pytest.raises(ValueError, match="audience_key"):
         pollers.poll_sql(factory, warehouse.url, "SELECT plan FROM members", Settings(), clock())
     warehouse.close()
+
+
+@pytest.mark.parametrize("project_type", ["hybrid", "userId", "email"])
+def test_poll_sql_new_email_for_a_user_id_per_project_type(
+    factory: sessionmaker[Session], tmp_path: Path, project_type: str
+) -> None:
+    """A userId names one profile in hybrid and userId projects: a row with a new email for it is
+    the same member, never an exit racing an enter. In email projects it is another profile."""
+    settings = Settings(iterable={"project_type": project_type})
+    now = clock()
+    warehouse = Warehouse(tmp_path / "warehouse.db")
+    warehouse.add([("vip", "u1", "old@example.com", "pro")])
+    pollers.poll_sql(factory, warehouse.url, QUERY, settings, now)
+    apply_all(factory, settings)
+    warehouse.delete("user_id = 'u1'")
+    warehouse.add([("vip", "u1", "new@example.com", "pro")])
+    moved = pollers.poll_sql(factory, warehouse.url, QUERY, settings, now)
+    apply_all(factory, settings)
+    if project_type == "email":
+        assert (moved.entered, moved.exited) == (1, 1)
+        assert (members(factory, "vip", "in"), members(factory, "vip", "out")) == (1, 1)
+    else:
+        assert (moved.entered, moved.exited) == (0, 0)
+        assert (members(factory, "vip", "in"), members(factory, "vip", "out")) == (1, 0)
+    warehouse.close()

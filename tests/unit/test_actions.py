@@ -115,7 +115,8 @@ def test_upsert_user_new_email_single_and_batched() -> None:
     assert isinstance(single, Request) and single.new_email == "b@x.com" and "newEmail" not in single.body
     batched = actions.build(mapping.compile_mapping(MappingSpec(**{**spec.__dict__, "batch": True})), event)
     assert isinstance(batched, Request) and batched.endpoint == "users/bulkUpdate"
-    assert batched.new_email is None and batched.body["dataFields"]["email"] == "b@x.com"
+    # delivery changes the email per project type (identity.email_update), in both modes
+    assert batched.new_email == "b@x.com" and batched.body["dataFields"]["email"] == "a@x.com"
 
 
 def test_custom_event_body_with_campaign_and_template() -> None:
@@ -206,6 +207,44 @@ def test_page_call_as_custom_event() -> None:
 def test_skips_say_why(name: str, event: dict[str, Any], project_type: ProjectType, reason: str, failed: bool) -> None:
     built = _build(name, event, project_type=project_type)
     assert isinstance(built, Skip) and reason in built.reason and built.failed is failed
+
+
+ANONYMOUS = {
+    "Identify Calls": {"type": "identify", "anonymousId": "a", "traits": {"plan": "pro"}},
+    "Track Calls": {"type": "track", "event": "E", "anonymousId": "a"},
+    "Order Completed Calls": {"type": "track", "event": "Order Completed", "anonymousId": "a", "properties": {}},
+    "Update Cart Calls": {"type": "track", "event": "Cart Updated", "anonymousId": "a",
+                          "properties": {"products": [{"product_id": "p", "name": "P", "price": 1, "quantity": 1}]}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ANONYMOUS))
+@pytest.mark.parametrize("batch", [False, True])
+def test_no_email_and_no_user_id_is_refused_with_a_reason_by_every_action(name: str, batch: bool) -> None:
+    """Segment: "Must include email or userId." in every action; listsync also in batch mode, and
+    before any other check (an anonymous purchase is refused for its identity, not its total)."""
+    spec = next(s for s in mapping.PRESETS if s.name == name)
+    compiled = mapping.compile_mapping(MappingSpec(**{**spec.__dict__, "batch": batch and spec.action in (
+        "upsert_user", "custom_event")}))
+    built = actions.build(compiled, {"messageId": "m-1", "timestamp": STAMP, **ANONYMOUS[name]})
+    assert built == Skip("missing_identifier: the event maps to neither an email nor a userId")
+
+
+def test_phone_number_null_passes_and_absent_stays_absent() -> None:
+    cleared = _build("Identify Calls", {"type": "identify", "userId": "u", "traits": {"phone": None, "plan": None}})
+    assert isinstance(cleared, Request)
+    assert cleared.body["dataFields"] == {"phone": None, "plan": None, "phoneNumber": None}
+    absent = _build("Identify Calls", {"type": "identify", "userId": "u", "traits": {"plan": "pro"}})
+    assert isinstance(absent, Request) and absent.body["dataFields"] == {"plan": "pro"}
+
+
+def test_update_only_is_a_field_of_batched_upsert_user() -> None:
+    spec = MappingSpec("U", 'type = "identify"', "upsert_user", {"updateOnly": True}, batch=True)
+    built = actions.build(mapping.compile_mapping(spec), {"type": "identify", "userId": "u", "messageId": "m"})
+    assert isinstance(built, Request) and built.update_only and "updateOnly" not in built.body
+    single = actions.build(mapping.compile_mapping(MappingSpec(**{**spec.__dict__, "batch": False})),
+                           {"type": "identify", "userId": "u", "messageId": "m"})
+    assert isinstance(single, Request) and not single.update_only  # batch only, as in Segment
 
 
 def test_long_event_ids_are_replaced_by_a_derived_one() -> None:

@@ -678,3 +678,27 @@ def test_main_runs_a_standalone_server() -> None:
         finally:
             process.terminate()
             process.wait(timeout=5)
+
+
+@pytest.mark.parametrize("project_type", ["email", "hybrid", "userId"])
+def test_a_new_email_per_project_type(connect: Connect, project_type: str) -> None:
+    """users/update with a known userId and a new email: in hybrid and userId projects the userId
+    finds the profile and its email changes; in email projects the email finds (here: creates)
+    another profile and the userId moves to it, so only users/updateEmail renames the listed one."""
+    emu = IterableEmulator(project_type=project_type, api_keys=KEY)  # type: ignore[arg-type]
+    api = connect(emu)
+    list_id = new_list(api)
+    subscribe(api, list_id, {"email": "old@x.com", "userId": "u1"})
+    assert api.post("/api/users/update", json={"userId": "u1", "email": "new@x.com"}).status_code == 200
+    if project_type == "email":
+        assert emu.list_members(list_id) == {("old@x.com", None)}
+        assert {(u.email, u.user_id) for u in emu.users()} == {("old@x.com", None), ("new@x.com", "u1")}
+        assert unsubscribe(api, list_id, {"userId": "u1"})["failCount"] == 1  # notFound: u1 is not listed
+        renamed = api.post("/api/users/updateEmail", json={"currentEmail": "old@x.com", "newEmail": "kept@x.com"})
+        assert renamed.json()["code"] == "Success"
+        assert emu.list_members(list_id) == {("kept@x.com", None)}  # list membership follows the profile
+        assert unsubscribe(api, list_id, {"email": "old@x.com"})["failCount"] == 1
+    else:
+        assert emu.list_members(list_id) == {("new@x.com", "u1")}
+        assert len(emu.users()) == 1
+        assert unsubscribe(api, list_id, {"userId": "u1"})["successCount"] == 1

@@ -13,7 +13,7 @@ from listsync import identity, membership, planner
 from listsync.domain import Desired, Direction, MembershipDelta, ProjectType, Synced
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
-HYBRID, USER_ID = ProjectType.HYBRID, ProjectType.USER_ID
+EMAIL, HYBRID, USER_ID = ProjectType.EMAIL, ProjectType.HYBRID, ProjectType.USER_ID
 
 
 def delta(desired: Desired, at: int, message_id: str = "m", user_id: str | None = "u1",
@@ -81,7 +81,9 @@ def test_email_change_resubscribes_in_hybrid_only() -> None:
 @pytest.mark.parametrize(
     ("project", "user_id", "email", "subscribe", "unsubscribe"),
     [
-        (HYBRID, "u1", "a@x.com", {"email": "a@x.com", "userId": "u1"}, {"email": "a@x.com"}),
+        (HYBRID, "u1", "a@x.com", {"email": "a@x.com", "userId": "u1"}, {"userId": "u1"}),
+        (EMAIL, "u1", "a@x.com", {"email": "a@x.com", "userId": "u1"}, {"email": "a@x.com"}),
+        (EMAIL, "u1", None, {"userId": "u1"}, {"userId": "u1"}),
         (HYBRID, None, "a@x.com", {"email": "a@x.com"}, {"email": "a@x.com"}),
         (HYBRID, "u1", None, {"userId": "u1"}, {"userId": "u1"}),
         (USER_ID, "u1", None, {"userId": "u1", "preferUserId": True}, {"userId": "u1"}),
@@ -91,8 +93,8 @@ def test_email_change_resubscribes_in_hybrid_only() -> None:
 def test_subscriber_shapes(project: ProjectType, user_id: str | None, email: str | None,
                            subscribe: dict[str, object], unsubscribe: dict[str, object]) -> None:
     who = identity.identity(user_id, email)
-    assert identity.subscriber_for_subscribe(project, who, None).to_json() == subscribe
-    assert identity.subscriber_for_unsubscribe(project, who).identity_json() == unsubscribe
+    assert planner.to_subscriber(identity.for_subscribe(project, who), None).to_json() == subscribe
+    assert planner.to_subscriber(identity.for_unsubscribe(project, who, who), None).to_json() == unsubscribe
 
 
 def test_missing_identifier_by_project_type() -> None:
@@ -121,7 +123,9 @@ def test_plan_routes_and_reports_unsendable_members() -> None:
 def test_unsubscribe_uses_the_identity_iterable_was_given() -> None:
     member = planner.PendingMember(1, "u1", "new@x.com", Desired.OUT, Synced.IN, "old@x.com", "u1", None)
     plan = planner.plan_audience([member], project_type=HYBRID, batch_size=10)
-    assert plan.batches[0].subscribers[0].identity_json() == {"email": "old@x.com"}
+    assert plan.batches[0].subscribers[0].identity_json() == {"userId": "u1"}  # the profile, whatever its email
+    plan = planner.plan_audience([member], project_type=EMAIL, batch_size=10)
+    assert plan.batches[0].subscribers[0].identity_json() == {"email": "old@x.com"}  # the old address's profile
 
 
 @settings(max_examples=60, deadline=None)
