@@ -29,6 +29,9 @@ def _write_config(path: Path, database_url: str, base_url: str) -> None:
         'rate_limits = { "GET /api/lists/getUsers" = 1000.0 }\n'
         f"[sync]\ninterval_seconds = 0.2\nbatch_size = 20\nlease_seconds = {LEASE_SECONDS}\n"
         "retry_base_seconds = 0\nretry_max_seconds = 0\n"
+        # How far the daemon gets between kills depends on the machine's load; the mass-unsubscribe
+        # guard is tested elsewhere and must not turn a slow machine into a held audience here.
+        "max_unsubscribe_fraction = 1.0\n"
         '[receiver]\nenabled = false\n[logging]\nlevel = "WARNING"\n'
     )
 

@@ -54,6 +54,7 @@ class Replica:
             'rate_limits = { "GET /api/lists/getUsers" = 1000.0 }\n'
             f"[sync]\ninterval_seconds = 0.3\nbatch_size = 50\nlease_seconds = {LEASE}\n"
             "retry_base_seconds = 0.2\nretry_max_seconds = 1\n"
+            "max_unsubscribe_fraction = 1.0\n"  # progress between kills depends on load (see test_lists_kill)
             f'[receiver]\nport = {self.port}\nwrite_keys = ["{WRITE_KEY}"]\n[logging]\nlevel = "WARNING"\n'
         )
         self.proc: subprocess.Popen[bytes] | None = None
