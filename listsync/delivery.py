@@ -451,7 +451,7 @@ def _is_postgres(session: Session) -> bool:
 
 
 def _unrouted(session: Session) -> list[Any]:
-    inbox = m.InboxEvent.__table__
+    inbox = m.table(m.InboxEvent)
     stmt = (
         select(
             inbox.c.id, inbox.c.message_id, inbox.c.type, inbox.c.event, inbox.c.payload,
@@ -469,7 +469,7 @@ def _unrouted(session: Session) -> list[Any]:
 def _insert_deliveries(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     if not rows:
         return
-    table = m.EventDelivery.__table__
+    table = m.table(m.EventDelivery)
     insert = (postgresql.insert if _is_postgres(session) else sqlite.insert)(table)
     # A (event, mapping) pair already there was routed by a run that crashed before marking the
     # inbox row; the first row stands.
@@ -506,7 +506,7 @@ def _delivered_emails(session: Session, rows: Sequence[_Row]) -> dict[str, str]:
             .where(d.email.is_not(None))
             .order_by(d.id)
         )
-        found.update({user_id: email for user_id, email in session.execute(stmt)})
+        found.update({user_id: email for user_id, email in session.execute(stmt) if user_id and email})
     return found
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -21,6 +21,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
     text,
@@ -114,6 +115,11 @@ class DeliveryState(StrEnum):
     DELIVERED = "delivered"
     FAILED = "failed"  # refused for good, or not sendable as mapped
     SKIPPED = "skipped"  # nothing to send: no email or userId
+
+
+def table(model: type[Base]) -> Table:
+    """The Core table of a model, typed as a Table (`__table__` is typed as any FromClause)."""
+    return cast(Table, model.__table__)
 
 
 class Base(DeclarativeBase):

@@ -13,13 +13,27 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, bindparam, case, delete, func, or_, select, text, update
+from sqlalchemy import (
+    Integer,
+    RowMapping,
+    Select,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from listsync import identity
 from listsync import membership as rules
 from listsync.db import models as m
+from listsync.db.session import rows_affected
 from listsync.domain import Desired, EmailChange, InboundEvent, MembershipDelta, ProjectType, Synced
 from listsync.planner import PendingMember
 
@@ -71,7 +85,7 @@ def store_events(
         for e, flag in zip(events, audience_flags, strict=True)
     ]
     new = 0
-    table = m.InboxEvent.__table__
+    table = m.table(m.InboxEvent)
     # DO NOTHING skips messageIds already stored (also by a concurrent writer); RETURNING counts
     # only what this transaction really inserted. Core + RETURNING batches rows on both databases.
     stmt = _insert(session, table).on_conflict_do_nothing(index_elements=["message_id"]).returning(table.c.id)
@@ -100,7 +114,7 @@ class StoredEvent:
 
 def unapplied_events(session: Session, limit: int) -> list[StoredEvent]:
     """The oldest inbox events not yet folded into memberships (rows locked on PostgreSQL)."""
-    inbox = m.InboxEvent.__table__
+    inbox = m.table(m.InboxEvent)
     stmt = (
         select(inbox.c.id, inbox.c.payload, inbox.c.received_at)
         .where(inbox.c.applied_at.is_(None))
@@ -113,7 +127,7 @@ def unapplied_events(session: Session, limit: int) -> list[StoredEvent]:
 
 
 def mark_applied(session: Session, ids: Sequence[int], now: datetime) -> None:
-    inbox = m.InboxEvent.__table__
+    inbox = m.table(m.InboxEvent)
     for chunk in _chunks(list(ids), 1000):
         session.execute(update(inbox).where(inbox.c.id.in_(chunk)).values(applied_at=now))
 
@@ -399,7 +413,7 @@ def _due(now: datetime) -> Any:
     return or_(m.Membership.next_attempt_at.is_(None), m.Membership.next_attempt_at <= now)
 
 
-def _audiences_with_work(now: datetime) -> Select[tuple[int]]:
+def _audiences_with_work(now: datetime) -> Select[int]:
     # EXISTS per audience stops at the first due member (pending index); an IN (subquery) would
     # collect every pending member of every audience on each claim.
     pending = (
@@ -469,12 +483,12 @@ def guard_counts(session: Session, audience_id: int, now: datetime) -> tuple[int
                             m.Membership.desired != Desired.IN,
                             _due(now),
                         ),
-                        m.Integer,
+                        Integer,
                     )
                 ),
                 0,
             ),
-            func.coalesce(func.sum(func.cast(m.Membership.synced == Synced.IN, m.Integer)), 0),
+            func.coalesce(func.sum(func.cast(m.Membership.synced == Synced.IN, Integer)), 0),
         ).where(m.Membership.audience_id == audience_id)
     ).one()
     return int(row[0]), int(row[1])
@@ -491,7 +505,7 @@ def pending_members(
 ) -> list[PendingMember]:
     """Members to send, in id order after `after_id` (keyset pages keep memory flat); optionally
     only those to subscribe (desired in) or only those to unsubscribe."""
-    table = m.Membership.__table__
+    table = m.table(m.Membership)
     stmt = (
         select(*(table.c[name] for name in _PENDING_COLUMNS))
         .where(
@@ -595,7 +609,7 @@ def finish_request(
             finished_at=now,
         )
     )
-    items = m.RequestItem.__table__
+    items = m.table(m.RequestItem)
     if outcomes:
         # Most members of a request share one outcome: one statement for it, then the exceptions.
         common = Counter(outcomes.values()).most_common(1)[0][0]
@@ -633,15 +647,15 @@ def save_members(
 
 
 _SAVE_MEMBER = (
-    update(m.Membership.__table__)
-    .where(m.Membership.__table__.c.id == bindparam("b_id"))
+    update(m.table(m.Membership))
+    .where(m.table(m.Membership).c.id == bindparam("b_id"))
     .values({name: bindparam(f"b_{name}") for name in (*_STATE_COLUMNS, "updated_at", "next_attempt_at")})
 )
 
 
 def member_states(session: Session, ids: Sequence[int]) -> dict[int, rules.MemberState]:
     """Current state of these members, locked on PostgreSQL until the transaction ends."""
-    table = m.Membership.__table__
+    table = m.table(m.Membership)
     found: dict[int, rules.MemberState] = {}
     for chunk in _chunks(list(ids), 1000):
         stmt = select(table.c.id, *(table.c[name] for name in _STATE_COLUMNS)).where(table.c.id.in_(chunk))
@@ -699,7 +713,7 @@ def resend_all(session: Session, audience_id: int, now: datetime) -> int:
             ),
         )
     )
-    return int(result.rowcount or 0)
+    return rows_affected(result)
 
 
 # --- runs and status -----------------------------------------------------------------------------
@@ -744,11 +758,12 @@ def audience_status(session: Session) -> list[dict[str, Any]]:
     return [_jsonable_row(row) for row in rows]
 
 
-def _jsonable_row(row: Mapping[str, Any]) -> dict[str, Any]:
+def _jsonable_row(row: RowMapping) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in row.items():
-        out[key] = value.isoformat() if isinstance(value, datetime) else value
-    return json.loads(json.dumps(out, default=str))
+        out[str(key)] = value.isoformat() if isinstance(value, datetime) else value
+    decoded: dict[str, Any] = json.loads(json.dumps(out, default=str))
+    return decoded
 
 
 def count_waiting(session: Session) -> int:
@@ -767,7 +782,7 @@ def renew_lease(session: Session, audience_id: int, owner: str, until: datetime)
         .values(lease_until=until)
         .execution_options(synchronize_session=False)
     )
-    return bool(result.rowcount)
+    return rows_affected(result) > 0
 
 
 def audiences_with_lists(session: Session) -> list[int]:
@@ -923,10 +938,10 @@ def try_lease(session: Session, name: str, owner: str, now: datetime, ttl: timed
     """Take or renew the named lease if it is free, expired or already ours. Works on both databases:
     a lost race shows up as a row owned by someone else, not as an error."""
     inserted = session.execute(
-        _insert(session, m.Lease.__table__).on_conflict_do_nothing(index_elements=["name"]),
+        _insert(session, m.table(m.Lease)).on_conflict_do_nothing(index_elements=["name"]),
         {"name": name, "owner": owner, "until": now + ttl},
     )
-    if inserted.rowcount:
+    if rows_affected(inserted):
         return True
     taken = session.execute(
         update(m.Lease)
@@ -934,4 +949,4 @@ def try_lease(session: Session, name: str, owner: str, now: datetime, ttl: timed
         .values(owner=owner, until=now + ttl)
         .execution_options(synchronize_session=False)
     )
-    return bool(taken.rowcount)
+    return rows_affected(taken) > 0

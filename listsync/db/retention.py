@@ -53,34 +53,34 @@ def _cutoff(now: datetime, days: float) -> datetime | None:
     return now - timedelta(days=days) if days > 0 else None
 
 
-def _old_inbox(cutoff: datetime, require_routed: bool) -> Select[tuple[int]]:
+def _old_inbox(cutoff: datetime, require_routed: bool) -> Select[int]:
     inbox, d = m.InboxEvent, m.EventDelivery
     pending = exists().where(d.inbox_id == inbox.id, d.state == m.DeliveryState.PENDING)
     stmt = select(inbox.id).where(inbox.received_at < cutoff, inbox.applied_at.is_not(None), ~pending)
     return stmt.where(inbox.routed_at.is_not(None)) if require_routed else stmt
 
 
-def _old_requests(cutoff: datetime) -> Select[tuple[int]]:
+def _old_requests(cutoff: datetime) -> Select[int]:
     r = m.ApiRequest
     return select(r.id).where(r.finished_at < cutoff, r.status != m.RequestStatus.IN_FLIGHT)
 
 
-def _old_items(cutoff: datetime) -> Select[tuple[int]]:
+def _old_items(cutoff: datetime) -> Select[int]:
     i = m.RequestItem
     return select(i.request_id).where(i.request_id.in_(_old_requests(cutoff))).distinct()
 
 
-def _old_runs(cutoff: datetime) -> Select[tuple[int]]:
+def _old_runs(cutoff: datetime) -> Select[int]:
     run = m.SyncRun
     return select(run.id).where(run.finished_at < cutoff, run.status != m.RunStatus.RUNNING)
 
 
-def _old_rejected(cutoff: datetime) -> Select[tuple[int]]:
+def _old_rejected(cutoff: datetime) -> Select[int]:
     return select(m.DeadLetter.id).where(m.DeadLetter.received_at < cutoff)
 
 
 def _delete_batches(
-    factory: sessionmaker[Session], ids: Select[tuple[int]], column: Any, *, batch_size: int = BATCH
+    factory: sessionmaker[Session], ids: Select[int], column: Any, *, batch_size: int = BATCH
 ) -> int:
     """Delete the rows whose `column` is among `ids`, `batch_size` ids per transaction, until none
     is left; returns how many ids were deleted."""

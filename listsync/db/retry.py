@@ -14,6 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from listsync.db import models as m
+from listsync.db.session import rows_affected
 
 
 def retry_failed_members(session: Session, now: datetime, audience_keys: list[str] | None = None) -> int:
@@ -25,7 +26,7 @@ def retry_failed_members(session: Session, now: datetime, audience_keys: list[st
         stmt.values(state=m.MemberState.PENDING, attempts=0, next_attempt_at=None, updated_at=now)
         .execution_options(synchronize_session=False)
     )
-    return int(result.rowcount or 0)
+    return rows_affected(result)
 
 
 def retry_failed_deliveries(session: Session, now: datetime) -> int:
@@ -36,4 +37,4 @@ def retry_failed_deliveries(session: Session, now: datetime) -> int:
         .values(state=m.DeliveryState.PENDING, attempts=0, next_attempt_at=None, updated_at=now)
         .execution_options(synchronize_session=False)
     )
-    return int(result.rowcount or 0)
+    return rows_affected(result)

@@ -4,7 +4,7 @@ history (the run_history view), and a finished run's breakdown per audience from
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -50,7 +50,8 @@ def duration_seconds(session: Session, run_id: int) -> float | None:
     ).one_or_none()
     if row is None or row.finished_at is None:
         return None
-    return (row.finished_at - row.started_at).total_seconds()
+    elapsed: timedelta = row.finished_at - row.started_at
+    return elapsed.total_seconds()
 
 
 def history(session: Session, *, limit: int, trigger: str | None = None) -> list[dict[str, Any]]:

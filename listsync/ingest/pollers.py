@@ -69,7 +69,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from listsync.config import Settings
 from listsync.db import models as m
 from listsync.db.repo import store_rejections
-from listsync.db.session import transaction
+from listsync.db.session import rows_affected, transaction
 from listsync.domain import Desired, ProjectType, Rejection
 from listsync.ingest import extract
 from listsync.ingest.accept import IngestCounts, accept_items, apply_inbox
@@ -372,7 +372,7 @@ def _advance(session: Session, file_id: int, expected: int, lines_read: int) -> 
         .where(m.SourceFile.id == file_id, m.SourceFile.lines_read == expected)
         .values(lines_read=lines_read)
     )
-    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+    return rows_affected(result) == 1
 
 
 def _complete(session: Session, file_id: int, now: datetime) -> None:
