@@ -38,7 +38,7 @@ def chromium(profile_dir: Path) -> Iterator[object]:
     """A WebDriver for a fresh headless Chromium profile.
 
     Without Chromium the test skips on a developer's machine, but fails where
-    LISTSYNC_REQUIRE_BROWSER=1 (CI installs Chromium and sets it): a browser test must not pass
+    LISTSYNC_TEST_REQUIRE_BROWSER=1 (CI installs Chromium and sets it): a browser test must not pass
     there by not running.
     """
     from selenium import webdriver
@@ -47,7 +47,7 @@ def chromium(profile_dir: Path) -> Iterator[object]:
     driver_path = _binary("chromedriver", "/usr/bin/chromedriver")
     if browser is None or driver_path is None:
         missing = "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"
-        if os.environ.get("LISTSYNC_REQUIRE_BROWSER") == "1":
+        if os.environ.get("LISTSYNC_TEST_REQUIRE_BROWSER") == "1":
             pytest.fail(missing)
         pytest.skip(missing)
     options = webdriver.ChromeOptions()
