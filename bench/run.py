@@ -29,7 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from listsync import sync  # noqa: E402
+from listsync import context, sync  # noqa: E402
 from listsync.config import Settings  # noqa: E402
 from listsync.db import models as m  # noqa: E402
 from listsync.db import session as dbs  # noqa: E402
@@ -109,7 +109,7 @@ def measure_plan(url: str, members: int) -> dict[str, Any]:
     from listsync.iterable.client import client_from_settings
 
     with client_from_settings(settings.iterable) as client:
-        ctx = sync.SyncContext(settings=settings, factory=dbs.session_factory(engine), client=client)
+        ctx = context.SyncContext(settings=settings, factory=dbs.session_factory(engine), client=client)
         started = time.perf_counter()
         rows = sync.preview(ctx)
         elapsed = time.perf_counter() - started
@@ -130,7 +130,7 @@ def measure_sync(url: str, members: int) -> dict[str, Any]:
         settings = settings_for(url, base_url, "bench")
         engine = dbs.make_engine(url)
         with client_from_settings(settings.iterable) as client:
-            ctx = sync.SyncContext(settings=settings, factory=dbs.session_factory(engine), client=client)
+            ctx = context.SyncContext(settings=settings, factory=dbs.session_factory(engine), client=client)
             started = time.perf_counter()
             report = sync.run_once(ctx)
             elapsed = time.perf_counter() - started
@@ -173,7 +173,7 @@ def measure_sql_mirror(url: str, rows: int) -> dict[str, Any]:
     reverse-ETL user runs every few minutes."""
     import sqlite3
 
-    from listsync.ingest import pollers
+    from listsync.ingest import sql_source
 
     source_path = Path(tempfile.mkdtemp(prefix="bench-src-")) / "warehouse.db"
     with sqlite3.connect(source_path) as conn:
@@ -189,12 +189,12 @@ def measure_sql_mirror(url: str, rows: int) -> dict[str, Any]:
 
     def poll() -> tuple[float, Any]:
         started = time.perf_counter()
-        counts = pollers.poll_sql(factory, source, query, settings, lambda: datetime.now(UTC))
+        counts = sql_source.poll_sql(factory, source, query, settings, lambda: datetime.now(UTC))
         return time.perf_counter() - started, counts
 
     first, counts = poll()
     started = time.perf_counter()
-    pollers.poll_sql(factory, source, "SELECT audience_key, user_id, email, plan FROM audience_members WHERE 0",
+    sql_source.poll_sql(factory, source, "SELECT audience_key, user_id, email, plan FROM audience_members WHERE 0",
                      settings, lambda: datetime.now(UTC))  # drains (folds) the first poll's events
     fold = time.perf_counter() - started
     changed = max(1, rows // 200)

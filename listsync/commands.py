@@ -12,10 +12,10 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from listsync import display, startup
+from listsync import context, display, startup
 from listsync import sync as engine
 from listsync.config import Settings
-from listsync.db import backlog, repo, runs
+from listsync.db import backlog, runs, views
 from listsync.db import session as dbs
 from listsync.iterable.client import client_from_settings
 
@@ -32,9 +32,9 @@ def _database(settings: Settings, *, migrate: bool = True) -> Iterator[tuple[Eng
 
 
 @contextmanager
-def sync_context(settings: Settings) -> Iterator[engine.SyncContext]:
+def sync_context(settings: Settings) -> Iterator[context.SyncContext]:
     with _database(settings) as (_engine, factory), client_from_settings(settings.iterable) as client:
-        yield engine.SyncContext(settings=settings, factory=factory, client=client)
+        yield context.SyncContext(settings=settings, factory=factory, client=client)
 
 
 def daemon(settings: Settings, *, config_file: str | None = None) -> int:
@@ -55,10 +55,10 @@ def sync(
     config_file: str | None = None,
     retry_failed: bool = False,
 ) -> int:
-    from listsync.ingest import pollers
+    from listsync.ingest import sources
 
     startup.log_startup("sync", settings, config_file)
-    options = engine.RunOptions(
+    options = context.RunOptions(
         trigger="sync",
         allow_mass_unsubscribe=allow_mass_unsubscribe,
         recreate_missing_lists=recreate_missing_lists,
@@ -66,7 +66,7 @@ def sync(
         retry_failed=retry_failed,
     )
     with sync_context(settings) as ctx:
-        pollers.poll_configured_sources(ctx.factory, settings)
+        sources.poll_configured_sources(ctx.factory, settings)
         if progress:
             from listsync import progress as progress_display  # rich: only for the verbs that draw
 
@@ -83,7 +83,7 @@ def sync(
 
 
 def ingest(settings: Settings, path: str, *, progress: bool = True) -> int:
-    from listsync.ingest import pollers
+    from listsync.ingest import sources
 
     with _database(settings) as (_engine, factory):
         try:
@@ -92,9 +92,9 @@ def ingest(settings: Settings, path: str, *, progress: bool = True) -> int:
 
                 bars = progress_display.Display(terminal=sys.stderr.isatty())
                 with bars.shown(), progress_display.IngestMonitor(factory, bars):
-                    counts = pollers.ingest_path(factory, path)
+                    counts = sources.ingest_path(factory, path)
             else:
-                counts = pollers.ingest_path(factory, path)
+                counts = sources.ingest_path(factory, path)
         except OSError as exc:
             print(f"listsync: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
             return 2
@@ -120,7 +120,7 @@ PLAN_COLUMNS = ["audience_key", "list_id", "subscribe", "unsubscribe", "requests
 def status(settings: Settings, *, as_json: bool) -> int:
     startup.require_existing_database(settings.database_url)
     with _database(settings) as (_engine, factory), factory() as session:
-        rows = repo.audience_status(session)
+        rows = views.audience_status(session)
         waiting = backlog.backlog(session)
     _print_rows(rows, STATUS_COLUMNS, as_json)
     if not as_json:

@@ -29,9 +29,10 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from listsync import config_env, mapping
+from listsync import config_env
 from listsync.domain import ProjectType
 from listsync.errors import ConfigError
+from listsync.events import mapping
 
 DEFAULT_CONFIG_FILE = "listsync.toml"
 CONFIG_ENV_VAR = "LISTSYNC_CONFIG"

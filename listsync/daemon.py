@@ -20,9 +20,9 @@ from typing import IO, TYPE_CHECKING, Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.engine import make_url
 
-from listsync import sync
+from listsync import context, sync
 from listsync.config import Settings
-from listsync.db import repo
+from listsync.db import leases
 from listsync.db import session as dbs
 from listsync.db.session import transaction
 from listsync.errors import ConfigError, ListsyncError
@@ -91,14 +91,14 @@ def _schedule(scheduler: BackgroundScheduler, name: str, seconds: float, job: Ca
 _RUN_LOCK = threading.Lock()
 
 
-def _run_serialized(ctx: sync.SyncContext, options: sync.RunOptions) -> None:
+def _run_serialized(ctx: context.SyncContext, options: context.RunOptions) -> None:
     """The sync and reconcile jobs share this process's owner name, so leases cannot keep them
     apart: one run at a time per process (replicas still run side by side)."""
     with _RUN_LOCK:
         sync.run_once(ctx, options)
 
 
-def _one_replica(ctx: sync.SyncContext, name: str, seconds: float, job: Callable[[], Any]) -> Callable[[], None]:
+def _one_replica(ctx: context.SyncContext, name: str, seconds: float, job: Callable[[], Any]) -> Callable[[], None]:
     """Run a periodic job only on the replica holding its lease (a database row, not APScheduler's
     job store, which 3.x cannot share). The lease outlives a tick, so a dead holder is replaced
     after at most a few intervals."""
@@ -106,7 +106,7 @@ def _one_replica(ctx: sync.SyncContext, name: str, seconds: float, job: Callable
 
     def run_if_leader() -> None:
         with transaction(ctx.factory) as session:
-            leader = repo.try_lease(session, f"job:{name}", ctx.owner, ctx.clock(), ttl)
+            leader = leases.try_lease(session, f"job:{name}", ctx.owner, ctx.clock(), ttl)
         if leader:
             job()
 
@@ -121,7 +121,7 @@ def run(settings: Settings) -> int:
         engine = dbs.make_engine(settings.database_url)
         factory = dbs.session_factory(engine)
         with client_from_settings(settings.iterable) as client:
-            ctx = sync.SyncContext(
+            ctx = context.SyncContext(
                 settings=settings, factory=factory, client=client, should_stop=stopping.is_set
             )
             _serve(settings, ctx, stopping)
@@ -130,9 +130,9 @@ def run(settings: Settings) -> int:
     return 0
 
 
-def _serve(settings: Settings, ctx: sync.SyncContext, stopping: threading.Event) -> None:
+def _serve(settings: Settings, ctx: context.SyncContext, stopping: threading.Event) -> None:
     from listsync import web
-    from listsync.ingest import pollers
+    from listsync.ingest import sources
 
     if ctx.client.is_dry_run:
         logger.warning(
@@ -144,16 +144,16 @@ def _serve(settings: Settings, ctx: sync.SyncContext, stopping: threading.Event)
         scheduler,
         "sync",
         settings.sync.interval_seconds,
-        lambda: _run_serialized(ctx, sync.RunOptions(trigger="daemon")),
+        lambda: _run_serialized(ctx, context.RunOptions(trigger="daemon")),
     )
-    for name, seconds, job in pollers.scheduled_jobs(ctx.factory, settings):
+    for name, seconds, job in sources.scheduled_jobs(ctx.factory, settings):
         _schedule(scheduler, name, seconds, _one_replica(ctx, name, seconds, job))
     if settings.sync.reconcile_interval_seconds > 0:
         _schedule(
             scheduler,
             "reconcile",
             settings.sync.reconcile_interval_seconds,
-            lambda: _run_serialized(ctx, sync.RunOptions(trigger="reconcile", reconcile=True)),
+            lambda: _run_serialized(ctx, context.RunOptions(trigger="reconcile", reconcile=True)),
         )
     prune_every = settings.retention.prune_interval_seconds
     _schedule(scheduler, "prune", prune_every, _one_replica(ctx, "prune", prune_every, lambda: _prune(ctx)))
@@ -180,7 +180,7 @@ def _serve(settings: Settings, ctx: sync.SyncContext, stopping: threading.Event)
     scheduler.shutdown(wait=True)
 
 
-def _receiver_server(settings: Settings, ctx: sync.SyncContext, page: StatusPage | None) -> ReceiverServer:
+def _receiver_server(settings: Settings, ctx: context.SyncContext, page: StatusPage | None) -> ReceiverServer:
     from listsync.ingest import receiver
 
     app = receiver.build_app(settings, ctx.factory)
@@ -199,7 +199,7 @@ def _status_page_server(settings: Settings, page: StatusPage | None) -> Receiver
     return receiver.ReceiverServer(page.app, host=host, port=port, name="status_page")
 
 
-def _prune(ctx: sync.SyncContext) -> None:
+def _prune(ctx: context.SyncContext) -> None:
     from listsync.db import retention
 
     retention.prune(

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from listsync.context import RunReport
     from listsync.preview import Plan
-    from listsync.sync import RunReport
 
 DELIVERY_COLUMNS = ["action", "endpoint", "pending", "waiting_retry"]
 SAMPLE_COLUMNS = ["audience_key", "direction", "user_id", "email"]

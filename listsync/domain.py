@@ -8,9 +8,24 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
+
+
+def utcnow() -> datetime:
+    """The one clock: every "now" listsync records comes from here (or a SyncContext's `clock`)."""
+    return datetime.now(UTC)
+
+
+class ActionKind(StrEnum):
+    """The four Iterable (Actions) actions."""
+
+    UPSERT_USER = "upsert_user"
+    CUSTOM_EVENT = "custom_event"
+    TRACK_PURCHASE = "track_purchase"
+    CART_UPDATES = "cart_updates"
 
 
 class ProjectType(StrEnum):
@@ -89,3 +104,50 @@ class Rejection:
     """Why an inbound event could not be accepted; stored with the payload in rejected events."""
 
     reason: str
+
+
+class MemberState(StrEnum):
+    """Where a membership stands with Iterable: something to send, nothing to send, or given up."""
+
+    PENDING = "pending"
+    SYNCED = "synced"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One membership as the rules read and write it (the columns of `memberships` they own)."""
+
+    user_id: str
+    email: str
+    desired: Desired
+    desired_at: datetime
+    desired_message_id: str
+    data_fields: dict[str, Any] | None
+    synced: Synced | None
+    synced_email: str | None
+    synced_user_id: str | None
+    state: str
+    attempts: int = 0
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class PendingMember:
+    id: int
+    user_id: str
+    email: str
+    desired: Desired
+    synced: Synced | None
+    synced_email: str | None
+    synced_user_id: str | None
+    data_fields: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class FileVersion:
+    """A file of the drop folder as seen by one poll: its real path and what identifies its content."""
+
+    path: Path
+    size: int
+    mtime_ns: int

@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from listsync.config import Settings
-from listsync.db import health_queries, repo
+from listsync.db import health_queries, leases
 from listsync.db.session import transaction
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def _database_checks(factory: sessionmaker[Session], settings: Settings, now: da
         return False
     try:
         with transaction(factory) as session:
-            repo.try_lease(session, PROBE_LEASE, PROBE_LEASE, now, timedelta(seconds=1))
+            leases.try_lease(session, PROBE_LEASE, PROBE_LEASE, now, timedelta(seconds=1))
     except SQLAlchemyError as exc:
         health.add("database_unwritable", f"a write to the database failed: {_first_line(exc)}", ready=False)
         return False

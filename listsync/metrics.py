@@ -18,6 +18,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from listsync.db import models as m
+from listsync.domain import MemberState
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -131,7 +132,7 @@ def _oldest_pending(session: Session) -> list[tuple[str, datetime]]:
     stmt = (
         select(m.Audience.audience_key, func.min(m.Membership.desired_at))
         .join(m.Membership, m.Membership.audience_id == m.Audience.id)
-        .where(m.Membership.state == m.MemberState.PENDING)
+        .where(m.Membership.state == MemberState.PENDING)
         .group_by(m.Audience.audience_key)
     )
     return [(key, oldest) for key, oldest in session.execute(stmt) if oldest is not None]

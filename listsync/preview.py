@@ -19,8 +19,15 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import sessionmaker
 
-from listsync import delivery, sync
-from listsync.db import backlog
+from listsync.context import SyncContext
+from listsync.db import audiences, backlog, memberships
+from listsync.db import models as m
+from listsync.db.session import transaction
+from listsync.domain import Direction
+from listsync.events import delivery
+from listsync.lists import planner
+from listsync.lists.apply import apply_all
+from listsync.lists.send import PAGE_SIZE, effective_settings
 
 
 @dataclass
@@ -35,7 +42,7 @@ class Plan:
 
 
 @contextmanager
-def rolled_back(ctx: sync.SyncContext) -> Iterator[sync.SyncContext]:
+def rolled_back(ctx: SyncContext) -> Iterator[SyncContext]:
     """A copy of `ctx` whose every transaction is undone when the block ends."""
     engine: Engine = ctx.factory.kw["bind"]
     with engine.connect() as connection:
@@ -49,17 +56,66 @@ def rolled_back(ctx: sync.SyncContext) -> Iterator[sync.SyncContext]:
             outer.rollback()
 
 
-def plan(ctx: sync.SyncContext, *, sample: int = 0) -> Plan:
+def plan(ctx: SyncContext, *, sample: int = 0) -> Plan:
     """The next run's list changes per audience and its pending event deliveries, with up to
     `sample` example members per audience and `sample` example events."""
     with rolled_back(ctx) as view:
-        folded = sync.apply_all(view)
-        audiences = sync.preview(view)
+        folded = apply_all(view)
+        per_audience = audiences_preview(view)
         delivery.route_pending(view)
         with view.factory() as session:
-            for row in audiences:
+            for row in per_audience:
                 if sample:
                     row["sample"] = backlog.member_sample(session, str(row["audience_key"]), view.clock(), sample)
             deliveries = backlog.pending_deliveries(session)
             events = backlog.delivery_sample(session, sample) if sample else []
-    return Plan(audiences=audiences, event_deliveries=deliveries, event_sample=events, folded=folded)
+    return Plan(audiences=per_audience, event_deliveries=deliveries, event_sample=events, folded=folded)
+
+
+def audiences_preview(ctx: SyncContext) -> list[dict[str, object]]:
+    """What the next run would send per audience, read from the store only (nothing is sent)."""
+    rows: list[dict[str, object]] = []
+    with transaction(ctx.factory) as session:
+        every = audiences.all_audiences(session)
+    for audience in every:
+        rows.append(_preview_audience(ctx, audience))
+    return rows
+
+
+def _preview_audience(ctx: SyncContext, audience: m.Audience) -> dict[str, object]:
+    audience_settings = effective_settings(ctx.settings, audience)
+    counts = {Direction.SUBSCRIBE: 0, Direction.UNSUBSCRIBE: 0}
+    requests = unsendable = 0
+    after_id = 0
+    with transaction(ctx.factory) as session:
+        while page := memberships.pending_members(
+            session, audience.id, ctx.clock(), after_id=after_id, limit=PAGE_SIZE
+        ):
+            after_id = page[-1].id
+            plan = planner.plan_audience(
+                page,
+                project_type=ctx.settings.iterable.project_type,
+                batch_size=ctx.settings.sync.batch_size,
+                data_field_names=audience_settings.data_fields,
+            )
+            for direction in counts:
+                counts[direction] += plan.count(direction)
+            requests += len(plan.batches)
+            unsendable += len(plan.unsendable)
+        unsubscribes, synced = memberships.guard_counts(session, audience.id, ctx.clock())
+    sync = ctx.settings.sync
+    hold = planner.guard_hold_reason(
+        unsubscribes, synced, planner.GuardLimits(sync.max_unsubscribe_fraction, sync.guard_min_list_size)
+    )
+    note = hold or ("list to be created" if audience.list_id is None else "")
+    if audience.list_state is m.ListState.MISSING:
+        note = "list missing in Iterable: run `listsync sync --recreate-missing-lists`"
+    return {
+        "audience_key": audience.audience_key,
+        "list_id": audience.list_id,
+        "subscribe": counts[Direction.SUBSCRIBE],
+        "unsubscribe": counts[Direction.UNSUBSCRIBE],
+        "requests": requests,
+        "unsendable": unsendable,
+        "note": note,
+    }

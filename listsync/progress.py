@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from listsync.db import backlog
 from listsync.db import models as m
+from listsync.domain import MemberState
 
 POLL_SECONDS = 0.5
 PLAIN_EVERY_SECONDS = 10.0
@@ -207,7 +208,7 @@ def _pending_members(session: Session) -> dict[str, int]:
     stmt = (
         select(m.Audience.audience_key, func.count())
         .join(m.Membership, m.Membership.audience_id == m.Audience.id)
-        .where(m.Membership.state == m.MemberState.PENDING)
+        .where(m.Membership.state == MemberState.PENDING)
         .group_by(m.Audience.audience_key)
         .order_by(m.Audience.audience_key)
     )

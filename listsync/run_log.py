@@ -7,7 +7,7 @@ import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from listsync.sync import RunReport
+    from listsync.context import RunReport
 
 logger = logging.getLogger("listsync.sync")
 

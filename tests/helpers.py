@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from listsync import sync
+from listsync import context
 from listsync.config import Settings
 from listsync.db import session as dbs
 from listsync.ingest import accept, extract
@@ -83,18 +83,18 @@ def make_settings(
     return Settings(**data)
 
 
-def ingest(ctx: sync.SyncContext, events: Iterable[dict[str, Any]]) -> accept.IngestCounts:
+def ingest(ctx: context.SyncContext, events: Iterable[dict[str, Any]]) -> accept.IngestCounts:
     items = [extract.RawEvent(raw=dict(e), size=len(str(e))) for e in events]
     with dbs.transaction(ctx.factory) as session:
         return accept.accept_items(session, items, source="test", now=datetime.now(UTC))
 
 
 @contextmanager
-def sync_context(settings: Settings) -> Iterator[sync.SyncContext]:
+def sync_context(settings: Settings) -> Iterator[context.SyncContext]:
     engine = dbs.make_engine(settings.database_url)
     try:
         with client_from_settings(settings.iterable) as client:
-            yield sync.SyncContext(settings=settings, factory=dbs.session_factory(engine), client=client)
+            yield context.SyncContext(settings=settings, factory=dbs.session_factory(engine), client=client)
     finally:
         engine.dispose()
 

@@ -9,8 +9,8 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
+from listsync.db import memberships
 from listsync.db import models as m
-from listsync.db import repo
 from listsync.domain import Desired
 
 
@@ -41,7 +41,7 @@ def member_sample(session: Session, audience_key: str, now: datetime, size: int)
     audience_id = session.scalar(select(m.Audience.id).where(m.Audience.audience_key == audience_key))
     if audience_id is None or size <= 0:
         return []
-    members = repo.pending_members(session, audience_id, now, after_id=0, limit=size)
+    members = memberships.pending_members(session, audience_id, now, after_id=0, limit=size)
     return [
         {
             "direction": "subscribe" if member.desired is Desired.IN else "unsubscribe",

@@ -19,7 +19,7 @@ from sqlalchemy import ColumnElement, Select, case, func, select, text
 from sqlalchemy.orm import Session
 
 from listsync.db import models as m
-from listsync.domain import Desired, Synced
+from listsync.domain import Desired, MemberState, Synced
 
 T = TypeVar("T")
 SAMPLES_PER_REASON = 3
@@ -173,7 +173,7 @@ def _with_counts(session: Session, audiences: Sequence[m.Audience]) -> list[Audi
 
 
 # Every (state, desired, synced) a member can be in: each is one range of ix_memberships_status.
-_COMBOS = list(itertools.product(m.MemberState, Desired, [*Synced, None]))
+_COMBOS = list(itertools.product(MemberState, Desired, [*Synced, None]))
 
 
 def _member_counts(session: Session, audience_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
@@ -188,7 +188,7 @@ def _counts_of(session: Session, audience_id: int) -> dict[str, Any]:
     one index seek. A million-member audience costs one pass over its index entries."""
     ms = m.Membership
 
-    def where(state: m.MemberState, desired: Desired, synced: Synced | None) -> Select[Any]:
+    def where(state: MemberState, desired: Desired, synced: Synced | None) -> Select[Any]:
         in_sync = ms.synced.is_(None) if synced is None else ms.synced == synced
         return select(ms.desired_at).where(
             ms.audience_id == audience_id, ms.state == state, ms.desired == desired, in_sync
@@ -198,7 +198,7 @@ def _counts_of(session: Session, audience_id: int) -> dict[str, Any]:
         select(func.count()).select_from(where(*combo).subquery()).scalar_subquery() for combo in _COMBOS
     ]
     newest = [where(*c).order_by(ms.desired_at.desc()).limit(1).scalar_subquery() for c in _COMBOS]
-    pending = [c for c in _COMBOS if c[0] == m.MemberState.PENDING]
+    pending = [c for c in _COMBOS if c[0] == MemberState.PENDING]
     oldest = [where(*c).order_by(ms.desired_at).limit(1).scalar_subquery() for c in pending]
     row = session.execute(select(*counts, *newest, *oldest)).one()
     n = dict(zip(_COMBOS, row[: len(_COMBOS)], strict=True))
@@ -209,12 +209,12 @@ def _counts_of(session: Session, audience_id: int) -> dict[str, Any]:
         "members": sum(v for (_s, d, _y), v in n.items() if d == Desired.IN),
         "synced_members": sum(v for (_s, _d, y), v in n.items() if y == Synced.IN),
         "pending_subscribe": sum(
-            v for (s, d, _y), v in n.items() if s == m.MemberState.PENDING and d == Desired.IN
+            v for (s, d, _y), v in n.items() if s == MemberState.PENDING and d == Desired.IN
         ),
         "pending_unsubscribe": sum(
-            v for (s, d, _y), v in n.items() if s == m.MemberState.PENDING and d != Desired.IN
+            v for (s, d, _y), v in n.items() if s == MemberState.PENDING and d != Desired.IN
         ),
-        "failed": sum(v for (s, _d, _y), v in n.items() if s == m.MemberState.FAILED),
+        "failed": sum(v for (s, _d, _y), v in n.items() if s == MemberState.FAILED),
         "newest_delta_at": max(newest_at, default=None),
         "oldest_pending_at": min(oldest_at, default=None),
     }
@@ -357,7 +357,7 @@ def failed_members_page(
     ms = m.Membership
     stmt = (
         select(ms.id, ms.user_id, ms.email, ms.desired, ms.last_error, ms.updated_at)
-        .where(ms.audience_id == audience_id, ms.state == m.MemberState.FAILED)
+        .where(ms.audience_id == audience_id, ms.state == MemberState.FAILED)
         .order_by(ms.id)
         .limit(limit + 1)
     )

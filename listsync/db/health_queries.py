@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from listsync.db import models as m
+from listsync.domain import MemberState
 
 
 def last_finished_run(session: Session) -> Any:
@@ -39,7 +40,7 @@ def oldest_waiting_work(session: Session) -> datetime | None:
     first_pending = select(func.min(d.id)).where(d.state == m.DeliveryState.PENDING).scalar_subquery()
     members = (
         select(ms.updated_at)
-        .where(ms.state == m.MemberState.PENDING)
+        .where(ms.state == MemberState.PENDING)
         .order_by(ms.audience_id, ms.id)
         .limit(PENDING_SAMPLE)
         .subquery()

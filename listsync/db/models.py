@@ -30,8 +30,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import DateTime, TypeDecorator
 
-from listsync.domain import Desired, Synced
-from listsync.mapping import ActionKind
+from listsync.domain import ActionKind, Desired, MemberState, Synced, utcnow
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -67,9 +66,6 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
 
 def text_enum(enum: type[StrEnum], name: str) -> Enum:
     return Enum(
@@ -87,12 +83,6 @@ class ListState(StrEnum):
     PENDING = "pending"  # no Iterable list yet
     READY = "ready"
     MISSING = "missing"  # Iterable refused the stored list id; sending stopped
-
-
-class MemberState(StrEnum):
-    PENDING = "pending"
-    SYNCED = "synced"
-    FAILED = "failed"
 
 
 class RequestStatus(StrEnum):

@@ -15,15 +15,16 @@ from sqlalchemy.orm import Session
 
 from listsync.db import models as m
 from listsync.db.session import rows_affected
+from listsync.domain import MemberState
 
 
 def retry_failed_members(session: Session, now: datetime, audience_keys: list[str] | None = None) -> int:
-    stmt = update(m.Membership).where(m.Membership.state == m.MemberState.FAILED)
+    stmt = update(m.Membership).where(m.Membership.state == MemberState.FAILED)
     if audience_keys:
         audience_ids = select(m.Audience.id).where(m.Audience.audience_key.in_(audience_keys))
         stmt = stmt.where(m.Membership.audience_id.in_(audience_ids))
     result = session.execute(
-        stmt.values(state=m.MemberState.PENDING, attempts=0, next_attempt_at=None, updated_at=now)
+        stmt.values(state=MemberState.PENDING, attempts=0, next_attempt_at=None, updated_at=now)
         .execution_options(synchronize_session=False)
     )
     return rows_affected(result)

@@ -1,4 +1,4 @@
-"""The run ledger as people read it: what a run did beyond repo.finish_run's counts, the run
+"""The run ledger as people read it: what a run did beyond runs.finish_run's counts, the run
 history (the run_history view), and a finished run's breakdown per audience from the request ledger."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from listsync.db import models as m
 
-# Item outcomes that mean the change is in Iterable (see sync._item_verdict and in-doubt settling).
+# Item outcomes that mean the change is in Iterable (see lists.send._item_verdict and in-doubt settling).
 _SUBSCRIBED = ("ok", "applied")
 _UNSUBSCRIBED = ("ok", "not_found", "applied")
 
@@ -99,3 +99,37 @@ def audience_breakdown(session: Session, run_id: int) -> list[dict[str, Any]]:
         else:
             row["not_confirmed"] += 1
     return [{**rows[key], "requests": len(requests[key])} for key in sorted(rows)]
+
+
+def start_run(session: Session, *, trigger: str, owner: str, now: datetime) -> int:
+    run = m.SyncRun(trigger=trigger, owner=owner, started_at=now, status=m.RunStatus.RUNNING)
+    session.add(run)
+    session.flush()
+    return run.id
+
+
+def finish_run(
+    session: Session,
+    run_id: int,
+    *,
+    status: m.RunStatus,
+    now: datetime,
+    requests: int,
+    subscribed: int,
+    unsubscribed: int,
+    failed: int,
+    summary: str | None,
+) -> None:
+    session.execute(
+        update(m.SyncRun)
+        .where(m.SyncRun.id == run_id)
+        .values(
+            status=status,
+            finished_at=now,
+            requests=requests,
+            subscribed=subscribed,
+            unsubscribed=unsubscribed,
+            failed=failed,
+            summary=summary,
+        )
+    )

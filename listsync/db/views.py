@@ -4,6 +4,13 @@ one row per (event, action) of the per-event actions."""
 
 from __future__ import annotations
 
+import json
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import RowMapping, text
+from sqlalchemy.orm import Session
+
 AUDIENCE_STATUS = """
 CREATE VIEW audience_status AS
 SELECT a.audience_key AS audience_key,
@@ -123,3 +130,16 @@ FROM sync_runs r
 def operator_views(dialect: str) -> dict[str, str]:
     """The views of revision 0004, in the given dialect's SQL."""
     return {"sync_backlog": SYNC_BACKLOG, "run_history": RUN_HISTORY.format(duration=_DURATION[dialect])}
+
+
+def audience_status(session: Session) -> list[dict[str, Any]]:
+    rows = session.execute(text("SELECT * FROM audience_status ORDER BY audience_key")).mappings()
+    return [_jsonable_row(row) for row in rows]
+
+
+def _jsonable_row(row: RowMapping) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        out[str(key)] = value.isoformat() if isinstance(value, datetime) else value
+    decoded: dict[str, Any] = json.loads(json.dumps(out, default=str))
+    return decoded

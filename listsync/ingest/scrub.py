@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -168,3 +169,8 @@ def _is_basic_credential(candidate: str) -> bool:
     except (binascii.Error, ValueError):
         return False
     return b":" in decoded
+
+
+def kept_payload(raw: Any) -> str:
+    """An event as kept in rejected_events: secrets removed, bounded, storable."""
+    return scrub_text(json.dumps(redact(raw), default=str))

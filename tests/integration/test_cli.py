@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from listsync import cli, sync
+from listsync import cli, context
 from listsync.config import Settings
 from tests.emulator import EmulatorServer, IterableEmulator
 from tests.helpers import API_KEY, audience_event, ingest, sync_context
@@ -81,19 +81,19 @@ def run_cli(capsys: pytest.CaptureFixture[str], config: Path, *args: str) -> tup
     return code, out, err
 
 
-def view_rows(ctx: sync.SyncContext, sql: str) -> list[dict[str, Any]]:
+def view_rows(ctx: context.SyncContext, sql: str) -> list[dict[str, Any]]:
     with ctx.factory() as session:
         return [dict(r) for r in session.execute(text(sql)).mappings()]
 
 
-def audience_row(ctx: sync.SyncContext, key: str) -> dict[str, Any]:
+def audience_row(ctx: context.SyncContext, key: str) -> dict[str, Any]:
     rows = view_rows(ctx, "SELECT * FROM audience_status")
     found = [r for r in rows if r["audience_key"] == key]
     assert len(found) == 1, rows
     return found[0]
 
 
-def member_rows(ctx: sync.SyncContext, key: str) -> dict[str, dict[str, Any]]:
+def member_rows(ctx: context.SyncContext, key: str) -> dict[str, dict[str, Any]]:
     """member_status rows of one audience by user_id (or email when there is none)."""
     rows = view_rows(ctx, "SELECT * FROM member_status")
     return {r["user_id"] or r["email"]: r for r in rows if r["audience_key"] == key}

@@ -16,8 +16,8 @@ from listsync import sync
 from listsync.config import Settings
 from listsync.db import dashboard as q
 from listsync.db import models as m
-from listsync.db import repo
 from listsync.db import session as dbs
+from listsync.db import views
 from tests.emulator import EmulatorServer, IterableEmulator
 from tests.helpers import API_KEY, BASE_TIME, sync_context
 from tests.integration.status_seed import INVALID_EMAILS, seed, settings_data
@@ -50,7 +50,7 @@ def engine(seeded: Settings) -> Iterator[Engine]:
 
 def test_audience_counts_agree_with_the_status_view_and_page_by_key(engine: Engine) -> None:
     with dbs.session_factory(engine)() as session:
-        view = {row["audience_key"]: row for row in repo.audience_status(session)}
+        view = {row["audience_key"]: row for row in views.audience_status(session)}
         page = q.audiences_page(session)
         assert [a.audience_key for a in page.rows] == ["calm", "newsletter", "vip"] and page.next_cursor is None
         for a in page.rows:

@@ -13,8 +13,9 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from listsync import delivery, sync
+from listsync import context, sync
 from listsync.db import session as dbs
+from listsync.events import delivery
 from listsync.ingest import accept
 from listsync.iterable.client import EU_BASE_URL, base_url_for, client_from_settings
 from tests.emulator import EmulatorServer, FaultRule, IterableEmulator, make_mock_transport
@@ -32,7 +33,7 @@ def emulator() -> Iterator[tuple[IterableEmulator, str]]:
         yield emu, server.url
 
 
-def _status(ctx: sync.SyncContext) -> list[dict[str, Any]]:
+def _status(ctx: context.SyncContext) -> list[dict[str, Any]]:
     with ctx.factory() as session:
         return delivery.event_status(session)
 

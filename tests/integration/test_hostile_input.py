@@ -36,10 +36,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from listsync import sync
+from listsync import context, sync
 from listsync.db import models as m
-from listsync.ingest import extract, pollers
+from listsync.ingest import extract, files
 from listsync.ingest.receiver import ReceiverServer, build_app
+from listsync.lists.apply import apply_all
 from tests.emulator import EmulatorServer, IterableEmulator
 from tests.helpers import API_KEY, audience_event, make_settings, sync_context
 from tests.hostile import Case, Mutation, build, mutations
@@ -184,7 +185,7 @@ def world(database_url: str, emulator: tuple[IterableEmulator, str]) -> Iterator
 
 
 class World:
-    def __init__(self, ctx: sync.SyncContext, emu: IterableEmulator) -> None:
+    def __init__(self, ctx: context.SyncContext, emu: IterableEmulator) -> None:
         self.ctx = ctx
         self.emu = emu
         self.serials = itertools.count(1)
@@ -202,7 +203,7 @@ class World:
         rejected = self.rejections_since(mark)
         described = [f"{r.source} {r.reason[:160]}" for r in rejected]
         assert len(rejected) == refused_rows, (refused_rows, described)
-        sync.apply_all(self.ctx)
+        apply_all(self.ctx)
         refused_later = [r.reason for r in self.rejections_since(mark)[len(rejected):]]
         assert refused_later == [], "an event accepted with 200 was refused when applied"
         report = sync.run_once(self.ctx)
@@ -328,8 +329,8 @@ def test_file_ingest_survives_hostile_lines(world: World, tmp_path: Path, exampl
         round_ = Round(next(world.serials), scenario)
         path = _write_lines(tmp_path / f"in{round_.audiences[0]}", round_, scenario.gzip)
         mark = world.last_rejection()
-        with pollers.open_ndjson(str(path)) as stream:
-            counts = pollers.ingest_stream(world.ctx.factory, stream, source=f"file:{path.name}", now_fn=_now)
+        with files.open_ndjson(str(path)) as stream:
+            counts = files.ingest_stream(world.ctx.factory, stream, source=f"file:{path.name}", now_fn=_now)
         tolerated = len(round_.cases) - len(round_.refused)
         assert (counts.accepted, counts.rejected) == (len(round_.good) + tolerated, len(round_.refused))
         world.settle(round_, mark, len(round_.refused))
@@ -366,7 +367,7 @@ def test_drop_folder_survives_hostile_files(world: World, tmp_path: Path, exampl
         bad_files = _plant_bad_files(folder, outside, prefix, round_) if scenario.bad_file else 0
         _write_lines(folder / f"{prefix}-events", round_, scenario.gzip)
         mark = world.last_rejection()
-        counts = pollers.poll_folder(world.ctx.factory, folder, _now, min_age_seconds=0)
+        counts = files.poll_folder(world.ctx.factory, folder, _now, min_age_seconds=0)
         assert counts.rejected == len(round_.refused)
         world.settle(round_, mark, len(round_.refused) + bad_files)
 

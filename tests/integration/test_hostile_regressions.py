@@ -24,9 +24,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from listsync import sync
 from listsync.db import models as m
 from listsync.db.session import make_engine, session_factory, transaction
-from listsync.ingest import extract, pollers, receiver
-from listsync.ingest.accept import apply_inbox
+from listsync.ingest import extract, files, receiver
 from listsync.ingest.receiver import ReceiverServer, build_app
+from listsync.lists.apply import apply_inbox
 from tests.emulator import EmulatorServer, IterableEmulator
 from tests.helpers import API_KEY, audience_event, ingest, sync_context
 from tests.integration.test_cli import config_data
@@ -180,7 +180,7 @@ def line(event: dict[str, Any]) -> bytes:
 
 
 def poll(factory: sessionmaker[Session], folder: Path) -> Any:
-    return pollers.poll_folder(factory, folder, lambda: NOW, min_age_seconds=0)
+    return files.poll_folder(factory, folder, lambda: NOW, min_age_seconds=0)
 
 
 def test_a_corrupt_file_is_quarantined_and_the_next_files_are_read(

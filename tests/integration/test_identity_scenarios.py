@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from listsync import sync
+from listsync import context, sync
 from listsync.config import Settings
 from tests.emulator import EmulatorServer, IterableEmulator
 from tests.helpers import API_KEY, audience_event, ingest, sync_context
@@ -48,7 +48,7 @@ def settings(database_url: str, url: str, project_type: str, **sections: Any) ->
     return Settings(**config_data(database_url, url, iterable=iterable, **sections))
 
 
-def run(ctx: sync.SyncContext) -> sync.RunReport:
+def run(ctx: context.SyncContext) -> context.RunReport:
     report = sync.run_once(ctx)
     assert report.exit_code == 0, report.summary()
     return report
@@ -59,7 +59,7 @@ def listed_user_ids(emu: IterableEmulator, key: str) -> set[str | None]:
     return {user_id for _, user_id in emu.list_members(list_id)}
 
 
-def members(ctx: sync.SyncContext, key: str) -> list[dict[str, Any]]:
+def members(ctx: context.SyncContext, key: str) -> list[dict[str, Any]]:
     rows = view_rows(ctx, "SELECT * FROM member_status ORDER BY user_id, email")
     return [r for r in rows if r["audience_key"] == key]
 
@@ -94,7 +94,7 @@ def profile_key(project_type: str, user_id: str | None, email: str | None) -> st
     return user_id or email
 
 
-def check(ctx: sync.SyncContext, emu: IterableEmulator, key: str, want: set[str], failed: int = 0) -> None:
+def check(ctx: context.SyncContext, emu: IterableEmulator, key: str, want: set[str], failed: int = 0) -> None:
     """The emulator's list holds exactly the profiles `want`, and member_status agrees."""
     kind = emu.project_type
     (list_id,) = emu.lists_named(key)

@@ -14,9 +14,11 @@ from sqlalchemy import func, insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from listsync.config import Settings
+from listsync.db import inbox
 from listsync.db import models as m
 from listsync.db.session import make_engine, session_factory, transaction
 from listsync.ingest import accept
+from listsync.lists.apply import apply_inbox
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 SETTINGS = Settings()
@@ -50,7 +52,7 @@ def apply_all(factory: sessionmaker[Session]) -> int:
     applied = 0
     while True:
         with transaction(factory) as session:
-            n = accept.apply_inbox(session, SETTINGS, NOW, limit=50)
+            n = apply_inbox(session, SETTINGS, NOW, limit=50)
         if n == 0:
             return applied
         applied += n
@@ -92,9 +94,9 @@ def test_a_crash_during_apply_leaves_the_inbox_to_apply_again(
     def crash(*_args: Any, **_kwargs: Any) -> None:
         raise RuntimeError("simulated crash before mark_applied commits")
 
-    monkeypatch.setattr(accept.repo, "mark_applied", crash)
+    monkeypatch.setattr(inbox, "mark_applied", crash)
     with pytest.raises(RuntimeError), transaction(factory) as session:
-        accept.apply_inbox(session, SETTINGS, NOW)
+        apply_inbox(session, SETTINGS, NOW)
     monkeypatch.undo()
 
     with factory() as session:
@@ -181,7 +183,7 @@ def test_inbox_event_refused_at_apply_is_recorded_not_dropped(factory: sessionma
             ],
         )
     with transaction(factory) as session:
-        assert accept.apply_inbox(session, Settings(), now) == 1
+        assert apply_inbox(session, Settings(), now) == 1
     with factory() as session:
         reasons = session.scalars(text("SELECT reason FROM rejected_events")).all()
     assert (

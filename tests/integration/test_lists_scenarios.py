@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 
-from listsync import identity, sync
+from listsync import context, sync
 from listsync.config import Settings
+from listsync.lists import identity
+from listsync.lists.apply import apply_all
 from tests.emulator import EmulatorServer, FaultRule, IterableEmulator
 from tests.helpers import API_KEY, BASE_TIME, audience_event, ingest, sync_context
 from tests.integration.test_cli import (
@@ -62,7 +64,7 @@ def bodies(emu: IterableEmulator, endpoint: str, list_id: int | None = None, sin
 
 
 def assert_agrees(
-    ctx: sync.SyncContext, emu: IterableEmulator, key: str, want: set[tuple[Any, Any]], failed: int = 0
+    ctx: context.SyncContext, emu: IterableEmulator, key: str, want: set[tuple[Any, Any]], failed: int = 0
 ) -> None:
     """Point 8: the list is exactly `want`, and audience_status says so."""
     list_id = the_list(emu, key)
@@ -90,7 +92,7 @@ def test_one_list_per_audience_created_found_or_reused(
     with sync_context(settings(database_url, url)) as ctx:
         ingest(ctx, enters(fresh, range(3)) + enters(existing, range(2)) + enters(crashed, range(2)))
         # A crash between "create" and "store": Iterable has the list, the audience row no list_id.
-        sync.apply_all(ctx)
+        apply_all(ctx)
         crashed_id = emu.create_list(crashed)
         assert audience_row(ctx, crashed)["list_id"] is None
         report = sync.run_once(ctx)
@@ -193,10 +195,10 @@ def test_deleted_list_found_by_reconcile_is_marked_missing(
         ingest(ctx, enters("vip", range(3)))
         assert sync.run_once(ctx).exit_code == 0
         emu.delete_list(the_list(emu, "vip"))
-        report = sync.run_once(ctx, sync.RunOptions(reconcile=True))
+        report = sync.run_once(ctx, context.RunOptions(reconcile=True))
         assert report.exit_code == 1 and report.missing_lists == ["vip"], report.summary()
         assert audience_row(ctx, "vip")["list_state"] == "missing"
-        report = sync.run_once(ctx, sync.RunOptions(recreate_missing_lists=True))
+        report = sync.run_once(ctx, context.RunOptions(recreate_missing_lists=True))
         assert report.exit_code == 0, report.summary()
         assert_agrees(ctx, emu, "vip", people(range(3)))
 
@@ -545,5 +547,5 @@ def test_member_whose_email_becomes_known_later_stays_one_member(
         assert sync.run_once(ctx).exit_code == 0
         ingest(ctx, [audience_event("vip", inside=False, user_id="u1", email="u1@x.com", at=3)])
         assert sync.run_once(ctx).exit_code == 0
-        sync.run_once(ctx, sync.RunOptions(reconcile=True))
+        sync.run_once(ctx, context.RunOptions(reconcile=True))
         assert_agrees(ctx, emu, "vip", set())

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import text
 
-from listsync import sync
+from listsync import context, sync
 from tests.emulator import EmulatorServer, FaultRule, IterableEmulator
 from tests.helpers import API_KEY, audience_event, ingest, make_settings, sync_context
 
@@ -22,7 +22,7 @@ def emulator() -> Iterator[tuple[IterableEmulator, str]]:
         yield emu, server.url
 
 
-def _rows(ctx: sync.SyncContext, sql: str) -> list[dict[str, object]]:
+def _rows(ctx: context.SyncContext, sql: str) -> list[dict[str, object]]:
     with ctx.factory() as session:
         return [dict(r) for r in session.execute(text(sql)).mappings()]
 
@@ -169,7 +169,7 @@ def test_three_audiences_random_deltas_end_exact_with_minimum_calls(
                 events = _random_phase(rng, audiences, users, start=phase * 10_000.0, touch=touch)
                 expected = _expected(events, expected)
                 ingest(ctx, events)
-                report = sync.run_once(ctx, sync.RunOptions(allow_mass_unsubscribe=False))
+                report = sync.run_once(ctx, context.RunOptions(allow_mass_unsubscribe=False))
                 assert report.exit_code == 0, report.summary()
                 minimum = 0
                 for audience in audiences:

@@ -13,9 +13,10 @@ import pytest
 from sqlalchemy.engine import make_url
 from starlette.testclient import TestClient
 
-from listsync import health, sync
+from listsync import context, health, sync
 from listsync.config import Settings
 from listsync.ingest.receiver import build_app
+from listsync.lists.apply import apply_all
 from tests.emulator import IterableEmulator
 from tests.helpers import audience_event, ingest, sync_context
 from tests.integration.test_cli import config_data
@@ -26,17 +27,17 @@ def _enters(count: int) -> list[dict[str, object]]:
 
 
 @pytest.fixture
-def ready_ctx(database_url: str, served_emulator: tuple[IterableEmulator, str]) -> Iterator[sync.SyncContext]:
+def ready_ctx(database_url: str, served_emulator: tuple[IterableEmulator, str]) -> Iterator[context.SyncContext]:
     _emu, url = served_emulator
     with sync_context(Settings(**config_data(database_url, url))) as ctx:
         yield ctx
 
 
-def _client(ctx: sync.SyncContext) -> TestClient:
+def _client(ctx: context.SyncContext) -> TestClient:
     return TestClient(build_app(ctx.settings, ctx.factory))
 
 
-def test_ok_then_api_key_refused_with_its_reason(ready_ctx: sync.SyncContext) -> None:
+def test_ok_then_api_key_refused_with_its_reason(ready_ctx: context.SyncContext) -> None:
     with _client(ready_ctx) as client:
         assert client.get("/health/live").json() == {"status": "ok"}
         answer = client.get("/health")
@@ -58,19 +59,19 @@ def test_ok_then_api_key_refused_with_its_reason(ready_ctx: sync.SyncContext) ->
         assert client.get("/health").json()["status"] == "ok"
 
 
-def test_sync_lag_beyond_the_threshold(ready_ctx: sync.SyncContext) -> None:
+def test_sync_lag_beyond_the_threshold(ready_ctx: context.SyncContext) -> None:
     ingest(ready_ctx, _enters(3))
     now = datetime.now(UTC)
     assert health.check(ready_ctx.factory, ready_ctx.settings, now).status == "ok"
     later = health.check(ready_ctx.factory, ready_ctx.settings, now + timedelta(hours=1))
     assert later.status == "sync_lag" and later.ready and "max_sync_lag_seconds = 900" in later.reasons["sync_lag"]
-    sync.apply_all(ready_ctx)  # folded but not sent: the members wait now
+    apply_all(ready_ctx)  # folded but not sent: the members wait now
     assert health.check(ready_ctx.factory, ready_ctx.settings, now + timedelta(hours=1)).status == "sync_lag"
     assert sync.run_once(ready_ctx).exit_code == 0
     assert health.check(ready_ctx.factory, ready_ctx.settings, now + timedelta(hours=1)).status == "ok"
 
 
-def test_deleted_sqlite_file_is_not_ready(ready_ctx: sync.SyncContext) -> None:
+def test_deleted_sqlite_file_is_not_ready(ready_ctx: context.SyncContext) -> None:
     url = make_url(ready_ctx.settings.database_url)
     if url.get_backend_name() != "sqlite":
         pytest.skip("a file to delete is SQLite's")
@@ -83,7 +84,7 @@ def test_deleted_sqlite_file_is_not_ready(ready_ctx: sync.SyncContext) -> None:
     assert answer.json()["status"] == "database_unwritable" and "no longer exists" in answer.text
 
 
-def test_metrics_report_last_success_delivery_backlog_and_failures(ready_ctx: sync.SyncContext) -> None:
+def test_metrics_report_last_success_delivery_backlog_and_failures(ready_ctx: context.SyncContext) -> None:
     ingest(ready_ctx, _enters(2))
     ingest(ready_ctx, [{"type": "identify", "messageId": "p1", "userId": "p1", "traits": {"email": "p1@x.com"},
                         "timestamp": "2026-01-01T00:00:00Z"}])
@@ -99,7 +100,7 @@ def test_metrics_report_last_success_delivery_backlog_and_failures(ready_ctx: sy
     assert "listsync_last_run_failed 0.0" in after
 
 
-def test_example_alerts_and_dashboard_use_only_metrics_that_exist(ready_ctx: sync.SyncContext) -> None:
+def test_example_alerts_and_dashboard_use_only_metrics_that_exist(ready_ctx: context.SyncContext) -> None:
     docs = Path(__file__).resolve().parents[2] / "docs"
     used = set()
     for name in ("prometheus-alerts.yml", "grafana-dashboard.json", "deploy.md"):

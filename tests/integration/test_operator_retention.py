@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from listsync import sync
+from listsync import context, sync
 from listsync.config import RetentionSettings, Settings
 from listsync.db import retention
 from listsync.db import session as dbs
 from listsync.ingest import accept, extract
+from listsync.lists.apply import apply_all
 from tests.emulator import IterableEmulator
 from tests.helpers import audience_event, ingest, sync_context
 from tests.integration.test_cli import (
@@ -43,18 +44,18 @@ def _cycle_events(cycle: int) -> list[dict[str, Any]]:
     return flips + profiles
 
 
-def _reject(ctx: sync.SyncContext, count: int) -> None:
+def _reject(ctx: context.SyncContext, count: int) -> None:
     items = [extract.RawEvent(raw={"type": "identify", "messageId": f"bad-{i}"}, size=40) for i in range(count)]
     with dbs.transaction(ctx.factory) as session:
         accept.accept_items(session, items, source="test", now=datetime.now(UTC))
 
 
-def _counts(ctx: sync.SyncContext) -> dict[str, int]:
+def _counts(ctx: context.SyncContext) -> dict[str, int]:
     with ctx.factory() as session:
         return {t: int(session.scalar(text(f"SELECT count(*) FROM {t}")) or 0) for t in (*GROWING, "memberships")}
 
 
-def _pages_in_use(ctx: sync.SyncContext) -> int | None:
+def _pages_in_use(ctx: context.SyncContext) -> int | None:
     with ctx.factory() as session:
         if session.get_bind().dialect.name != "sqlite":
             return None
@@ -73,7 +74,7 @@ def test_database_stays_flat_over_repeated_runs(
         for cycle in range(8):
             ingest(ctx, _cycle_events(cycle))
             _reject(ctx, 3)
-            assert sync.run_once(ctx, sync.RunOptions(allow_mass_unsubscribe=True)).exit_code == 0
+            assert sync.run_once(ctx, context.RunOptions(allow_mass_unsubscribe=True)).exit_code == 0
             later = datetime.now(UTC) + timedelta(days=100)
             pruned = retention.prune(ctx.factory, settings.retention, later, actions_enabled=True)
             assert pruned.inbox == 2 * USERS and pruned.rejected == 3 and pruned.runs == 1
@@ -91,7 +92,7 @@ def test_pending_work_is_never_pruned(database_url: str, served_emulator: tuple[
     with sync_context(settings) as ctx:
         ingest(ctx, _cycle_events(0))
         assert retention.prune(ctx.factory, settings.retention, later, actions_enabled=True).inbox == 0
-        sync.apply_all(ctx)  # applied, but not routed to actions yet
+        apply_all(ctx)  # applied, but not routed to actions yet
         assert retention.prune(ctx.factory, settings.retention, later, actions_enabled=True).inbox == 0
         assert _counts(ctx)["inbox"] == 2 * USERS
         keep_all = RetentionSettings(inbox_days=0, request_items_days=0, runs_days=0, rejected_days=0)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from listsync import sync
+from listsync import context, sync
 from listsync.config import Settings
 from tests.emulator import IterableEmulator
 from tests.helpers import audience_event, ingest, sync_context
@@ -79,7 +79,7 @@ def test_idle_daemon_ticks_leave_no_rows_and_no_info_lines(
 ) -> None:
     _emu, url = served_emulator
     settings = Settings(**config_data(database_url, url))
-    daemon = sync.RunOptions(trigger="daemon")
+    daemon = context.RunOptions(trigger="daemon")
     with sync_context(settings) as ctx:
         caplog.set_level(logging.INFO)
         for _ in range(3):
@@ -99,6 +99,6 @@ def test_idle_daemon_ticks_leave_no_rows_and_no_info_lines(
         assert (row["requests"], row["members_changed"], row["trigger"]) == (1, 2, "daemon")
 
 
-def _run_rows(ctx: sync.SyncContext) -> int:
+def _run_rows(ctx: context.SyncContext) -> int:
     with ctx.factory() as session:
         return int(session.scalar(text("SELECT count(*) FROM sync_runs")) or 0)

@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from listsync.config import Settings
 from listsync.db import models as m
 from listsync.db.session import make_engine, session_factory, transaction
-from listsync.ingest import pollers
-from listsync.ingest.accept import apply_inbox
+from listsync.ingest import accept, files, sql_source
+from listsync.lists.apply import apply_inbox
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -79,7 +79,7 @@ def test_ingest_stream_good_bad_blank_and_duplicate_lines(factory: sessionmaker[
         b"   \r\n",
         line(track("u3", messageId="m3")),
     ]
-    counts = pollers.ingest_stream(factory, lines, source="file:test", now_fn=clock(), chunk=2)
+    counts = files.ingest_stream(factory, lines, source="file:test", now_fn=clock(), chunk=2)
     assert (counts.accepted, counts.duplicates, counts.rejected) == (3, 1, 2)
     assert count(factory, m.InboxEvent) == 3
     with factory() as session:
@@ -91,8 +91,8 @@ def test_open_ndjson_reads_gzip(factory: sessionmaker[Session], tmp_path: Path) 
     path = tmp_path / "events.ndjson.gz"
     with gzip.open(path, "wb") as handle:
         handle.writelines(line(track(f"u{i}", messageId=f"g{i}")) for i in range(250))
-    with pollers.open_ndjson(str(path)) as stream:
-        counts = pollers.ingest_stream(factory, stream, source="file:gz", now_fn=clock(), chunk=100)
+    with files.open_ndjson(str(path)) as stream:
+        counts = files.ingest_stream(factory, stream, source="file:gz", now_fn=clock(), chunk=100)
     assert (counts.accepted, counts.rejected) == (250, 0)
     assert count(factory, m.InboxEvent, m.InboxEvent.source == "file:gz") == 250
 
@@ -106,20 +106,20 @@ def test_poll_folder_reads_each_file_once(factory: sessionmaker[Session], tmp_pa
         handle.writelines(line(track(f"b{i}")) for i in range(20))
     (tmp_path / "c.ndjson.tmp").write_bytes(line(track("still-being-written")))
 
-    first = pollers.poll_folder(factory, tmp_path, clock(), chunk=7, min_age_seconds=0)
-    again = pollers.poll_folder(factory, tmp_path, clock(), chunk=7, min_age_seconds=0)
+    first = files.poll_folder(factory, tmp_path, clock(), chunk=7, min_age_seconds=0)
+    again = files.poll_folder(factory, tmp_path, clock(), chunk=7, min_age_seconds=0)
 
     assert (first.accepted, first.rejected) == (50, 0)
     assert (again.accepted, again.duplicates, again.rejected) == (0, 0, 0)
     with factory() as session:
-        files = {Path(f.path).name: f for f in session.scalars(select(m.SourceFile))}
-    assert set(files) == {"a.ndjson", "b.jsonl.gz"}
-    assert files["a.ndjson"].lines_read == 30 and files["a.ndjson"].completed_at is not None
+        recorded = {Path(f.path).name: f for f in session.scalars(select(m.SourceFile))}
+    assert set(recorded) == {"a.ndjson", "b.jsonl.gz"}
+    assert recorded["a.ndjson"].lines_read == 30 and recorded["a.ndjson"].completed_at is not None
 
 
 def test_poll_folder_skips_files_modified_just_now(factory: sessionmaker[Session], tmp_path: Path) -> None:
     (tmp_path / "fresh.ndjson").write_bytes(line(track("u1")))
-    assert pollers.poll_folder(factory, tmp_path, clock(), min_age_seconds=60).accepted == 0
+    assert files.poll_folder(factory, tmp_path, clock(), min_age_seconds=60).accepted == 0
     assert count(factory, m.SourceFile) == 0
 
 
@@ -135,7 +135,7 @@ def test_poll_folder_resumes_after_a_crash_without_loss_or_doubles(
     body.insert(100, b"\n")  # blank lines count as read lines too
     (tmp_path / "big.ndjson").write_bytes(b"".join(body))
 
-    real_accept = pollers.accept_items
+    real_accept = accept.accept_items
     calls = itertools.count(1)
 
     def crash_on_third_chunk(*args: Any, **kwargs: Any) -> Any:
@@ -144,16 +144,16 @@ def test_poll_folder_resumes_after_a_crash_without_loss_or_doubles(
             raise RuntimeError("simulated crash after the 3rd chunk was written, before commit")
         return result
 
-    monkeypatch.setattr(pollers, "accept_items", crash_on_third_chunk)
+    monkeypatch.setattr(files, "accept_items", crash_on_third_chunk)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        pollers.poll_folder(factory, tmp_path, clock(), chunk=500, min_age_seconds=0)
+        files.poll_folder(factory, tmp_path, clock(), chunk=500, min_age_seconds=0)
     with factory() as session:
         progress = session.scalars(select(m.SourceFile)).one()
     assert progress.lines_read == 1_000 and progress.completed_at is None
     assert count(factory, m.InboxEvent) == 999  # two committed chunks, one of the lines blank
 
-    monkeypatch.setattr(pollers, "accept_items", real_accept)
-    resumed = pollers.poll_folder(factory, tmp_path, clock(), chunk=500, min_age_seconds=0)
+    monkeypatch.setattr(files, "accept_items", real_accept)
+    resumed = files.poll_folder(factory, tmp_path, clock(), chunk=500, min_age_seconds=0)
 
     assert (resumed.accepted, resumed.duplicates, resumed.rejected) == (total_lines - 999, 0, 0)
     assert count(factory, m.InboxEvent) == total_lines
@@ -211,8 +211,8 @@ def test_poll_sql_enters_exits_holds_and_replays(factory: sessionmaker[Session],
         [(aud, f"{aud}-{i}", f"{aud}-{i}@example.com", "pro") for aud, n in sizes.items() for i in range(n)]
     )
 
-    def poll() -> pollers.SqlSyncCounts:
-        result = pollers.poll_sql(factory, warehouse.url, QUERY, settings, now, chunk=700)
+    def poll() -> sql_source.SqlSyncCounts:
+        result = sql_source.poll_sql(factory, warehouse.url, QUERY, settings, now, chunk=700)
         apply_all(factory, settings)
         return result
 
@@ -260,7 +260,7 @@ def test_poll_sql_normalises_like_the_receiver_and_skips_bad_rows(
             ("news", None, "not-an-email", "free"),  # no usable identity
         ]
     )
-    first = pollers.poll_sql(factory, warehouse.url, QUERY, settings, now)
+    first = sql_source.poll_sql(factory, warehouse.url, QUERY, settings, now)
     assert (first.rows, first.invalid, first.entered) == (5, 3, 2)
     apply_all(factory, settings)
     with factory() as session:
@@ -268,7 +268,7 @@ def test_poll_sql_normalises_like_the_receiver_and_skips_bad_rows(
     assert keys == {("", "mixed.case@example.com"), ("u-1", "")}
 
     # The stored key matches the normalised snapshot key, so nothing is re-entered or exited.
-    again = pollers.poll_sql(factory, warehouse.url, QUERY, settings, now)
+    again = sql_source.poll_sql(factory, warehouse.url, QUERY, settings, now)
     assert (again.entered, again.exited, again.events.accepted) == (0, 0, 0)
     warehouse.close()
 
@@ -278,7 +278,7 @@ def test_poll_sql_refuses_a_query_without_identity_columns(
 ) -> None:
     warehouse = Warehouse(tmp_path / "warehouse.db")
     with pytest.raises(ValueError, match="audience_key"):
-        pollers.poll_sql(factory, warehouse.url, "SELECT plan FROM members", Settings(), clock())
+        sql_source.poll_sql(factory, warehouse.url, "SELECT plan FROM members", Settings(), clock())
     warehouse.close()
 
 
@@ -292,11 +292,11 @@ def test_poll_sql_new_email_for_a_user_id_per_project_type(
     now = clock()
     warehouse = Warehouse(tmp_path / "warehouse.db")
     warehouse.add([("vip", "u1", "old@example.com", "pro")])
-    pollers.poll_sql(factory, warehouse.url, QUERY, settings, now)
+    sql_source.poll_sql(factory, warehouse.url, QUERY, settings, now)
     apply_all(factory, settings)
     warehouse.delete("user_id = 'u1'")
     warehouse.add([("vip", "u1", "new@example.com", "pro")])
-    moved = pollers.poll_sql(factory, warehouse.url, QUERY, settings, now)
+    moved = sql_source.poll_sql(factory, warehouse.url, QUERY, settings, now)
     apply_all(factory, settings)
     if project_type == "email":
         assert (moved.entered, moved.exited) == (1, 1)

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from listsync import delivery, sync
+from listsync import context, sync
+from listsync.events import delivery
 from tests.emulator import EmulatorServer, IterableEmulator
 from tests.helpers import API_KEY, audience_event, ingest, make_settings, sync_context
 
@@ -44,12 +45,12 @@ def users_sent(emu: IterableEmulator) -> list[dict[str, Any]]:
     return [u for b in bodies(emu, "users/bulkUpdate") for u in b["users"]] + bodies(emu, "users/update")
 
 
-def states(ctx: sync.SyncContext) -> list[str]:
+def states(ctx: context.SyncContext) -> list[str]:
     with ctx.factory() as session:
         return [row["state"] for row in delivery.event_status(session)]
 
 
-def run(ctx: sync.SyncContext) -> None:
+def run(ctx: context.SyncContext) -> None:
     report = sync.run_once(ctx)
     assert report.exit_code == 0, report.summary()
 

@@ -28,8 +28,8 @@ from starlette.testclient import TestClient
 from listsync.config import Settings
 from listsync.db import models as m
 from listsync.db.session import make_engine, session_factory, transaction
-from listsync.ingest.accept import apply_inbox
 from listsync.ingest.receiver import ReceiverServer, build_app, gunzip_capped
+from listsync.lists.apply import apply_inbox
 
 KEY = "test-write-key"
 AUTH = (KEY, "")

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 from starlette.testclient import TestClient
 
-from listsync import sync
+from listsync import context, preview, sync
 from listsync.errors import IterableError, ListNotFoundError, PermanentError, RateLimitedError
 from listsync.ingest.receiver import build_app
 from listsync.iterable import IterableClient, RetryPolicy, Subscriber
@@ -97,7 +97,7 @@ def collect(texts: list[str], call: Callable[[], object]) -> None:
         texts.extend(exception_texts(exc))
 
 
-def run_until_quiet(ctx: sync.SyncContext, texts: list[str], runs: int = 4) -> None:
+def run_until_quiet(ctx: context.SyncContext, texts: list[str], runs: int = 4) -> None:
     for _ in range(runs):
         report = sync.run_once(ctx)
         texts += [report.summary(), repr(report)]
@@ -177,7 +177,7 @@ def test_api_key_is_in_no_log_exception_or_row(database_url: str, captured: pyte
     # The dry run logs the bodies it would send at DEBUG.
     with sync_context(make_settings(database_url, api_key="")) as ctx:
         ingest(ctx, [vip(i, at=30) for i in range(45, 50)])
-        texts += [sync.run_once(ctx).summary(), json.dumps(sync.preview(ctx), default=str)]
+        texts += [sync.run_once(ctx).summary(), json.dumps(preview.audiences_preview(ctx), default=str)]
 
     logs = log_texts(captured)
     dump, rows = table_dump(database_url)

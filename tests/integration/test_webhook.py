@@ -22,7 +22,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from listsync import sync
+from listsync import context, sync
 from listsync.config import load_settings
 from listsync.errors import ConfigError
 from listsync.ingest import webhook
@@ -139,14 +139,14 @@ def emulator() -> Iterator[tuple[IterableEmulator, str]]:
 
 
 @pytest.fixture
-def ctx(database_url: str, emulator: tuple[IterableEmulator, str]) -> Iterator[sync.SyncContext]:
+def ctx(database_url: str, emulator: tuple[IterableEmulator, str]) -> Iterator[context.SyncContext]:
     receiver = {"write_keys": [WRITE_KEY], "webhook_secrets": [OLD_SECRET, SECRET]}
     with sync_context(make_settings(database_url, emulator[1], receiver=receiver)) as context:
         yield context
 
 
 @pytest.fixture
-def http(ctx: sync.SyncContext) -> Iterator[httpx.Client]:
+def http(ctx: context.SyncContext) -> Iterator[httpx.Client]:
     server = ReceiverServer(build_app(ctx.settings, ctx.factory), port=0)
     server.start()
     try:
@@ -161,18 +161,18 @@ def post(http: httpx.Client, request: tuple[bytes, dict[str, str]], path: str = 
     return http.post(path, content=body, headers=headers)
 
 
-def rows(ctx: sync.SyncContext, sql: str) -> list[dict[str, Any]]:
+def rows(ctx: context.SyncContext, sql: str) -> list[dict[str, Any]]:
     with ctx.factory() as session:
         return [dict(r) for r in session.execute(text(sql)).mappings()]
 
 
-def stored(ctx: sync.SyncContext) -> tuple[int, int]:
+def stored(ctx: context.SyncContext) -> tuple[int, int]:
     """(inbox events, rejected events)."""
     counts = rows(ctx, "SELECT (SELECT count(*) FROM inbox) AS inbox, (SELECT count(*) FROM rejected_events) AS bad")
     return int(counts[0]["inbox"]), int(counts[0]["bad"])
 
 
-def deliveries(ctx: sync.SyncContext) -> list[tuple[str, str, str]]:
+def deliveries(ctx: context.SyncContext) -> list[tuple[str, str, str]]:
     return [(r["event"], r["action"], r["state"]) for r in rows(ctx, "SELECT * FROM event_status ORDER BY event")]
 
 
@@ -192,7 +192,7 @@ EXPECTED_DELIVERIES = [
 
 
 def test_single_events_of_every_type_signed_as_segment_signs(
-    ctx: sync.SyncContext, http: httpx.Client, emulator: tuple[IterableEmulator, str]
+    ctx: context.SyncContext, http: httpx.Client, emulator: tuple[IterableEmulator, str]
 ) -> None:
     emu, _ = emulator
     events = every_type()
@@ -223,7 +223,7 @@ def test_single_events_of_every_type_signed_as_segment_signs(
 
 
 def test_a_batched_array_signed_on_its_first_event_stores_each_event_alone(
-    ctx: sync.SyncContext, http: httpx.Client, emulator: tuple[IterableEmulator, str]
+    ctx: context.SyncContext, http: httpx.Client, emulator: tuple[IterableEmulator, str]
 ) -> None:
     emu, _ = emulator
     events = every_type()
@@ -254,7 +254,7 @@ def test_a_batched_array_signed_on_its_first_event_stores_each_event_alone(
     assert deliveries(ctx) == EXPECTED_DELIVERIES
 
 
-def test_other_credentials_and_signature_forms(ctx: sync.SyncContext, http: httpx.Client) -> None:
+def test_other_credentials_and_signature_forms(ctx: context.SyncContext, http: httpx.Client) -> None:
     events = every_type()[:4]
     whole = js_stringify(events).encode()
     accepted = [
@@ -278,7 +278,7 @@ def test_other_credentials_and_signature_forms(ctx: sync.SyncContext, http: http
     assert response.status_code == 200 and stored(ctx) == (5, 0)
 
 
-def test_what_a_batched_signature_does_not_cover(ctx: sync.SyncContext, http: httpx.Client) -> None:
+def test_what_a_batched_signature_does_not_cover(ctx: context.SyncContext, http: httpx.Client) -> None:
     """Only the first event is signed: an array whose later events changed after signing still
     passes (the README says so and recommends a header secret as well)."""
     events = every_type()[:3]
@@ -293,7 +293,7 @@ def test_what_a_batched_signature_does_not_cover(ctx: sync.SyncContext, http: ht
 
 
 def test_wrong_or_missing_signatures_are_refused_and_leave_nothing(
-    ctx: sync.SyncContext, http: httpx.Client, caplog: pytest.LogCaptureFixture
+    ctx: context.SyncContext, http: httpx.Client, caplog: pytest.LogCaptureFixture
 ) -> None:
     events = every_type()
     single_body, single_headers = segment_request(events[:1], batched=False)
@@ -343,7 +343,7 @@ def test_no_secrets_configured_refuses_every_signature(database_url: str) -> Non
 # --- Segment's size limits and unusable bodies ---------------------------------------------------
 
 
-def test_size_limits_and_unusable_bodies(ctx: sync.SyncContext, http: httpx.Client) -> None:
+def test_size_limits_and_unusable_bodies(ctx: context.SyncContext, http: httpx.Client) -> None:
     big = platform({"type": "track", "userId": "u5", "event": "Big", "properties": {"blob": "ab " * 11_000}}, "m-big")
     response = post(http, segment_request([big], batched=False))
     assert response.status_code == 400 and response.json()["error"].startswith("event_too_large:")

@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from listsync import actions, mapping
-from listsync.actions import PageSettings, Request, Skip
 from listsync.domain import ProjectType
-from listsync.mapping import MappingSpec
+from listsync.events import actions, mapping
+from listsync.events.actions import PageSettings, Request, Skip
+from listsync.events.mapping import MappingSpec
 
 PRESETS = {spec.name: mapping.compile_mapping(spec) for spec in (*mapping.PRESETS, mapping.PAGE_PRESET)}
 STAMP = "2026-03-01T12:00:00Z"

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from listsync import actions, mapping
 from listsync.config import Settings
 from listsync.domain import Rejection
+from listsync.events import actions, mapping
 from listsync.ingest import extract
 from listsync.ingest.scrub import scrub_text
 from listsync.iterable import payloads

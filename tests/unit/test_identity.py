@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from listsync import identity
 from listsync.domain import ProjectType
-from listsync.identity import Addressee, EmailEffect, Identity, Match
+from listsync.lists import identity
+from listsync.lists.identity import Addressee, EmailEffect, Identity, Match
 
 EMAIL, HYBRID, USER_ID = ProjectType.EMAIL, ProjectType.HYBRID, ProjectType.USER_ID
 

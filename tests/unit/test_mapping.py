@@ -6,9 +6,10 @@ from typing import Any
 
 import pytest
 
-from listsync import mapping
 from listsync.config import Settings
-from listsync.mapping import ActionKind, MappingError, MappingSpec
+from listsync.domain import ActionKind
+from listsync.events import mapping
+from listsync.events.mapping import MappingError, MappingSpec
 
 IDENTIFY = {"type": "identify", "userId": "u1", "traits": {"email": "a@x.com", "plan": "pro", "n": 3}}
 TRACK = {

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from listsync import identity, membership, planner
-from listsync.domain import Desired, Direction, MembershipDelta, ProjectType, Synced
+from listsync.domain import Desired, Direction, MembershipDelta, PendingMember, ProjectType, Synced
+from listsync.lists import identity, membership, planner
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 EMAIL, HYBRID, USER_ID = ProjectType.EMAIL, ProjectType.HYBRID, ProjectType.USER_ID
@@ -104,15 +104,15 @@ def test_missing_identifier_by_project_type() -> None:
 
 
 def pending(i: int, desired: Desired, synced: Synced | None = None, user_id: str = "", email: str = "",
-            fields: dict[str, object] | None = None) -> planner.PendingMember:
-    return planner.PendingMember(i, user_id or f"u{i}", email, desired, synced, email or None,
+            fields: dict[str, object] | None = None) -> PendingMember:
+    return PendingMember(i, user_id or f"u{i}", email, desired, synced, email or None,
                                  user_id or f"u{i}", fields)
 
 
 def test_plan_routes_and_reports_unsendable_members() -> None:
     members = [pending(1, Desired.IN, email="a@x.com", fields={"plan": "gold", "secret": 1}),
                pending(2, Desired.OUT, Synced.IN, email="b@x.com"),
-               planner.PendingMember(3, "", "c@x.com", Desired.IN, None, None, None, None)]
+               PendingMember(3, "", "c@x.com", Desired.IN, None, None, None, None)]
     plan = planner.plan_audience(members, project_type=USER_ID, batch_size=1000, data_field_names=["plan"])
     assert [(b.direction, b.member_ids) for b in plan.batches] == [(Direction.SUBSCRIBE, (1,)),
                                                                     (Direction.UNSUBSCRIBE, (2,))]
@@ -121,7 +121,7 @@ def test_plan_routes_and_reports_unsendable_members() -> None:
 
 
 def test_unsubscribe_uses_the_identity_iterable_was_given() -> None:
-    member = planner.PendingMember(1, "u1", "new@x.com", Desired.OUT, Synced.IN, "old@x.com", "u1", None)
+    member = PendingMember(1, "u1", "new@x.com", Desired.OUT, Synced.IN, "old@x.com", "u1", None)
     plan = planner.plan_audience([member], project_type=HYBRID, batch_size=10)
     assert plan.batches[0].subscribers[0].identity_json() == {"userId": "u1"}  # the profile, whatever its email
     plan = planner.plan_audience([member], project_type=EMAIL, batch_size=10)

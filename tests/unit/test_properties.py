@@ -11,9 +11,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from listsync import membership
 from listsync.domain import Desired, InboundEvent, MembershipDelta, ProjectType, Rejection
 from listsync.ingest import extract
+from listsync.lists import membership
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)

@@ -7,56 +7,37 @@ are applied by event time, not arrival time, so a late, older event never undoes
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from datetime import datetime
+from dataclasses import replace
 from typing import Any
 
-from listsync import identity
-from listsync.domain import Desired, EmailChange, MembershipDelta, ProjectType, Synced
+from listsync.domain import Desired, EmailChange, Member, MembershipDelta, MemberState, ProjectType, Synced
+from listsync.lists import identity
 
-PENDING, SYNCED, FAILED = "pending", "synced", "failed"
-
-
-@dataclass(frozen=True)
-class MemberState:
-    """The membership columns the rules read and write."""
-
-    user_id: str
-    email: str
-    desired: Desired
-    desired_at: datetime
-    desired_message_id: str
-    data_fields: dict[str, Any] | None
-    synced: Synced | None
-    synced_email: str | None
-    synced_user_id: str | None
-    state: str
-    attempts: int = 0
-    last_error: str | None = None
+PENDING, SYNCED, FAILED = MemberState.PENDING, MemberState.SYNCED, MemberState.FAILED
 
 
-def newer(delta: MembershipDelta, current: MemberState) -> bool:
+def newer(delta: MembershipDelta, current: Member) -> bool:
     """Event-time order, with the messageId as a stable tie-break between equal timestamps."""
     return (delta.timestamp, delta.message_id) > (current.desired_at, current.desired_message_id)
 
 
-def current_identity(member: MemberState) -> identity.Identity:
+def current_identity(member: Member) -> identity.Identity:
     return identity.identity(member.user_id, member.email)
 
 
-def synced_identity(member: MemberState) -> identity.Identity:
+def synced_identity(member: Member) -> identity.Identity:
     """The identifiers Iterable was last given for this member."""
     return identity.identity(member.synced_user_id, member.synced_email)
 
 
-def identity_moved(member: MemberState, project_type: ProjectType) -> bool:
+def identity_moved(member: Member, project_type: ProjectType) -> bool:
     """A subscribed member whose identifiers moved since Iterable confirmed them (`identity.stale`)."""
     if member.synced is not Synced.IN:
         return False
     return identity.stale(project_type, current_identity(member), synced_identity(member))
 
 
-def needs_send(member: MemberState, project_type: ProjectType) -> bool:
+def needs_send(member: Member, project_type: ProjectType) -> bool:
     if member.desired is Desired.IN:
         return member.synced is not Synced.IN or identity_moved(member, project_type)
     if member.desired is Desired.OUT:
@@ -64,15 +45,15 @@ def needs_send(member: MemberState, project_type: ProjectType) -> bool:
     return False
 
 
-def settle(member: MemberState, project_type: ProjectType) -> MemberState:
+def settle(member: Member, project_type: ProjectType) -> Member:
     """Recompute the state column after desired or synced changed; a failure sticks until then."""
     return replace(member, state=PENDING if needs_send(member, project_type) else SYNCED)
 
 
 def new_member(
     delta: MembershipDelta, data_fields: dict[str, Any] | None, project_type: ProjectType
-) -> MemberState:
-    member = MemberState(
+) -> Member:
+    member = Member(
         user_id=delta.user_id or "",
         email=delta.email or "",
         desired=delta.desired,
@@ -88,8 +69,8 @@ def new_member(
 
 
 def apply_delta(
-    member: MemberState, delta: MembershipDelta, data_fields: dict[str, Any] | None, project_type: ProjectType
-) -> MemberState | None:
+    member: Member, delta: MembershipDelta, data_fields: dict[str, Any] | None, project_type: ProjectType
+) -> Member | None:
     """The member after this delta, or None when the delta changes nothing (older, replayed, no flag)."""
     if delta.desired is Desired.UNKNOWN or not newer(delta, member):
         return None
@@ -110,15 +91,15 @@ def apply_delta(
     return updated
 
 
-def change_email(member: MemberState, email: str, project_type: ProjectType) -> MemberState:
+def change_email(member: Member, email: str, project_type: ProjectType) -> Member:
     """The member after its user's email changed: a subscribed member is re-sent with the new one."""
     moved = replace(member, email=email)
     return replace(settle(moved, project_type), attempts=0, last_error=None)
 
 
 def split_email(
-    member: MemberState, change: EmailChange, project_type: ProjectType
-) -> tuple[MemberState, MemberState | None]:
+    member: Member, change: EmailChange, project_type: ProjectType
+) -> tuple[Member, Member | None]:
     """An email change in an email project: the old address's profile leaves the audience as of
     the change, and (when the member was in) the new address's profile enters in its place."""
     left = replace(member, desired=Desired.OUT, desired_at=change.timestamp, desired_message_id=change.message_id)
@@ -131,7 +112,7 @@ def split_email(
     return left, settle(entered, project_type)
 
 
-def absorb(member: MemberState, others: list[MemberState], project_type: ProjectType) -> MemberState:
+def absorb(member: Member, others: list[Member], project_type: ProjectType) -> Member:
     """One membership for rows that name one Iterable profile: the latest desired state wins, and
     what Iterable was given is kept if any of them is in the list, so an exit still removes it."""
     latest = max([member, *others], key=lambda s: (s.desired_at, s.desired_message_id))
@@ -147,8 +128,8 @@ def absorb(member: MemberState, others: list[MemberState], project_type: Project
 
 
 def confirm(
-    member: MemberState, sent: Synced, email: str | None, user_id: str | None, project_type: ProjectType
-) -> MemberState:
+    member: Member, sent: Synced, email: str | None, user_id: str | None, project_type: ProjectType
+) -> Member:
     """Iterable accepted a change for this member: record it, then see if anything is still due
     (the desired state may have moved on while the request was in flight)."""
     confirmed = replace(
@@ -157,12 +138,12 @@ def confirm(
     return settle(confirmed, project_type)
 
 
-def still_wanted(member: MemberState, subscribing: bool) -> bool:
+def still_wanted(member: Member, subscribing: bool) -> bool:
     """Whether the member still wants the change a finished request carried."""
     return (member.desired is Desired.IN) == subscribing
 
 
-def fail(member: MemberState, reason: str, *, subscribing: bool, project_type: ProjectType) -> MemberState:
+def fail(member: Member, reason: str, *, subscribing: bool, project_type: ProjectType) -> Member:
     """Iterable refused this member's change for good: keep it visible, stop sending it. If the
     desired state moved on meanwhile, the failure belongs to the old change and is not kept."""
     if not still_wanted(member, subscribing):
@@ -170,7 +151,7 @@ def fail(member: MemberState, reason: str, *, subscribing: bool, project_type: P
     return replace(member, state=FAILED, attempts=member.attempts + 1, last_error=reason)
 
 
-def retry_later(member: MemberState, reason: str) -> MemberState:
+def retry_later(member: Member, reason: str) -> Member:
     """A transient failure: the change stays pending; the caller sets when to try again."""
     return replace(member, attempts=member.attempts + 1, last_error=reason)
 
@@ -182,7 +163,7 @@ def retry_delay(attempts: int, base_seconds: float, max_seconds: float) -> float
     return float(min(max_seconds, base_seconds * 2 ** min(attempts - 1, 30)))
 
 
-def adopt_identity(member: MemberState, who: identity.Identity, project_type: ProjectType) -> MemberState:
+def adopt_identity(member: Member, who: identity.Identity, project_type: ProjectType) -> Member:
     """The member with the identifiers `identity.adopt` chose; a failure caused by the old ones
     (a missing userId, an unknown user) is cleared, as sending with the new ones may work."""
     if who == current_identity(member):

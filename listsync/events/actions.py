@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from listsync.domain import ProjectType
-from listsync.mapping import ActionKind, ActionMapping
+from listsync.domain import ActionKind, ProjectType
+from listsync.events.mapping import ActionMapping
 
 MAX_EVENT_ID_BYTES = 512
 ENDPOINTS = {

@@ -33,14 +33,16 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from listsync import actions, identity, sync
+from listsync import context
+from listsync.db import leases
 from listsync.db import models as m
-from listsync.db import repo
 from listsync.db.session import transaction
 from listsync.errors import AuthError, IterableError, PermanentError
+from listsync.events import actions
+from listsync.events.mapping import ActionMapping
 from listsync.iterable.payloads import BulkResult, chunk_by_limits, json_size
-from listsync.mapping import ActionMapping
-from listsync.membership import retry_delay
+from listsync.lists import identity
+from listsync.lists.membership import retry_delay
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ class _Stop(Exception):
     """The API key was refused: nothing more may be sent."""
 
 
-def deliver_pending(ctx: sync.SyncContext, *, now_fn: Callable[[], datetime] | None = None) -> DeliveryReport:
+def deliver_pending(ctx: context.SyncContext, *, now_fn: Callable[[], datetime] | None = None) -> DeliveryReport:
     """Route new inbox events to their actions, then send what is due until nothing is."""
     clock = now_fn or ctx.clock
     report = DeliveryReport()
@@ -96,7 +98,7 @@ def deliver_pending(ctx: sync.SyncContext, *, now_fn: Callable[[], datetime] | N
     return report
 
 
-def route_pending(ctx: sync.SyncContext) -> int:
+def route_pending(ctx: context.SyncContext) -> int:
     """Route new inbox events to their actions without sending anything; returns how many were
     routed. `listsync plan` calls it inside a transaction it rolls back."""
     report = DeliveryReport()
@@ -109,7 +111,7 @@ def route_pending(ctx: sync.SyncContext) -> int:
 
 
 def _route_all(
-    ctx: sync.SyncContext, mappings: Sequence[ActionMapping], report: DeliveryReport, clock: Callable[[], datetime]
+    ctx: context.SyncContext, mappings: Sequence[ActionMapping], report: DeliveryReport, clock: Callable[[], datetime]
 ) -> None:
     settings = ctx.settings.actions
     pages = actions.PageSettings(
@@ -139,7 +141,7 @@ def event_view(payload: dict[str, Any], message_id: str, timestamp: datetime) ->
 
 
 def _route(
-    row: Any, mappings: Sequence[ActionMapping], pages: actions.PageSettings, ctx: sync.SyncContext, now: datetime
+    row: Any, mappings: Sequence[ActionMapping], pages: actions.PageSettings, ctx: context.SyncContext, now: datetime
 ) -> list[dict[str, Any]]:
     event = event_view(row.payload, row.message_id, row.timestamp)
     out = []
@@ -200,7 +202,7 @@ class _Row:
     next_attempt_at: datetime | None
 
 
-def _send_all(ctx: sync.SyncContext, report: DeliveryReport, clock: Callable[[], datetime]) -> None:
+def _send_all(ctx: context.SyncContext, report: DeliveryReport, clock: Callable[[], datetime]) -> None:
     """Passes over the pending rows until one sends nothing or nothing is due."""
     for _ in range(MAX_PASSES):
         before = report.requests
@@ -216,7 +218,7 @@ def _send_all(ctx: sync.SyncContext, report: DeliveryReport, clock: Callable[[],
 class _Sender:
     """One pass: pages of pending rows in id order, blocked users skipped, bulk rows batched."""
 
-    def __init__(self, ctx: sync.SyncContext, report: DeliveryReport, clock: Callable[[], datetime]) -> None:
+    def __init__(self, ctx: context.SyncContext, report: DeliveryReport, clock: Callable[[], datetime]) -> None:
         self.ctx = ctx
         self.client = ctx.client
         self.project_type = ctx.settings.iterable.project_type
@@ -409,7 +411,7 @@ class _Sender:
                 session.execute(update(m.EventDelivery), self.outcomes)
         self.outcomes = []
         with transaction(self.ctx.factory) as session:
-            still_ours = repo.try_lease(session, LEASE_NAME, self.ctx.owner, self.clock(), _lease_ttl(self.ctx))
+            still_ours = leases.try_lease(session, LEASE_NAME, self.ctx.owner, self.clock(), _lease_ttl(self.ctx))
         if not still_ours:
             # Our lease lapsed and another replica took over: sending on would deliver twice.
             logger.warning("event delivery was taken over by another replica", extra={"event": "lease_lost"})
@@ -437,7 +439,7 @@ def _outcome(
     }
 
 
-def _log_dry_run(ctx: sync.SyncContext) -> None:
+def _log_dry_run(ctx: context.SyncContext) -> None:
     logger.info(
         "dry run: %d event deliveries would be sent", _count_pending(ctx), extra={"event": "delivery_dry_run"}
     )
@@ -510,7 +512,7 @@ def _delivered_emails(session: Session, rows: Sequence[_Row]) -> dict[str, str]:
     return found
 
 
-def _any_due(ctx: sync.SyncContext, now: datetime) -> bool:
+def _any_due(ctx: context.SyncContext, now: datetime) -> bool:
     d = m.EventDelivery
     with transaction(ctx.factory) as session:
         stmt = select(d.id).where(
@@ -519,23 +521,23 @@ def _any_due(ctx: sync.SyncContext, now: datetime) -> bool:
         return session.scalar(stmt.limit(1)) is not None
 
 
-def _count_pending(ctx: sync.SyncContext) -> int:
+def _count_pending(ctx: context.SyncContext) -> int:
     with transaction(ctx.factory) as session:
         stmt = select(func.count()).where(m.EventDelivery.state == m.DeliveryState.PENDING)
         return int(session.scalar(stmt) or 0)
 
 
-def _lease_ttl(ctx: sync.SyncContext) -> timedelta:
+def _lease_ttl(ctx: context.SyncContext) -> timedelta:
     return timedelta(seconds=ctx.settings.sync.lease_seconds)
 
 
-def _take_lease(ctx: sync.SyncContext, now: datetime) -> bool:
+def _take_lease(ctx: context.SyncContext, now: datetime) -> bool:
     """One replica delivers at a time, so one user's rows cannot be sent by two in parallel."""
     with transaction(ctx.factory) as session:
-        return repo.try_lease(session, LEASE_NAME, ctx.owner, now, _lease_ttl(ctx))
+        return leases.try_lease(session, LEASE_NAME, ctx.owner, now, _lease_ttl(ctx))
 
 
-def _release_lease(ctx: sync.SyncContext, now: datetime) -> None:
+def _release_lease(ctx: context.SyncContext, now: datetime) -> None:
     with transaction(ctx.factory) as session:
         session.execute(
             update(m.Lease).where(m.Lease.name == LEASE_NAME, m.Lease.owner == ctx.owner).values(until=now)

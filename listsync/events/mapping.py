@@ -28,8 +28,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
+
+from listsync.domain import ActionKind
 
 MAX_MAPPINGS = 50
 Event = Mapping[str, Any]
@@ -37,15 +38,6 @@ Event = Mapping[str, Any]
 
 class MappingError(ValueError):
     """A trigger or field value that cannot be used; the message names the mapping and field."""
-
-
-class ActionKind(StrEnum):
-    """The four Iterable (Actions) actions."""
-
-    UPSERT_USER = "upsert_user"
-    CUSTOM_EVENT = "custom_event"
-    TRACK_PURCHASE = "track_purchase"
-    CART_UPDATES = "cart_updates"
 
 
 # Segment's own names for the actions are accepted too, so a mapping copied from Segment works.

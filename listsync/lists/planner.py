@@ -12,22 +12,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from listsync import identity
-from listsync.actions import convert_dates
-from listsync.domain import Desired, Direction, ProjectType, Synced
+from listsync.domain import Desired, Direction, PendingMember, ProjectType, Synced
+from listsync.events.actions import convert_dates
 from listsync.iterable.payloads import Subscriber, chunk_by_limits, json_size
-
-
-@dataclass(frozen=True)
-class PendingMember:
-    id: int
-    user_id: str
-    email: str
-    desired: Desired
-    synced: Synced | None
-    synced_email: str | None
-    synced_user_id: str | None
-    data_fields: Mapping[str, Any] | None
+from listsync.lists import identity
 
 
 @dataclass(frozen=True)

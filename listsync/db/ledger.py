@@ -1,0 +1,118 @@
+"""The request ledger: each Iterable call of the lists pipeline, written before it is sent and
+completed with its members' outcomes after it is answered."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import (
+    bindparam,
+    select,
+    update,
+)
+from sqlalchemy.orm import Session
+
+from listsync.db import models as m
+from listsync.db.session import insert_for
+
+
+def begin_request(
+    session: Session,
+    *,
+    run_id: int | None,
+    audience_id: int | None,
+    endpoint: str,
+    member_ids: Sequence[int],
+    owner: str,
+    now: datetime,
+) -> int:
+    """Write the request and its members before the call, so a crash leaves a trace to resolve."""
+    request = m.ApiRequest(
+        run_id=run_id,
+        audience_id=audience_id,
+        endpoint=endpoint,
+        item_count=len(member_ids),
+        status=m.RequestStatus.IN_FLIGHT,
+        owner=owner,
+        started_at=now,
+    )
+    session.add(request)
+    session.flush()
+    if member_ids:
+        session.execute(
+            insert_for(session, m.RequestItem),
+            [{"request_id": request.id, "membership_id": i} for i in member_ids],
+        )
+    return request.id
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    status: m.RequestStatus
+    http_status: int | None = None
+    iterable_code: str | None = None
+    success_count: int | None = None
+    fail_count: int | None = None
+    error: str | None = None
+    elapsed_ms: int | None = None
+
+
+def finish_request(
+    session: Session,
+    request_id: int,
+    record: RequestRecord,
+    now: datetime,
+    outcomes: Mapping[int, tuple[str, str | None]],
+) -> None:
+    session.execute(
+        update(m.ApiRequest)
+        .where(m.ApiRequest.id == request_id)
+        .values(
+            status=record.status,
+            http_status=record.http_status,
+            iterable_code=record.iterable_code,
+            success_count=record.success_count,
+            fail_count=record.fail_count,
+            error=record.error,
+            elapsed_ms=record.elapsed_ms,
+            finished_at=now,
+        )
+    )
+    items = m.table(m.RequestItem)
+    if outcomes:
+        # Most members of a request share one outcome: one statement for it, then the exceptions.
+        common = Counter(outcomes.values()).most_common(1)[0][0]
+        session.execute(
+            update(items).where(items.c.request_id == request_id).values(outcome=common[0], error=common[1])
+        )
+        others = [
+            {"b_member": member_id, "b_outcome": outcome, "b_error": error}
+            for member_id, (outcome, error) in outcomes.items()
+            if (outcome, error) != common
+        ]
+        if others:
+            session.execute(
+                update(items)
+                .where(items.c.request_id == request_id, items.c.membership_id == bindparam("b_member"))
+                .values(outcome=bindparam("b_outcome"), error=bindparam("b_error")),
+                others,
+            )
+
+
+def in_flight_requests(session: Session, audience_id: int) -> list[m.ApiRequest]:
+    return list(
+        session.scalars(
+            select(m.ApiRequest)
+            .where(m.ApiRequest.audience_id == audience_id, m.ApiRequest.status == m.RequestStatus.IN_FLIGHT)
+            .order_by(m.ApiRequest.id)
+        )
+    )
+
+
+def request_member_ids(session: Session, request_id: int) -> list[int]:
+    return list(
+        session.scalars(select(m.RequestItem.membership_id).where(m.RequestItem.request_id == request_id))
+    )

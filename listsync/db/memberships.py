@@ -1,0 +1,334 @@
+"""Memberships: the rows the lists pipeline folds deltas into, pages through and records outcomes on.
+
+Rows come in and go out as `domain.Member` values; what a delta or an answer means for a member is
+decided in `listsync.lists`, not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Integer,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.orm import Session
+
+from listsync.db import models as m
+from listsync.db.session import chunks, insert_for, is_postgres, rows_affected
+from listsync.domain import (
+    Desired,
+    Member,
+    MemberState,
+    PendingMember,
+    Synced,
+)
+
+STATE_COLUMNS = (
+    "user_id",
+    "email",
+    "desired",
+    "desired_at",
+    "desired_message_id",
+    "data_fields",
+    "synced",
+    "synced_email",
+    "synced_user_id",
+    "state",
+    "attempts",
+    "last_error",
+)
+
+
+def to_member(row: Any) -> Member:
+    return Member(
+        user_id=row.user_id,
+        email=row.email,
+        desired=Desired(row.desired),
+        desired_at=row.desired_at,
+        desired_message_id=row.desired_message_id,
+        data_fields=row.data_fields,
+        synced=Synced(row.synced) if row.synced else None,
+        synced_email=row.synced_email,
+        synced_user_id=row.synced_user_id,
+        state=str(row.state),
+        attempts=row.attempts,
+        last_error=row.last_error,
+    )
+
+
+def member_values(state: Member) -> dict[str, Any]:
+    return {name: getattr(state, name) for name in STATE_COLUMNS}
+
+
+def load_candidates(
+    session: Session, audience_ids: set[int], user_ids: set[str], emails: set[str]
+) -> list[tuple[int, int, Member]]:
+    """(id, audience_id, member) of the memberships of these audiences that share a userId or an
+    email with the given ones, locked on PostgreSQL."""
+    found: dict[int, tuple[int, int, Member]] = {}
+    for column, values in ((m.Membership.user_id, user_ids - {""}), (m.Membership.email, emails - {""})):
+        for chunk in chunks(sorted(values)):
+            stmt = select(m.Membership).where(m.Membership.audience_id.in_(audience_ids), column.in_(chunk))
+            if is_postgres(session):
+                stmt = stmt.with_for_update()
+            found.update({row.id: (row.id, row.audience_id, to_member(row)) for row in session.scalars(stmt)})
+    return list(found.values())
+
+
+def write_members(
+    session: Session,
+    *,
+    removed: Iterable[int],
+    created: Sequence[tuple[int, Member]],
+    changed: Mapping[int, Member],
+    now: datetime,
+) -> None:
+    """Delete `removed`, insert `created` ((audience_id, member), in that order) and update
+    `changed` by id; a member whose attempts were reset is due at once."""
+    gone = sorted(removed)
+    if gone:
+        session.execute(delete(m.Membership).where(m.Membership.id.in_(gone)))
+    if created:
+        session.execute(
+            insert_for(session, m.Membership),
+            [
+                {"audience_id": audience_id, **member_values(member), "created_at": now,
+                 "updated_at": now, "next_attempt_at": None}
+                for audience_id, member in created
+            ],
+        )
+    updates = []
+    for member_id, member in changed.items():
+        reset = {"next_attempt_at": None} if member.attempts == 0 else {}
+        updates.append({"id": member_id, **member_values(member), "updated_at": now, **reset})
+    if updates:
+        session.execute(update(m.Membership), updates)
+
+
+def members_of_user(session: Session, user_id: str) -> list[tuple[int, int, Member, datetime | None]]:
+    """(id, audience_id, member, email_at) of every membership with this userId, locked on PostgreSQL."""
+    stmt = select(m.Membership).where(m.Membership.user_id == user_id)
+    rows = session.scalars(stmt.with_for_update() if is_postgres(session) else stmt)
+    return [(row.id, row.audience_id, to_member(row), row.email_at) for row in rows]
+
+
+def email_taken(session: Session, audience_id: int, email: str) -> bool:
+    taken = select(m.Membership.id).where(m.Membership.audience_id == audience_id, m.Membership.email == email)
+    return session.scalar(taken.limit(1)) is not None
+
+
+def insert_member(session: Session, audience_id: int, member: Member, now: datetime, email_at: datetime) -> None:
+    session.execute(
+        insert_for(session, m.Membership),
+        [{"audience_id": audience_id, **member_values(member), "created_at": now,
+          "updated_at": now, "next_attempt_at": None, "email_at": email_at}],
+    )
+
+
+def audience_members(session: Session, audience_id: int) -> Iterator[tuple[int, Member]]:
+    """Every membership of the audience, streamed."""
+    rows = session.scalars(
+        select(m.Membership).where(m.Membership.audience_id == audience_id).execution_options(yield_per=5000)
+    )
+    for row in rows:
+        yield row.id, to_member(row)
+
+
+def save_email_change(session: Session, member_id: int, state: Member, now: datetime, email_at: datetime) -> None:
+    session.execute(
+        update(m.Membership)
+        .where(m.Membership.id == member_id)
+        .values(**member_values(state), next_attempt_at=None, updated_at=now, email_at=email_at)
+    )
+
+
+def due(now: datetime) -> Any:
+    return or_(m.Membership.next_attempt_at.is_(None), m.Membership.next_attempt_at <= now)
+
+
+def guard_counts(session: Session, audience_id: int, now: datetime) -> tuple[int, int]:
+    """(pending unsubscribes due now, members Iterable has as subscribed)."""
+    row = session.execute(
+        select(
+            func.coalesce(
+                func.sum(
+                    func.cast(
+                        and_(
+                            m.Membership.state == MemberState.PENDING,
+                            m.Membership.desired != Desired.IN,
+                            due(now),
+                        ),
+                        Integer,
+                    )
+                ),
+                0,
+            ),
+            func.coalesce(func.sum(func.cast(m.Membership.synced == Synced.IN, Integer)), 0),
+        ).where(m.Membership.audience_id == audience_id)
+    ).one()
+    return int(row[0]), int(row[1])
+
+
+def pending_members(
+    session: Session,
+    audience_id: int,
+    now: datetime,
+    *,
+    after_id: int,
+    limit: int,
+    subscribing: bool | None = None,
+) -> list[PendingMember]:
+    """Members to send, in id order after `after_id` (keyset pages keep memory flat); optionally
+    only those to subscribe (desired in) or only those to unsubscribe."""
+    table = m.table(m.Membership)
+    stmt = (
+        select(*(table.c[name] for name in _PENDING_COLUMNS))
+        .where(
+            table.c.audience_id == audience_id,
+            table.c.state == MemberState.PENDING,
+            due(now),
+            table.c.id > after_id,
+        )
+        .order_by(table.c.id)
+        .limit(limit)
+    )
+    if subscribing is not None:
+        stmt = stmt.where((table.c.desired == Desired.IN) if subscribing else (table.c.desired != Desired.IN))
+    # Plain rows, not ORM objects: this is the hot path of a large sync.
+    return [
+        PendingMember(
+            id=r.id,
+            user_id=r.user_id,
+            email=r.email,
+            desired=Desired(r.desired),
+            synced=Synced(r.synced) if r.synced else None,
+            synced_email=r.synced_email,
+            synced_user_id=r.synced_user_id,
+            data_fields=r.data_fields,
+        )
+        for r in session.execute(stmt)
+    ]
+
+
+_PENDING_COLUMNS = (
+    "id",
+    "user_id",
+    "email",
+    "desired",
+    "synced",
+    "synced_email",
+    "synced_user_id",
+    "data_fields",
+)
+
+
+def save_members(
+    session: Session,
+    states: Mapping[int, Member],
+    now: datetime,
+    next_attempts: Mapping[int, datetime | None] | None = None,
+) -> None:
+    if not states:
+        return
+    rows = []
+    for member_id, state in states.items():
+        row = {f"b_{name}": value for name, value in member_values(state).items()}
+        row.update(b_id=member_id, b_updated_at=now, b_next_attempt_at=(next_attempts or {}).get(member_id))
+        rows.append(row)
+    session.execute(_SAVE_MEMBER, rows)
+
+
+_SAVE_MEMBER = (
+    update(m.table(m.Membership))
+    .where(m.table(m.Membership).c.id == bindparam("b_id"))
+    .values({name: bindparam(f"b_{name}") for name in (*STATE_COLUMNS, "updated_at", "next_attempt_at")})
+)
+
+
+def member_states(session: Session, ids: Sequence[int]) -> dict[int, Member]:
+    """Current state of these members, locked on PostgreSQL until the transaction ends."""
+    table = m.table(m.Membership)
+    found: dict[int, Member] = {}
+    for chunk in chunks(list(ids), 1000):
+        stmt = select(table.c.id, *(table.c[name] for name in STATE_COLUMNS)).where(table.c.id.in_(chunk))
+        if is_postgres(session):
+            stmt = stmt.with_for_update()
+        found.update({row.id: to_member(row) for row in session.execute(stmt)})
+    return found
+
+
+def resend_all(session: Session, audience_id: int, now: datetime) -> int:
+    """Forget what the (recreated) list held: every desired-in member becomes pending again."""
+    result = session.execute(
+        update(m.Membership)
+        .where(m.Membership.audience_id == audience_id)
+        .values(
+            synced=None,
+            synced_email=None,
+            synced_user_id=None,
+            attempts=0,
+            next_attempt_at=None,
+            last_error=None,
+            updated_at=now,
+            state=case(
+                (m.Membership.desired == Desired.IN, MemberState.PENDING), else_=MemberState.SYNCED
+            ),
+        )
+    )
+    return rows_affected(result)
+
+
+def count_waiting(session: Session) -> int:
+    """Members whose change failed transiently and is still waiting to be sent again."""
+    stmt = select(func.count()).where(
+        m.Membership.state == MemberState.PENDING, m.Membership.next_attempt_at.is_not(None)
+    )
+    return session.scalar(stmt) or 0
+
+
+def audience_has_members_without_email(session: Session, audience_id: int) -> bool:
+    stmt = (
+        select(m.Membership.id)
+        .where(m.Membership.audience_id == audience_id, m.Membership.email == "")
+        .limit(1)
+    )
+    return session.scalar(stmt) is not None
+
+
+RECONCILE_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def adopt_unknown(
+    session: Session, audience_id: int, emails: set[str], user_ids: set[str], now: datetime
+) -> int:
+    """List members listsync never heard of: recorded as wanted out, so they get unsubscribed.
+    Their desired time is the epoch, so any real event about them wins."""
+    rows = [{"audience_id": audience_id, "user_id": "", "email": e} for e in sorted(emails)]
+    rows += [{"audience_id": audience_id, "user_id": u, "email": ""} for u in sorted(user_ids)]
+    for row in rows:
+        row.update(
+            desired=Desired.OUT,
+            desired_at=RECONCILE_EPOCH,
+            desired_message_id="reconcile",
+            data_fields=None,
+            synced=Synced.IN,
+            synced_email=row["email"] or None,
+            synced_user_id=row["user_id"] or None,
+            state=MemberState.PENDING,
+            attempts=0,
+            created_at=now,
+            updated_at=now,
+        )
+    for chunk in chunks(rows, 500):
+        session.execute(insert_for(session, m.Membership).on_conflict_do_nothing(), list(chunk))
+    return len(rows)
