@@ -31,7 +31,7 @@ from sqlalchemy.exc import ArgumentError
 
 from listsync import config_env
 from listsync.domain import ProjectType
-from listsync.errors import ConfigError
+from listsync.errors import ConfigError, MappingError
 from listsync.events import mapping
 
 DEFAULT_CONFIG_FILE = "listsync.toml"
@@ -165,7 +165,7 @@ class ActionsSettings(Section):
     def _mappings_compile(self) -> ActionsSettings:
         try:
             self.compiled()
-        except mapping.MappingError as exc:
+        except MappingError as exc:
             raise ValueError(str(exc)) from None
         return self
 
@@ -178,7 +178,7 @@ class ActionsSettings(Section):
         try:
             configured = [m.spec(self.batching) for m in self.mappings if m.enabled]
         except ValueError as exc:
-            raise mapping.MappingError(str(exc)) from None
+            raise MappingError(str(exc)) from None
         disabled = [m.name for m in self.mappings if not m.enabled]
         specs = mapping.effective_specs(configured, presets=self.presets, pages=self.pages_on, disabled=disabled)
         own = {m.name for m in self.mappings}

@@ -151,3 +151,17 @@ class FileVersion:
     path: Path
     size: int
     mtime_ns: int
+
+
+@dataclass
+class PendingDelivery:
+    """A pending event delivery as the sender holds it (body and email may change before it is sent)."""
+
+    id: int
+    endpoint: str
+    body: dict[str, Any]
+    user_key: str
+    user_id: str | None
+    email: str | None
+    attempts: int
+    next_attempt_at: datetime | None

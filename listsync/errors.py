@@ -72,3 +72,7 @@ class ListNotFoundError(PermanentError):
 
 class AuthError(IterableError):
     """The API key was refused (401/403). Nothing more should be sent until the key is fixed."""
+
+
+class MappingError(ValueError):
+    """A trigger or field value that cannot be used; the message names the mapping and field."""

@@ -24,7 +24,7 @@ from listsync.db import audiences, backlog, memberships
 from listsync.db import models as m
 from listsync.db.session import transaction
 from listsync.domain import Direction
-from listsync.events import delivery
+from listsync.events import route
 from listsync.lists import planner
 from listsync.lists.apply import apply_all
 from listsync.lists.send import PAGE_SIZE, effective_settings
@@ -62,7 +62,7 @@ def plan(ctx: SyncContext, *, sample: int = 0) -> Plan:
     with rolled_back(ctx) as view:
         folded = apply_all(view)
         per_audience = audiences_preview(view)
-        delivery.route_pending(view)
+        route.route_pending(view)
         with view.factory() as session:
             for row in per_audience:
                 if sample:

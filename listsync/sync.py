@@ -1,18 +1,12 @@
-"""Plan -> send -> record: the lists engine that both `listsync daemon` and `listsync sync` run.
+"""One run of both pipelines, as `listsync sync` runs it once and `listsync daemon` on its schedule.
 
-One run applies the inbox, then takes audiences one at a time under a lease (so replicas share the
-work and a dead replica's audiences come back when its lease expires) and, for each, sends the
-members whose desired state differs from what Iterable has.
-
-Each request is written to the ledger *before* it is sent and completed, together with its
-members' new state, in one transaction *after* Iterable answers. A crash in between leaves an
-in-flight request: the next run that takes the audience reads the list back from Iterable and
-settles those members from what is really there, so nothing is lost and nothing is sent twice.
+The inbox is folded into memberships (`lists.apply`), the audiences are sent (`lists.pipeline`),
+then the per-event actions are routed and delivered (`events.route`, `events.delivery`), and the
+run is recorded in `sync_runs`. Both pipelines send through the rules of `engine`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 from listsync import run_log
@@ -20,37 +14,12 @@ from listsync.context import Progress, RunOptions, RunReport, SyncContext
 from listsync.db import memberships, retry, runs
 from listsync.db import models as m
 from listsync.db.session import transaction
-from listsync.engine import StopRun
+from listsync.events import delivery
 from listsync.lists.apply import apply_all
 from listsync.lists.pipeline import passes
 from listsync.lists.remote import reset_missing_lists
 
 logger = logging.getLogger(__name__)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def run_once(
@@ -66,11 +35,8 @@ def run_once(
         report.run_id = runs.start_run(session, trigger=options.trigger, owner=ctx.owner, now=ctx.clock())
     if options.recreate_missing_lists:
         reset_missing_lists(ctx)
-    with contextlib.suppress(StopRun):
-        passes(ctx, options, report, progress)
+    passes(ctx, options, report, progress)
     if not report.fatal:
-        from listsync.events import delivery  # here: delivery builds on this module's SyncContext
-
         events = delivery.deliver_pending(ctx)
         report.events_delivered, report.events_failed = events.delivered, events.failed
         report.requests += events.requests
@@ -92,72 +58,16 @@ def _retry_failed(ctx: SyncContext) -> None:
     )
 
 
-
-
-
-
-
-
-
-
-
-
 # --- lists -----------------------------------------------------------------------------------------
-
-
-
-
-
-
 
 
 # --- the guard --------------------------------------------------------------------------------------
 
 
-
-
 # --- sending ----------------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # --- in-doubt requests and reconciliation -----------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def _finish(ctx: SyncContext, report: RunReport, trigger: str) -> None:

@@ -30,3 +30,8 @@ def try_lease(session: Session, name: str, owner: str, now: datetime, ttl: timed
         .execution_options(synchronize_session=False)
     )
     return rows_affected(taken) > 0
+
+
+def release_lease(session: Session, name: str, owner: str, now: datetime) -> None:
+    """Let the named lease lapse now if it is ours, so another replica need not wait for it."""
+    session.execute(update(m.Lease).where(m.Lease.name == name, m.Lease.owner == owner).values(until=now))

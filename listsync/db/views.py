@@ -143,3 +143,9 @@ def _jsonable_row(row: RowMapping) -> dict[str, Any]:
         out[str(key)] = value.isoformat() if isinstance(value, datetime) else value
     decoded: dict[str, Any] = json.loads(json.dumps(out, default=str))
     return decoded
+
+
+def event_status(session: Session) -> list[dict[str, Any]]:
+    """The event_status view's rows, oldest first (for status commands and tests)."""
+    rows = session.execute(text("SELECT * FROM event_status ORDER BY id")).mappings()
+    return [dict(row) for row in rows]

@@ -28,11 +28,11 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from listsync.domain import ActionKind, ProjectType
 from listsync.events.mapping import ActionMapping
+from listsync.iterable.dates import convert_dates, unix_seconds
 
 MAX_EVENT_ID_BYTES = 512
 ENDPOINTS = {
@@ -83,68 +83,6 @@ class Skip:
 
 class _Invalid(Exception):
     pass
-
-
-# --- dates --------------------------------------------------------------------------------------
-
-_ISO = re.compile(
-    r"(\d{4})-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
-    r"(?:[T ](\d{2}):?(\d{2})(?::?(\d{2})(?:\.\d+)?)?\s*(Z|z|[+-]\d{2}(?::?\d{2})?)?)?"
-)
-
-
-def iterable_date(text: str) -> str | None:
-    """An ISO date-time as Iterable's `yyyy-MM-dd HH:mm:ss +00:00` in UTC; None if `text` is a
-    plain date or not an ISO date-time (those are left alone)."""
-    found = _ISO.fullmatch(text.strip())
-    if found is None or found.group(4) is None:
-        return None
-    year, month, day, hour, minute, second, zone = found.groups()
-    try:
-        moment = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second or 0), tzinfo=UTC)
-    except ValueError:
-        return None
-    offset = _offset_minutes(zone)
-    stamp = datetime.fromtimestamp(moment.timestamp() - offset * 60, tz=UTC)
-    return stamp.strftime("%Y-%m-%d %H:%M:%S +00:00")
-
-
-def _offset_minutes(zone: str | None) -> int:
-    # No zone: read as UTC, which is what Segment's servers (and listsync's inbox) use.
-    if zone is None or zone in ("Z", "z"):
-        return 0
-    digits = zone[1:].replace(":", "")
-    minutes = int(digits[:2]) * 60 + int(digits[2:4] or 0)
-    return minutes if zone[0] == "+" else -minutes
-
-
-def convert_dates(value: Any) -> Any:
-    """A copy of `value` with every ISO date-time string inside it in Iterable's format."""
-    if isinstance(value, str):
-        return iterable_date(value) or value
-    if isinstance(value, Mapping):
-        return {key: convert_dates(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [convert_dates(item) for item in value]
-    return value
-
-
-def unix_seconds(value: Any) -> int | None:
-    """Whole Unix seconds from an ISO string or a number; None if neither."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return int(value)
-    if isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value.strip().replace("z", "Z"))
-        except ValueError:
-            return None
-        return int((parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp())
-    return None
-
-
-# --- identities and scalars -----------------------------------------------------------------------
 
 
 def _email(value: Any) -> str | None:
@@ -226,9 +164,6 @@ def _optional(body: dict[str, Any], key: str, value: Any) -> None:
         body[key] = value
 
 
-# --- users ------------------------------------------------------------------------------------------
-
-
 def _user_object(fields: Mapping[str, Any]) -> dict[str, Any]:
     """email, userId, dataFields (dates converted, phoneNumber added) and mergeNestedObjects."""
     user: dict[str, Any] = {}
@@ -251,9 +186,6 @@ def _upsert_user(mapping: ActionMapping, fields: Mapping[str, Any], endpoint: st
     new_email = _email(fields.get("newEmail"))
     update_only = mapping.batch and fields.get("updateOnly") is True
     return Request(endpoint, user, user.get("userId"), user.get("email"), None, new_email, update_only)
-
-
-# --- events -----------------------------------------------------------------------------------------
 
 
 def page_event_name(event: Mapping[str, Any], pages: PageSettings) -> str | None:
@@ -317,8 +249,6 @@ def _attribution(body: dict[str, Any], fields: Mapping[str, Any]) -> None:
     _optional(body, "campaignId", _integer(fields.get("campaignId")))
     _optional(body, "templateId", _integer(fields.get("templateId")))
 
-
-# --- commerce ---------------------------------------------------------------------------------------
 
 ITEM_KEYS = ("id", "sku", "name", "price", "quantity", "categories", "url", "imageUrl", "description")
 _ITEM_RENAMES = {"product_id": "id", "productId": "id", "category": "categories", "image_url": "imageUrl"}
@@ -394,9 +324,6 @@ def _update_cart(fields: Mapping[str, Any]) -> Request:
     user = _user_object(_object(fields.get("user"), "user"))
     body = {"user": user, "items": _items(fields.get("items"))}
     return Request("commerce/updateCart", body, user.get("userId"), user.get("email"))
-
-
-# --- entry point ------------------------------------------------------------------------------------
 
 
 def build(

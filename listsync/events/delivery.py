@@ -1,12 +1,8 @@
 """Route -> send -> record for per-event actions (Iterable (Actions)): the inbox's events become
 users/update, events/track, commerce calls, delivered once in effect and in order per user.
 
-Two steps, like the lists engine:
-
-* **route**: each inbox event not yet routed is matched against the mappings in force; every match
-  becomes one `event_deliveries` row holding the request body, built once. The rows and the inbox
-  mark are written in one transaction, so an event is routed exactly once.
-* **send**: pending rows are sent in id order. A user's row waits while an earlier row of the
+Routing (`events.route`) has written one `event_deliveries` row per (event, mapping); here
+pending rows are sent in id order. A user's row waits while an earlier row of the
   same user is pending (waiting for a retry, or failed transiently in this pass), so one user's
   events reach Iterable in order. Outcomes are recorded after Iterable answers.
 
@@ -17,7 +13,7 @@ than duplicates; user updates and carts are idempotent. So nothing needs an in-f
 Errors: a refused key (401/403) stops delivery and keeps every row pending (`fatal`); transient
 failures retry with capped exponential backoff ([sync] retry_*), up to [actions] max_attempts;
 permanent refusals (invalid email, bad data) fail that row with Iterable's reason. Bulk answers
-are read per item. The queries live here, next to their only user, rather than in `db.repo`.
+are read per item.
 """
 
 from __future__ import annotations
@@ -29,24 +25,21 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
-
 from listsync import context
-from listsync.db import leases
+from listsync.db import deliveries, leases
 from listsync.db import models as m
 from listsync.db.session import transaction
+from listsync.domain import PendingDelivery
+from listsync.engine import StopRun, repeat_passes, still_ours, stop_refused
 from listsync.errors import AuthError, IterableError, PermanentError
 from listsync.events import actions
-from listsync.events.mapping import ActionMapping
+from listsync.events.route import route_all
 from listsync.iterable.payloads import BulkResult, chunk_by_limits, json_size
 from listsync.lists import identity
 from listsync.lists.membership import retry_delay
 
 logger = logging.getLogger(__name__)
 
-ROUTE_BATCH = 1000
 PAGE_SIZE = 1000
 MAX_PASSES = 50
 LEASE_NAME = "event_deliveries"
@@ -72,10 +65,6 @@ class DeliveryReport:
     fatal: str | None = None
 
 
-class _Stop(Exception):
-    """The API key was refused: nothing more may be sent."""
-
-
 def deliver_pending(ctx: context.SyncContext, *, now_fn: Callable[[], datetime] | None = None) -> DeliveryReport:
     """Route new inbox events to their actions, then send what is due until nothing is."""
     clock = now_fn or ctx.clock
@@ -87,7 +76,8 @@ def deliver_pending(ctx: context.SyncContext, *, now_fn: Callable[[], datetime] 
         logger.info("another replica is delivering events", extra={"event": "delivery_lease_busy"})
         return report
     try:
-        _route_all(ctx, settings.compiled(), report, clock)
+        routed = route_all(ctx, settings.compiled(), clock)
+        report.routed, report.skipped, report.failed = routed.routed, routed.skipped, routed.failed
         if ctx.client.is_dry_run:
             _log_dry_run(ctx)
             return report
@@ -98,121 +88,23 @@ def deliver_pending(ctx: context.SyncContext, *, now_fn: Callable[[], datetime] 
     return report
 
 
-def route_pending(ctx: context.SyncContext) -> int:
-    """Route new inbox events to their actions without sending anything; returns how many were
-    routed. `listsync plan` calls it inside a transaction it rolls back."""
-    report = DeliveryReport()
-    if ctx.settings.actions.enabled:
-        _route_all(ctx, ctx.settings.actions.compiled(), report, ctx.clock)
-    return report.routed
-
-
-# --- routing ----------------------------------------------------------------------------------------
-
-
-def _route_all(
-    ctx: context.SyncContext, mappings: Sequence[ActionMapping], report: DeliveryReport, clock: Callable[[], datetime]
-) -> None:
-    settings = ctx.settings.actions
-    pages = actions.PageSettings(
-        settings.map_all_pages, settings.track_all_pages, settings.track_categorized_pages, settings.track_named_pages
-    )
-    while True:
-        with transaction(ctx.factory) as session:
-            rows = _unrouted(session)
-            deliveries = [d for row in rows for d in _route(row, mappings, pages, ctx, clock())]
-            _insert_deliveries(session, deliveries)
-            _mark_routed(session, [row.id for row in rows], clock())
-        report.routed += len(rows)
-        report.skipped += sum(d["state"] is m.DeliveryState.SKIPPED for d in deliveries)
-        report.failed += sum(d["state"] is m.DeliveryState.FAILED for d in deliveries)
-        if len(rows) < ROUTE_BATCH:
-            return
-
-
-def event_view(payload: dict[str, Any], message_id: str, timestamp: datetime) -> dict[str, Any]:
-    """The event as mappings see it: the stored payload, with the messageId and timestamp that
-    validation settled on when the sender left them out (so `$.messageId` always resolves)."""
-    view = dict(payload)
-    view.setdefault("messageId", message_id)
-    if not view.get("timestamp"):
-        view["timestamp"] = timestamp.isoformat()
-    return view
-
-
-def _route(
-    row: Any, mappings: Sequence[ActionMapping], pages: actions.PageSettings, ctx: context.SyncContext, now: datetime
-) -> list[dict[str, Any]]:
-    event = event_view(row.payload, row.message_id, row.timestamp)
-    out = []
-    for mapping in mappings:
-        if not mapping.matches(event, is_audience=row.is_audience):
-            continue
-        built = actions.build(mapping, event, project_type=ctx.settings.iterable.project_type, pages=pages)
-        if built is not None:
-            out.append(_delivery_row(row, mapping, built, now))
-    return out
-
-
-def _delivery_row(
-    row: Any, mapping: ActionMapping, built: actions.Request | actions.Skip, now: datetime
-) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "inbox_id": row.id,
-        "message_id": row.message_id,
-        "event_type": row.type,
-        "event_name": row.event or row.payload.get("name"),
-        "mapping": mapping.name,
-        "action": mapping.action,
-        "attempts": 0,
-        "created_at": now,
-        "updated_at": now,
-    }
-    if isinstance(built, actions.Skip):
-        state = m.DeliveryState.FAILED if built.failed else m.DeliveryState.SKIPPED
-        return {**values, "state": state, "last_error": built.reason, "user_key": "", "endpoint": None,
-                "body": None, "user_id": None, "email": None, "iterable_id": None}
-    body = dict(built.body)
-    if built.new_email:
-        body["newEmail"] = built.new_email  # kept with the body; taken out again before sending
-    if built.update_only:
-        body["updateOnly"] = True
-    return {**values, "state": m.DeliveryState.PENDING, "last_error": None, "endpoint": built.endpoint,
-            "body": body, "user_key": built.user_id or built.email or "", "user_id": built.user_id,
-            "email": built.email, "iterable_id": built.iterable_id}
-
-
-# --- sending ----------------------------------------------------------------------------------------
-
-
 def wire_body(body: dict[str, Any]) -> dict[str, Any]:
     """The stored body as Iterable gets it, without listsync's own directives."""
     return {key: value for key, value in body.items() if key not in _DIRECTIVE_KEYS}
 
 
-@dataclass
-class _Row:
-    id: int
-    endpoint: str
-    body: dict[str, Any]
-    user_key: str
-    user_id: str | None
-    email: str | None
-    attempts: int
-    next_attempt_at: datetime | None
-
-
 def _send_all(ctx: context.SyncContext, report: DeliveryReport, clock: Callable[[], datetime]) -> None:
     """Passes over the pending rows until one sends nothing or nothing is due."""
-    for _ in range(MAX_PASSES):
+
+    def one_pass() -> bool:
         before = report.requests
-        sender = _Sender(ctx, report, clock)
-        try:
-            sender.run()
-        except _Stop:
-            return
-        if report.requests == before or ctx.should_stop() or not _any_due(ctx, clock()):
-            return
+        _Sender(ctx, report, clock).run()
+        if report.requests == before or ctx.should_stop():
+            return False
+        with transaction(ctx.factory) as session:
+            return deliveries.any_due(session, clock())
+
+    repeat_passes(one_pass, max_passes=MAX_PASSES)
 
 
 class _Sender:
@@ -225,7 +117,7 @@ class _Sender:
         self.report = report
         self.clock = clock
         self.blocked: set[str] = set()
-        self.batches: dict[tuple[str, bool], list[_Row]] = defaultdict(list)  # (endpoint, updateOnly)
+        self.batches: dict[tuple[str, bool], list[PendingDelivery]] = defaultdict(list)  # (endpoint, updateOnly)
         self.known_emails: dict[str, str] = {}
         self.outcomes: list[dict[str, Any]] = []
 
@@ -233,8 +125,8 @@ class _Sender:
         after = 0
         while not self.ctx.should_stop():
             with transaction(self.ctx.factory) as session:
-                rows = _pending_page(session, after)
-                self.known_emails.update(_delivered_emails(session, rows))
+                rows = deliveries.pending_page(session, after, PAGE_SIZE)
+                self.known_emails.update(deliveries.delivered_emails(session, rows))
             if not rows:
                 return
             after = rows[-1].id
@@ -243,7 +135,7 @@ class _Sender:
             finally:
                 self._record()
 
-    def _page(self, rows: Sequence[_Row]) -> None:
+    def _page(self, rows: Sequence[PendingDelivery]) -> None:
         now = self.clock()
         for row in rows:
             if row.user_key in self.blocked:
@@ -255,7 +147,7 @@ class _Sender:
         for key in list(self.batches):
             self._flush(key)
 
-    def _one(self, row: _Row) -> None:
+    def _one(self, row: PendingDelivery) -> None:
         if row.endpoint in UPSERT_ENDPOINTS and not self._move_email(row):
             return
         if row.endpoint in actions.BULK_ENDPOINTS:
@@ -274,7 +166,7 @@ class _Sender:
             if any(r.user_key == user_key for r in rows):
                 self._flush(key)
 
-    def _single(self, row: _Row) -> None:
+    def _single(self, row: PendingDelivery) -> None:
         call = {
             "users/update": self.client.update_user,
             "events/track": self.client.track_event,
@@ -284,7 +176,7 @@ class _Sender:
         self.report.requests += 1
         call(wire_body(row.body))
 
-    def _move_email(self, row: _Row) -> bool:
+    def _move_email(self, row: PendingDelivery) -> bool:
         """Change the profile's email before its update: for an explicit newEmail, or when a known
         userId arrives with another email than it was last delivered with. `identity.email_update`
         says how: users/updateEmail in email-based projects; elsewhere the update by userId carries
@@ -323,14 +215,12 @@ class _Sender:
 
         return call
 
-    def _attempt(self, rows: Sequence[_Row], call: Callable[[], object], *, settle: bool = True) -> bool:
+    def _attempt(self, rows: Sequence[PendingDelivery], call: Callable[[], object], *, settle: bool = True) -> bool:
         """Run one request for `rows` and record what it means for them; True on success."""
         try:
             call()
         except AuthError as exc:
-            self.report.fatal = f"the API key was refused by Iterable ({exc.status}); events stay pending"
-            logger.error(self.report.fatal, extra={"event": "auth_refused"})
-            raise _Stop from None
+            stop_refused(self.report, exc, kept="events stay pending")
         except PermanentError as exc:
             for row in rows:
                 self._fail(row, f"{type(exc).__name__}: {exc}")
@@ -353,7 +243,7 @@ class _Sender:
                 if ready:
                     self._send_bulk(key, ready)
 
-    def _send_bulk(self, key: tuple[str, bool], rows: Sequence[_Row]) -> None:
+    def _send_bulk(self, key: tuple[str, bool], rows: Sequence[PendingDelivery]) -> None:
         endpoint, update_only = key
         items = [wire_body(row.body) for row in rows]
         result: list[BulkResult] = []
@@ -368,7 +258,7 @@ class _Sender:
         if self._attempt(rows, call, settle=False):
             self._settle_bulk(rows, result[0])
 
-    def _settle_bulk(self, rows: Sequence[_Row], result: BulkResult) -> None:
+    def _settle_bulk(self, rows: Sequence[PendingDelivery], result: BulkResult) -> None:
         for row in rows:
             outcome = result.outcome(row.email, row.user_id)
             if outcome.value == "ok":
@@ -378,20 +268,20 @@ class _Sender:
 
     # outcomes, written after each page
 
-    def _delivered(self, row: _Row) -> None:
+    def _delivered(self, row: PendingDelivery) -> None:
         now = self.clock()
         self.outcomes.append(_outcome(row, m.DeliveryState.DELIVERED, row.attempts, None, None, now, now))
         if row.user_id and row.email:
             self.known_emails[row.user_id] = row.email
         self.report.delivered += 1
 
-    def _fail(self, row: _Row, reason: str) -> None:
+    def _fail(self, row: PendingDelivery, reason: str) -> None:
         now = self.clock()
         self.outcomes.append(_outcome(row, m.DeliveryState.FAILED, row.attempts + 1, None, reason, None, now))
         self.report.failed += 1
         logger.warning("event delivery failed: %s", reason, extra={"event": "event_delivery_failed", "id": row.id})
 
-    def _retry(self, row: _Row, reason: str) -> None:
+    def _retry(self, row: PendingDelivery, reason: str) -> None:
         attempts = row.attempts + 1
         limit = self.ctx.settings.actions.max_attempts
         if attempts >= limit:
@@ -406,20 +296,17 @@ class _Sender:
         self.blocked.add(row.user_key)
 
     def _record(self) -> None:
-        if self.outcomes:
-            with transaction(self.ctx.factory) as session:
-                session.execute(update(m.EventDelivery), self.outcomes)
+        with transaction(self.ctx.factory) as session:
+            deliveries.record_outcomes(session, self.outcomes)
         self.outcomes = []
         with transaction(self.ctx.factory) as session:
-            still_ours = leases.try_lease(session, LEASE_NAME, self.ctx.owner, self.clock(), _lease_ttl(self.ctx))
-        if not still_ours:
-            # Our lease lapsed and another replica took over: sending on would deliver twice.
-            logger.warning("event delivery was taken over by another replica", extra={"event": "lease_lost"})
-            raise _Stop
+            renewed = leases.try_lease(session, LEASE_NAME, self.ctx.owner, self.clock(), _lease_ttl(self.ctx))
+        if not still_ours(renewed, "event delivery"):
+            raise StopRun
 
 
 def _outcome(
-    row: _Row,
+    row: PendingDelivery,
     state: m.DeliveryState,
     attempts: int,
     next_attempt_at: datetime | None,
@@ -445,86 +332,9 @@ def _log_dry_run(ctx: context.SyncContext) -> None:
     )
 
 
-# --- queries ----------------------------------------------------------------------------------------
-
-
-def _is_postgres(session: Session) -> bool:
-    return session.get_bind().dialect.name == "postgresql"
-
-
-def _unrouted(session: Session) -> list[Any]:
-    inbox = m.table(m.InboxEvent)
-    stmt = (
-        select(
-            inbox.c.id, inbox.c.message_id, inbox.c.type, inbox.c.event, inbox.c.payload,
-            inbox.c.timestamp, inbox.c.is_audience,
-        )
-        .where(inbox.c.routed_at.is_(None))
-        .order_by(inbox.c.id)
-        .limit(ROUTE_BATCH)
-    )
-    if _is_postgres(session):
-        stmt = stmt.with_for_update(skip_locked=True)
-    return list(session.execute(stmt))
-
-
-def _insert_deliveries(session: Session, rows: Sequence[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    table = m.table(m.EventDelivery)
-    insert = (postgresql.insert if _is_postgres(session) else sqlite.insert)(table)
-    # A (event, mapping) pair already there was routed by a run that crashed before marking the
-    # inbox row; the first row stands.
-    stmt = insert.on_conflict_do_nothing(index_elements=["inbox_id", "mapping"])
-    for start in range(0, len(rows), 500):
-        session.execute(stmt, list(rows[start : start + 500]))
-
-
-def _mark_routed(session: Session, ids: Sequence[int], now: datetime) -> None:
-    if ids:
-        session.execute(update(m.InboxEvent).where(m.InboxEvent.id.in_(ids)).values(routed_at=now))
-
-
-def _pending_page(session: Session, after: int) -> list[_Row]:
-    d = m.EventDelivery
-    stmt = (
-        select(d.id, d.endpoint, d.body, d.user_key, d.user_id, d.email, d.attempts, d.next_attempt_at)
-        .where(d.state == m.DeliveryState.PENDING, d.id > after)
-        .order_by(d.id)
-        .limit(PAGE_SIZE)
-    )
-    return [_Row(*row) for row in session.execute(stmt)]
-
-
-def _delivered_emails(session: Session, rows: Sequence[_Row]) -> dict[str, str]:
-    """The email each userId was last delivered with, for the userIds of upserts in `rows`."""
-    user_ids = sorted({r.user_id for r in rows if r.user_id and r.endpoint.startswith("users/")})
-    found: dict[str, str] = {}
-    d = m.EventDelivery
-    for start in range(0, len(user_ids), 500):
-        stmt = (
-            select(d.user_id, d.email)
-            .where(d.user_id.in_(user_ids[start : start + 500]), d.state == m.DeliveryState.DELIVERED)
-            .where(d.email.is_not(None))
-            .order_by(d.id)
-        )
-        found.update({user_id: email for user_id, email in session.execute(stmt) if user_id and email})
-    return found
-
-
-def _any_due(ctx: context.SyncContext, now: datetime) -> bool:
-    d = m.EventDelivery
-    with transaction(ctx.factory) as session:
-        stmt = select(d.id).where(
-            d.state == m.DeliveryState.PENDING, (d.next_attempt_at.is_(None)) | (d.next_attempt_at <= now)
-        )
-        return session.scalar(stmt.limit(1)) is not None
-
-
 def _count_pending(ctx: context.SyncContext) -> int:
     with transaction(ctx.factory) as session:
-        stmt = select(func.count()).where(m.EventDelivery.state == m.DeliveryState.PENDING)
-        return int(session.scalar(stmt) or 0)
+        return deliveries.count_pending(session)
 
 
 def _lease_ttl(ctx: context.SyncContext) -> timedelta:
@@ -539,14 +349,6 @@ def _take_lease(ctx: context.SyncContext, now: datetime) -> bool:
 
 def _release_lease(ctx: context.SyncContext, now: datetime) -> None:
     with transaction(ctx.factory) as session:
-        session.execute(
-            update(m.Lease).where(m.Lease.name == LEASE_NAME, m.Lease.owner == ctx.owner).values(until=now)
-        )
-
-
-def event_status(session: Session) -> list[dict[str, Any]]:
-    """The event_status view's rows, oldest first (for status commands and tests)."""
-    rows = session.execute(text("SELECT * FROM event_status ORDER BY id")).mappings()
-    return [dict(row) for row in rows]
+        leases.release_lease(session, LEASE_NAME, ctx.owner, now)
 
 

@@ -11,7 +11,7 @@ from listsync.context import Progress, RunOptions, RunReport, SyncContext
 from listsync.db import audiences
 from listsync.db import models as m
 from listsync.db.session import transaction
-from listsync.engine import note, stop_refused, stop_unreachable, unreachable
+from listsync.engine import note, repeat_passes, stop_refused, stop_unreachable, unreachable
 from listsync.errors import AuthError, IterableError, ListNotFoundError, RetryableError
 from listsync.lists.recovery import reconcile, resolve_in_flight
 from listsync.lists.remote import ensure_list, mark_missing
@@ -25,11 +25,13 @@ MAX_PASSES = 50
 
 def passes(ctx: SyncContext, options: RunOptions, report: RunReport, progress: Progress | None) -> None:
     reconciled: set[int] = set()
-    for _ in range(MAX_PASSES):
+
+    def one_pass() -> bool:
         before = report.requests
         done = _one_pass(ctx, options, report, progress, reconciled)
-        if not done or report.requests == before or ctx.client.is_dry_run:
-            return
+        return bool(done) and report.requests > before and not ctx.client.is_dry_run
+
+    repeat_passes(one_pass, max_passes=MAX_PASSES)
 
 
 def _one_pass(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from listsync.domain import Desired, Direction, PendingMember, ProjectType, Synced
-from listsync.events.actions import convert_dates
+from listsync.iterable.dates import convert_dates
 from listsync.iterable.payloads import Subscriber, chunk_by_limits, json_size
 from listsync.lists import identity
 

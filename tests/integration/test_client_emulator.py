@@ -20,16 +20,15 @@ from listsync.errors import (
     RateLimitedError,
     RetryableError,
 )
-from listsync.iterable import (
+from listsync.iterable.client import (
     EU_BASE_URL,
     US_BASE_URL,
-    ItemOutcome,
     IterableClient,
     RetryPolicy,
-    Subscriber,
     base_url_for,
+    client_from_settings,
 )
-from listsync.iterable.client import client_from_settings
+from listsync.iterable.payloads import ItemOutcome, Subscriber
 from tests.emulator import EmulatorServer, FaultRule, IterableEmulator
 from tests.helpers import FakeClock, audience_event, ingest, make_settings, sync_context
 

@@ -15,6 +15,7 @@ from sqlalchemy import text
 
 from listsync import context, sync
 from listsync.db import session as dbs
+from listsync.db import views
 from listsync.events import delivery
 from listsync.ingest import accept
 from listsync.iterable.client import EU_BASE_URL, base_url_for, client_from_settings
@@ -35,7 +36,7 @@ def emulator() -> Iterator[tuple[IterableEmulator, str]]:
 
 def _status(ctx: context.SyncContext) -> list[dict[str, Any]]:
     with ctx.factory() as session:
-        return delivery.event_status(session)
+        return views.event_status(session)
 
 
 def _bodies(emu: IterableEmulator, endpoint: str) -> list[Any]:

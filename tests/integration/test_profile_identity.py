@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from listsync import context, sync
-from listsync.events import delivery
+from listsync.db import views
 from tests.emulator import EmulatorServer, IterableEmulator
 from tests.helpers import API_KEY, audience_event, ingest, make_settings, sync_context
 
@@ -47,7 +47,7 @@ def users_sent(emu: IterableEmulator) -> list[dict[str, Any]]:
 
 def states(ctx: context.SyncContext) -> list[str]:
     with ctx.factory() as session:
-        return [row["state"] for row in delivery.event_status(session)]
+        return [row["state"] for row in views.event_status(session)]
 
 
 def run(ctx: context.SyncContext) -> None:

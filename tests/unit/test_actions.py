@@ -10,6 +10,7 @@ from listsync.domain import ProjectType
 from listsync.events import actions, mapping
 from listsync.events.actions import PageSettings, Request, Skip
 from listsync.events.mapping import MappingSpec
+from listsync.iterable import dates
 
 PRESETS = {spec.name: mapping.compile_mapping(spec) for spec in (*mapping.PRESETS, mapping.PAGE_PRESET)}
 STAMP = "2026-03-01T12:00:00Z"
@@ -39,13 +40,13 @@ def _build(name: str, event: dict[str, Any], **kwargs: Any) -> Request | Skip | 
     ],
 )
 def test_iterable_date(value: str, expected: str | None) -> None:
-    assert actions.iterable_date(value) == expected
+    assert dates.iterable_date(value) == expected
 
 
 def test_convert_dates_walks_objects_and_lists_and_leaves_other_values() -> None:
     raw = {"at": "2023-01-01T00:00:00Z", "day": "2023-01-01", "n": 5, "ok": True,
            "deep": [{"when": "2023-01-01T01:00:00+01:00"}, "x"]}
-    assert actions.convert_dates(raw) == {
+    assert dates.convert_dates(raw) == {
         "at": "2023-01-01 00:00:00 +00:00", "day": "2023-01-01", "n": 5, "ok": True,
         "deep": [{"when": "2023-01-01 00:00:00 +00:00"}, "x"],
     }

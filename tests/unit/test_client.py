@@ -22,20 +22,16 @@ from listsync.errors import (
     RateLimitedError,
     RetryableError,
 )
-from listsync.iterable import (
-    EU_BASE_URL,
-    US_BASE_URL,
+from listsync.iterable.client import EU_BASE_URL, US_BASE_URL, IterableClient, RetryPolicy, base_url_for
+from listsync.iterable.payloads import (
+    ENVELOPE_BYTES,
     BulkResult,
     ItemOutcome,
-    IterableClient,
-    ResponseClass,
-    RetryPolicy,
     Subscriber,
-    base_url_for,
     chunk_by_limits,
-    classify_response,
+    dumps,
 )
-from listsync.iterable.payloads import ENVELOPE_BYTES, dumps
+from listsync.iterable.responses import ResponseClass, classify_response
 from tests.helpers import FakeClock
 
 KEY = "k3y-7f3a9c1e5b2d4e6f8a0b1c2d3e4f5a6b"

@@ -8,8 +8,9 @@ import pytest
 
 from listsync.config import Settings
 from listsync.domain import ActionKind
-from listsync.events import mapping
-from listsync.events.mapping import MappingError, MappingSpec
+from listsync.errors import MappingError
+from listsync.events import fields, mapping, triggers
+from listsync.events.mapping import MappingSpec
 
 IDENTIFY = {"type": "identify", "userId": "u1", "traits": {"email": "a@x.com", "plan": "pro", "n": 3}}
 TRACK = {
@@ -53,7 +54,7 @@ PAGE = {"type": "page", "name": "Home"}
     ],
 )
 def test_condition(trigger: str, event: dict[str, Any], expected: bool) -> None:
-    assert mapping.parse_condition(trigger).matches(event) is expected
+    assert triggers.parse_condition(trigger).matches(event) is expected
 
 
 @pytest.mark.parametrize(
@@ -73,7 +74,7 @@ def test_condition(trigger: str, event: dict[str, Any], expected: bool) -> None:
 )
 def test_condition_errors(trigger: str, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        mapping.parse_condition(trigger)
+        triggers.parse_condition(trigger)
 
 
 @pytest.mark.parametrize(
@@ -97,7 +98,7 @@ def test_condition_errors(trigger: str, message: str) -> None:
     ],
 )
 def test_field_values(raw: Any, expected: Any) -> None:
-    assert mapping.compile_value(raw).resolve(TRACK) == expected
+    assert fields.compile_value(raw).resolve(TRACK) == expected
 
 
 @pytest.mark.parametrize(
@@ -115,7 +116,7 @@ def test_field_values(raw: Any, expected: Any) -> None:
 )
 def test_field_value_errors(raw: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        mapping.compile_value(raw)
+        fields.compile_value(raw)
 
 
 def _compiled(specs: list[MappingSpec] | None = None, **options: Any) -> dict[str, mapping.ActionMapping]:
