@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from listsync import context, display, startup
-from listsync import sync as engine
+from listsync import sync
 from listsync.config import Settings
 from listsync.db import backlog, runs, views
 from listsync.db import session as dbs
@@ -72,9 +72,9 @@ def sync(
 
             bars = progress_display.Display(terminal=sys.stderr.isatty())
             with bars.shown(), progress_display.SyncMonitor(ctx.factory, bars) as monitor:
-                report = engine.run_once(ctx, options, progress=monitor.advance)
+                report = sync.run_once(ctx, options, progress=monitor.advance)
         else:
-            report = engine.run_once(ctx, options)
+            report = sync.run_once(ctx, options)
         with ctx.factory() as session:
             breakdown = runs.audience_breakdown(session, report.run_id) if report.run_id else []
             duration = runs.duration_seconds(session, report.run_id) if report.run_id else None
@@ -153,7 +153,7 @@ def _print_rows(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
     else:
-        print(render_table(rows, columns))
+        print(display.table(rows, columns, "(no audiences yet)"))
 
 
 def db(settings: Settings, action: str) -> int:
@@ -183,15 +183,3 @@ def _prune(settings: Settings) -> int:
     return 0
 
 
-def render_table(rows: list[dict[str, Any]], columns: list[str], empty: str = "(no audiences yet)") -> str:
-    if not rows:
-        return empty
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def _cell(value: Any) -> str:
-    return "" if value is None else str(value)

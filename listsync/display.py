@@ -18,9 +18,18 @@ EVENT_SAMPLE_COLUMNS = ["event", "action", "endpoint", "user_id", "email"]
 
 
 def table(rows: list[dict[str, Any]], columns: list[str], empty: str = "(none)") -> str:
-    from listsync.commands import render_table
+    """Rows as left-aligned columns under a header line; `empty` when there are none."""
+    if not rows:
+        return empty
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
 
-    return render_table(rows, columns, empty)
+
+def _cell(value: Any) -> str:
+    return "" if value is None else str(value)
 
 
 def backlog_line(waiting: dict[str, Any], *, actions_enabled: bool) -> str:

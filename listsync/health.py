@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -80,7 +79,7 @@ def check(factory: sessionmaker[Session], settings: Settings, now: datetime) -> 
 def _database_checks(factory: sessionmaker[Session], settings: Settings, now: datetime, health: Health) -> bool:
     try:
         with factory() as session:
-            session.execute(text("SELECT 1"))
+            health_queries.ping(session)
     except SQLAlchemyError as exc:
         health.add("database_unreachable", f"the database does not answer: {_first_line(exc)}", ready=False)
         return False

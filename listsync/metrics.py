@@ -14,11 +14,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from listsync.db import models as m
-from listsync.domain import MemberState
+from listsync.db import backlog, health_queries, views
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -84,14 +82,14 @@ class BacklogCollector(Collector):
             "listsync_inbox_unapplied", "Accepted events not yet folded into memberships."
         )
         with self.factory() as session:
-            for row in session.execute(text("SELECT * FROM audience_status")).mappings():
+            for row in views.audience_status(session):
                 pending.add_metric([row["audience_key"], "subscribe"], row["pending_subscribe"])
                 pending.add_metric([row["audience_key"], "unsubscribe"], row["pending_unsubscribe"])
                 failed.add_metric([row["audience_key"]], row["failed"])
-            for key, oldest in _oldest_pending(session):
+            for key, oldest in health_queries.oldest_pending_by_audience(session):
                 lag.add_metric([key], max(0.0, (datetime.now(UTC) - oldest).total_seconds()))
             inbox.add_metric(
-                [], session.scalar(text("SELECT count(*) FROM inbox WHERE applied_at IS NULL")) or 0
+                [], health_queries.unapplied_events(session)
             )
             operator = list(_operator_gauges(session))
         yield from (pending, failed, lag, inbox, *operator)
@@ -99,8 +97,6 @@ class BacklogCollector(Collector):
 
 def _operator_gauges(session: Session) -> Iterator[GaugeMetricFamily]:
     """Last successful run, event-delivery backlog and failures: what the example alerts watch."""
-    from listsync.db import backlog, health_queries
-
     last_ok = health_queries.last_successful_run_at(session)
     yield GaugeMetricFamily(
         "listsync_last_successful_run_timestamp_seconds",
@@ -126,16 +122,6 @@ def _operator_gauges(session: Session) -> Iterator[GaugeMetricFamily]:
     )
 
 
-def _oldest_pending(session: Session) -> list[tuple[str, datetime]]:
-
-
-    stmt = (
-        select(m.Audience.audience_key, func.min(m.Membership.desired_at))
-        .join(m.Membership, m.Membership.audience_id == m.Audience.id)
-        .where(m.Membership.state == MemberState.PENDING)
-        .group_by(m.Audience.audience_key)
-    )
-    return [(key, oldest) for key, oldest in session.execute(stmt) if oldest is not None]
 
 
 def render(factory: sessionmaker[Session] | None) -> bytes:

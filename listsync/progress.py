@@ -31,12 +31,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.text import Text
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from listsync.db import backlog
-from listsync.db import models as m
-from listsync.domain import MemberState
+from listsync.db import backlog, health_queries
 
 POLL_SECONDS = 0.5
 PLAIN_EVERY_SECONDS = 10.0
@@ -201,23 +198,6 @@ def _stream_handlers() -> list[logging.StreamHandler[Any]]:
     ]
 
 
-# --- the stages of a sync, read from the database ---------------------------------------------------
-
-
-def _pending_members(session: Session) -> dict[str, int]:
-    stmt = (
-        select(m.Audience.audience_key, func.count())
-        .join(m.Membership, m.Membership.audience_id == m.Audience.id)
-        .where(m.Membership.state == MemberState.PENDING)
-        .group_by(m.Audience.audience_key)
-        .order_by(m.Audience.audience_key)
-    )
-    return {key: count for key, count in session.execute(stmt)}
-
-
-def _finished_deliveries(session: Session) -> int:
-    stmt = select(func.count()).where(m.EventDelivery.state != m.DeliveryState.PENDING)
-    return int(session.scalar(stmt) or 0)
 
 
 class SyncMonitor:
@@ -229,7 +209,7 @@ class SyncMonitor:
         self._stop = threading.Event()
         with factory() as session:
             start = backlog.backlog(session)
-            self._finished_before = _finished_deliveries(session)
+            self._finished_before = health_queries.finished_deliveries(session)
         self._unapplied = int(start["inbox_unapplied"])
         self._audiences_added = False
         display.add("fold inbox", self._unapplied)
@@ -259,7 +239,7 @@ class SyncMonitor:
             unapplied = int(now["inbox_unapplied"])
             if unapplied == 0 and not self._audiences_added:
                 self._add_audiences(session)
-            finished = _finished_deliveries(session) - self._finished_before if self._audiences_added else 0
+            finished = health_queries.finished_deliveries(session) - self._finished_before if self._audiences_added else 0
         self.display.set("fold inbox", self._unapplied - unapplied)
         if self._audiences_added:
             # The total is known once every event is routed to its actions (after the lists).
@@ -270,7 +250,7 @@ class SyncMonitor:
     def _add_audiences(self, session: Session) -> None:
         """Once the inbox is folded, each audience's total is what is pending now."""
         self._audiences_added = True
-        for key, count in _pending_members(session).items():
+        for key, count in health_queries.pending_by_audience(session).items():
             self.display.add(key, count)
         self.display.add("event deliveries", None)
 
@@ -288,9 +268,7 @@ class IngestMonitor:
 
     def _stored(self) -> int:
         with self._factory() as session:
-            events = session.scalar(select(func.count()).select_from(m.InboxEvent)) or 0
-            rejected = session.scalar(select(func.count()).select_from(m.DeadLetter)) or 0
-        return int(events) + int(rejected)
+            return health_queries.events_received(session)
 
     def __enter__(self) -> IngestMonitor:
         self._thread.start()

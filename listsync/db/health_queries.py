@@ -1,4 +1,4 @@
-"""The reads behind GET /health and the operator gauges of /metrics. Each is one cheap query:
+"""The reads behind GET /health, /metrics and the progress display. Each is one cheap query:
 partial indexes find the oldest pending rows without reading the others."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from listsync.db import models as m
@@ -55,3 +55,46 @@ def oldest_waiting_work(session: Session) -> datetime | None:
 
 
 PENDING_SAMPLE = 10_000
+
+
+def ping(session: Session) -> None:
+    """Raises when the database does not answer."""
+    session.execute(text("SELECT 1"))
+
+
+def pending_by_audience(session: Session) -> dict[str, int]:
+    stmt = (
+        select(m.Audience.audience_key, func.count())
+        .join(m.Membership, m.Membership.audience_id == m.Audience.id)
+        .where(m.Membership.state == MemberState.PENDING)
+        .group_by(m.Audience.audience_key)
+        .order_by(m.Audience.audience_key)
+    )
+    return {key: count for key, count in session.execute(stmt)}
+
+
+def oldest_pending_by_audience(session: Session) -> list[tuple[str, datetime]]:
+    stmt = (
+        select(m.Audience.audience_key, func.min(m.Membership.desired_at))
+        .join(m.Membership, m.Membership.audience_id == m.Audience.id)
+        .where(m.Membership.state == MemberState.PENDING)
+        .group_by(m.Audience.audience_key)
+    )
+    return [(key, oldest) for key, oldest in session.execute(stmt) if oldest is not None]
+
+
+def finished_deliveries(session: Session) -> int:
+    stmt = select(func.count()).where(m.EventDelivery.state != m.DeliveryState.PENDING)
+    return int(session.scalar(stmt) or 0)
+
+
+def events_received(session: Session) -> int:
+    """Events stored in the inbox plus those refused into rejected_events."""
+    events = session.scalar(select(func.count()).select_from(m.InboxEvent)) or 0
+    rejected = session.scalar(select(func.count()).select_from(m.DeadLetter)) or 0
+    return int(events) + int(rejected)
+
+
+def unapplied_events(session: Session) -> int:
+    stmt = select(func.count()).select_from(m.InboxEvent).where(m.InboxEvent.applied_at.is_(None))
+    return int(session.scalar(stmt) or 0)

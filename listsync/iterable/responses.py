@@ -1,4 +1,4 @@
-"""PURE: what an Iterable answer means. Status, body code and message are classified once here
+"""What an Iterable answer means. Status, body code and message are classified once here
 (success, retryable, rate limited, refused key, missing list, permanent) so the client and the
 pipelines never read raw responses."""
 
