@@ -13,11 +13,11 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from listsync import context, display, startup
-from listsync import sync
 from listsync.config import Settings
 from listsync.db import backlog, runs, views
 from listsync.db import session as dbs
 from listsync.iterable.client import client_from_settings
+from listsync.sync import run_once
 
 
 @contextmanager
@@ -72,9 +72,9 @@ def sync(
 
             bars = progress_display.Display(terminal=sys.stderr.isatty())
             with bars.shown(), progress_display.SyncMonitor(ctx.factory, bars) as monitor:
-                report = sync.run_once(ctx, options, progress=monitor.advance)
+                report = run_once(ctx, options, progress=monitor.advance)
         else:
-            report = sync.run_once(ctx, options)
+            report = run_once(ctx, options)
         with ctx.factory() as session:
             breakdown = runs.audience_breakdown(session, report.run_id) if report.run_id else []
             duration = runs.duration_seconds(session, report.run_id) if report.run_id else None
