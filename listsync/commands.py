@@ -16,6 +16,7 @@ from listsync import context, display, startup
 from listsync.config import Settings
 from listsync.db import backlog, runs, views
 from listsync.db import session as dbs
+from listsync.domain import utcnow
 from listsync.iterable.client import client_from_settings
 from listsync.sync import run_once
 
@@ -170,14 +171,13 @@ def db(settings: Settings, action: str) -> int:
 
 
 def _prune(settings: Settings) -> int:
-    from datetime import UTC, datetime
 
     from listsync.db import retention
 
     startup.require_existing_database(settings.database_url)
     with _database(settings) as (_engine, factory):
         pruned = retention.prune(
-            factory, settings.retention, datetime.now(UTC), actions_enabled=settings.actions.enabled
+            factory, settings.retention, utcnow(), actions_enabled=settings.actions.enabled
         )
     print(f"pruned {pruned.text()}")
     return 0

@@ -9,11 +9,12 @@ import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from listsync.config import Settings
+from listsync.domain import utcnow
 from listsync.iterable.client import IterableClient
 
 logger = logging.getLogger(__name__)
@@ -21,9 +22,6 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[str, int], None]
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def replica_name() -> str:

@@ -14,7 +14,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 from typing import IO, TYPE_CHECKING, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -25,6 +25,7 @@ from listsync.config import Settings
 from listsync.db import leases
 from listsync.db import session as dbs
 from listsync.db.session import transaction
+from listsync.domain import utcnow
 from listsync.errors import ConfigError, ListsyncError
 from listsync.iterable.client import client_from_settings
 
@@ -81,7 +82,7 @@ def _schedule(scheduler: BackgroundScheduler, name: str, seconds: float, job: Ca
         seconds=seconds,
         id=name,
         name=name,
-        next_run_time=datetime.now(UTC),
+        next_run_time=utcnow(),
         coalesce=True,
         max_instances=1,
         misfire_grace_time=max(1, int(seconds)),

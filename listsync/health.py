@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.engine import make_url
@@ -35,6 +35,7 @@ from starlette.routing import Route
 from listsync.config import Settings
 from listsync.db import health_queries, leases
 from listsync.db.session import transaction
+from listsync.domain import utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def routes(settings: Settings, factory: sessionmaker[Session]) -> list[Route]:
         return JSONResponse({"status": "ok"})
 
     async def ready(_request: Request) -> Response:
-        health = await run_in_threadpool(check, factory, settings, datetime.now(UTC))
+        health = await run_in_threadpool(check, factory, settings, utcnow())
         if health.degraded:
             # Not ready is news; the other states were logged by the run that met them.
             logger.log(

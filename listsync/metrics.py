@@ -8,7 +8,6 @@ nothing has to be kept in step by hand.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
@@ -17,6 +16,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 
 from listsync.db import backlog, health_queries, views
+from listsync.domain import utcnow
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -38,14 +38,6 @@ ITERABLE_RATE_LIMITED = Counter(
     ["endpoint"],
     registry=REGISTRY,
 )
-MEMBER_CHANGES = Counter(
-    "listsync_member_changes_total",
-    "Member changes confirmed or failed by direction and outcome.",
-    ["direction", "outcome"],
-    registry=REGISTRY,
-)
-
-
 def count_events(source: str, accepted: int, duplicates: int, rejected: int) -> None:
     for outcome, amount in (("accepted", accepted), ("duplicate", duplicates), ("rejected", rejected)):
         if amount:
@@ -87,7 +79,7 @@ class BacklogCollector(Collector):
                 pending.add_metric([row["audience_key"], "unsubscribe"], row["pending_unsubscribe"])
                 failed.add_metric([row["audience_key"]], row["failed"])
             for key, oldest in health_queries.oldest_pending_by_audience(session):
-                lag.add_metric([key], max(0.0, (datetime.now(UTC) - oldest).total_seconds()))
+                lag.add_metric([key], max(0.0, (utcnow() - oldest).total_seconds()))
             inbox.add_metric(
                 [], health_queries.unapplied_events(session)
             )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
@@ -22,6 +22,13 @@ from listsync.db import models as m
 from listsync.domain import Desired, MemberState, Synced
 
 T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _copied(row_type: type[R], source: object, **overrides: Any) -> R:
+    """A row of `row_type` whose fields are the same-named attributes of `source`."""
+    values = {f.name: getattr(source, f.name) for f in fields(row_type)}  # type: ignore[arg-type]
+    return row_type(**{**values, **overrides})
 SAMPLES_PER_REASON = 3
 
 
@@ -256,19 +263,7 @@ def runs_page(
 
 
 def _run_row(run: m.SyncRun) -> RunRow:
-    return RunRow(
-        id=run.id,
-        trigger=run.trigger,
-        owner=run.owner,
-        status=str(run.status),
-        started_at=run.started_at,
-        finished_at=run.finished_at,
-        requests=run.requests,
-        subscribed=run.subscribed,
-        unsubscribed=run.unsubscribed,
-        failed=run.failed,
-        summary=run.summary,
-    )
+    return _copied(RunRow, run, status=str(run.status))
 
 
 _BUCKETS_SQL = {
@@ -331,22 +326,7 @@ def requests_page(
     if before is not None:
         stmt = stmt.where(r.id < before)
     found = list(session.execute(stmt).scalars())
-    rows = [
-        RequestRow(
-            id=q.id,
-            endpoint=q.endpoint,
-            item_count=q.item_count,
-            status=str(q.status),
-            http_status=q.http_status,
-            iterable_code=q.iterable_code,
-            success_count=q.success_count,
-            fail_count=q.fail_count,
-            error=q.error,
-            started_at=q.started_at,
-            elapsed_ms=q.elapsed_ms,
-        )
-        for q in found[:limit]
-    ]
+    rows = [_copied(RequestRow, q, status=str(q.status)) for q in found[:limit]]
     return Page(rows, str(rows[-1].id) if len(found) > limit else None)
 
 

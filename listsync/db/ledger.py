@@ -3,6 +3,7 @@ completed with its members' outcomes after it is answered."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -70,16 +71,7 @@ def finish_request(
     session.execute(
         update(m.ApiRequest)
         .where(m.ApiRequest.id == request_id)
-        .values(
-            status=record.status,
-            http_status=record.http_status,
-            iterable_code=record.iterable_code,
-            success_count=record.success_count,
-            fail_count=record.fail_count,
-            error=record.error,
-            elapsed_ms=record.elapsed_ms,
-            finished_at=now,
-        )
+        .values(**dataclasses.asdict(record), finished_at=now)
     )
     items = m.table(m.RequestItem)
     if outcomes:

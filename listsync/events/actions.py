@@ -55,10 +55,6 @@ class PageSettings:
     track_categorized_pages: bool = False
     track_named_pages: bool = False
 
-    @property
-    def any(self) -> bool:
-        return self.track_all_pages or self.track_categorized_pages or self.track_named_pages
-
 
 @dataclass(frozen=True)
 class Request:

@@ -22,7 +22,7 @@ import hashlib
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from urllib.parse import parse_qs
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -34,6 +34,7 @@ from starlette.routing import Mount, Route
 
 from listsync.config import StatusPageSettings
 from listsync.db import dashboard as q
+from listsync.domain import utcnow
 from listsync.web import html, pages
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def mount(
     settings: StatusPageSettings, factory: sessionmaker[Session], *, clock: Clock | None = None
 ) -> Mount:
     """The status page's routes under /status, to add to another app (the receiver's)."""
-    site = _Site(settings, factory, clock or (lambda: datetime.now(UTC)))
+    site = _Site(settings, factory, clock or utcnow)
     routes = [
         Route("/", site.guard(site.overview), methods=["GET"]),
         Route("/audience", site.guard(site.audience), methods=["GET"]),

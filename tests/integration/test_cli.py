@@ -109,14 +109,6 @@ def _restore_logging() -> Iterator[None]:
     root.setLevel(level)
 
 
-@pytest.fixture
-def emulator() -> Iterator[tuple[IterableEmulator, str]]:
-    emu = IterableEmulator(project_type="hybrid", api_keys=API_KEY)
-    emu.disable_rate_limits()
-    with EmulatorServer(emu) as server:
-        yield emu, server.url
-
-
 def _list_requests(emu: IterableEmulator) -> int:
     return len(emu.requests_to("lists/subscribe")) + len(emu.requests_to("lists/unsubscribe"))
 

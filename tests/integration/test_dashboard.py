@@ -18,17 +18,9 @@ from listsync.db import dashboard as q
 from listsync.db import models as m
 from listsync.db import session as dbs
 from listsync.db import views
-from tests.emulator import EmulatorServer, IterableEmulator
-from tests.helpers import API_KEY, BASE_TIME, sync_context
+from tests.emulator import IterableEmulator
+from tests.helpers import BASE_TIME, sync_context
 from tests.integration.status_seed import INVALID_EMAILS, seed, settings_data
-
-
-@pytest.fixture
-def emulator() -> Iterator[tuple[IterableEmulator, str]]:
-    emu = IterableEmulator(project_type="hybrid", api_keys=API_KEY)
-    emu.disable_rate_limits()
-    with EmulatorServer(emu) as server:
-        yield emu, server.url
 
 
 @pytest.fixture

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy import text
 
 from listsync import context, sync
@@ -19,19 +17,11 @@ from listsync.db import views
 from listsync.events import delivery
 from listsync.ingest import accept
 from listsync.iterable.client import EU_BASE_URL, base_url_for, client_from_settings
-from tests.emulator import EmulatorServer, FaultRule, IterableEmulator, make_mock_transport
+from tests.emulator import FaultRule, IterableEmulator, make_mock_transport
 from tests.helpers import API_KEY, audience_event, ingest, make_settings, sync_context
 
 T0 = "2026-02-01T10:00:00Z"
 T0_S = 1769940000
-
-
-@pytest.fixture
-def emulator() -> Iterator[tuple[IterableEmulator, str]]:
-    emu = IterableEmulator(project_type="hybrid", api_keys=API_KEY)
-    emu.disable_rate_limits()
-    with EmulatorServer(emu) as server:
-        yield emu, server.url
 
 
 def _status(ctx: context.SyncContext) -> list[dict[str, Any]]:

@@ -41,8 +41,8 @@ from listsync.db import models as m
 from listsync.ingest import extract, files
 from listsync.ingest.receiver import ReceiverServer, build_app
 from listsync.lists.apply import apply_all
-from tests.emulator import EmulatorServer, IterableEmulator
-from tests.helpers import API_KEY, audience_event, make_settings, sync_context
+from tests.emulator import IterableEmulator
+from tests.helpers import audience_event, make_settings, sync_context
 from tests.hostile import Case, Mutation, build, mutations
 
 KEY = "wk-hostile-7f3a91"
@@ -160,14 +160,6 @@ class Round:
 
 # ---------------------------------------------------------------------------------------------
 # The shared world of one test: database, emulator, sync context
-
-
-@pytest.fixture
-def emulator() -> Iterator[tuple[IterableEmulator, str]]:
-    emu = IterableEmulator(project_type="hybrid", api_keys=API_KEY)
-    emu.disable_rate_limits()
-    with EmulatorServer(emu) as server:
-        yield emu, server.url
 
 
 @pytest.fixture

@@ -7,40 +7,17 @@ projects), and `member_status` must agree with it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from listsync import context, sync
 from listsync.config import Settings
-from tests.emulator import EmulatorServer, IterableEmulator
-from tests.helpers import API_KEY, audience_event, ingest, sync_context
+from tests.emulator import IterableEmulator
+from tests.helpers import audience_event, ingest, sync_context
 from tests.integration.test_cli import (
     _restore_logging,  # noqa: F401  (autouse fixture)
     config_data,
     view_rows,
 )
-
-
-@pytest.fixture
-def hybrid() -> Iterator[tuple[IterableEmulator, str]]:
-    emu = IterableEmulator(project_type="hybrid", api_keys=API_KEY)
-    emu.disable_rate_limits()
-    with EmulatorServer(emu) as server:
-        yield emu, server.url
-
-
-PROJECT_TYPES = ["email", "hybrid", "userId"]
-
-
-@pytest.fixture(params=PROJECT_TYPES)
-def project(request: pytest.FixtureRequest) -> Iterator[tuple[IterableEmulator, str]]:
-    """An emulated Iterable project of each type, and listsync configured for it."""
-    emu = IterableEmulator(project_type=request.param, api_keys=API_KEY)
-    emu.disable_rate_limits()
-    with EmulatorServer(emu) as server:
-        yield emu, server.url
 
 
 def settings(database_url: str, url: str, project_type: str, **sections: Any) -> Settings:
@@ -65,10 +42,10 @@ def members(ctx: context.SyncContext, key: str) -> list[dict[str, Any]]:
 
 
 def test_leaver_after_email_change_leaves_the_list_hybrid(
-    database_url: str, hybrid: tuple[IterableEmulator, str]
+    database_url: str, emulator: tuple[IterableEmulator, str]
 ) -> None:
     """The headline bug: enter with one email, identify with a new one, exit: l5 must be gone."""
-    emu, url = hybrid
+    emu, url = emulator
     with sync_context(settings(database_url, url, "hybrid")) as ctx:
         ingest(ctx, [audience_event("vip", inside=True, user_id="l5", email="l5@example.com", at=1)])
         run(ctx)
@@ -236,12 +213,12 @@ def test_events_out_of_order_and_replayed(database_url: str, project: tuple[Iter
 
 
 def test_rows_left_by_earlier_releases_for_one_user_id_are_merged(
-    database_url: str, hybrid: tuple[IterableEmulator, str]
+    database_url: str, emulator: tuple[IterableEmulator, str]
 ) -> None:
     """Two memberships for one userId (what the headline bug left behind; here made by running as
     an email project) become one when the next event about that userId arrives, and the exit
     then removes the profile."""
-    emu, url = hybrid
+    emu, url = emulator
     with sync_context(settings(database_url, url, "email")) as ctx:
         ingest(ctx, [audience_event("vip", inside=True, user_id="l5", email="l5@example.com", at=1)])
         run(ctx)

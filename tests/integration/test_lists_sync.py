@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import text
@@ -12,14 +11,6 @@ from sqlalchemy import text
 from listsync import context, sync
 from tests.emulator import EmulatorServer, FaultRule, IterableEmulator
 from tests.helpers import API_KEY, audience_event, ingest, make_settings, sync_context
-
-
-@pytest.fixture
-def emulator() -> Iterator[tuple[IterableEmulator, str]]:
-    emu = IterableEmulator(project_type="hybrid", api_keys=API_KEY)
-    emu.disable_rate_limits()
-    with EmulatorServer(emu) as server:
-        yield emu, server.url
 
 
 def _rows(ctx: context.SyncContext, sql: str) -> list[dict[str, object]]:

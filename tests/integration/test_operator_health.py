@@ -27,8 +27,8 @@ def _enters(count: int) -> list[dict[str, object]]:
 
 
 @pytest.fixture
-def ready_ctx(database_url: str, served_emulator: tuple[IterableEmulator, str]) -> Iterator[context.SyncContext]:
-    _emu, url = served_emulator
+def ready_ctx(database_url: str, emulator: tuple[IterableEmulator, str]) -> Iterator[context.SyncContext]:
+    _emu, url = emulator
     with sync_context(Settings(**config_data(database_url, url))) as ctx:
         yield ctx
 

@@ -40,9 +40,9 @@ def _events() -> list[dict[str, Any]]:
 
 
 def test_plan_changes_nothing_and_shows_deliveries_and_samples(
-    database_url: str, served_emulator: tuple[IterableEmulator, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    database_url: str, emulator: tuple[IterableEmulator, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    emu, url = served_emulator
+    emu, url = emulator
     data = config_data(database_url, url)
     config = write_config(tmp_path / "listsync.toml", data)
     settings = Settings(**data)
@@ -78,9 +78,9 @@ def test_plan_changes_nothing_and_shows_deliveries_and_samples(
 
 
 def test_status_shows_inbox_and_delivery_backlog(
-    database_url: str, served_emulator: tuple[IterableEmulator, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    database_url: str, emulator: tuple[IterableEmulator, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _emu, url = served_emulator
+    _emu, url = emulator
     data = config_data(database_url, url)
     config = write_config(tmp_path / "listsync.toml", data)
     with sync_context(Settings(**data)) as ctx:

@@ -65,9 +65,9 @@ def _pages_in_use(ctx: context.SyncContext) -> int | None:
 
 
 def test_database_stays_flat_over_repeated_runs(
-    database_url: str, served_emulator: tuple[IterableEmulator, str]
+    database_url: str, emulator: tuple[IterableEmulator, str]
 ) -> None:
-    emu, url = served_emulator
+    emu, url = emulator
     settings = Settings(**config_data(database_url, url))
     pages: list[int | None] = []
     with sync_context(settings) as ctx:
@@ -85,8 +85,8 @@ def test_database_stays_flat_over_repeated_runs(
         assert pages[-1] <= pages[2] + 2, pages  # type: ignore[operator]
 
 
-def test_pending_work_is_never_pruned(database_url: str, served_emulator: tuple[IterableEmulator, str]) -> None:
-    _emu, url = served_emulator
+def test_pending_work_is_never_pruned(database_url: str, emulator: tuple[IterableEmulator, str]) -> None:
+    _emu, url = emulator
     settings = Settings(**config_data(database_url, url))
     later = datetime.now(UTC) + timedelta(days=100)
     with sync_context(settings) as ctx:
@@ -103,9 +103,9 @@ def test_pending_work_is_never_pruned(database_url: str, served_emulator: tuple[
 
 
 def test_db_prune_command(
-    database_url: str, served_emulator: tuple[IterableEmulator, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    database_url: str, emulator: tuple[IterableEmulator, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _emu, url = served_emulator
+    _emu, url = emulator
     data = config_data(database_url, url, retention={"inbox_days": 0.000001, "runs_days": 0.000001})
     config = write_config(tmp_path / "listsync.toml", data)
     with sync_context(Settings(**data)) as ctx:

@@ -30,11 +30,11 @@ def _enters(key: str, users: range) -> list[dict[str, object]]:
 
 def test_sync_summary_runs_history_and_retry_failed(
     database_url: str,
-    served_emulator: tuple[IterableEmulator, str],
+    emulator: tuple[IterableEmulator, str],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    emu, url = served_emulator
+    emu, url = emulator
     emu.invalid_emails.add("u1@x.com")
     data = config_data(database_url, url, logging={"level": "INFO"})
     config = write_config(tmp_path / "listsync.toml", data)
@@ -75,9 +75,9 @@ def test_sync_summary_runs_history_and_retry_failed(
 
 
 def test_idle_daemon_ticks_leave_no_rows_and_no_info_lines(
-    database_url: str, served_emulator: tuple[IterableEmulator, str], caplog: pytest.LogCaptureFixture
+    database_url: str, emulator: tuple[IterableEmulator, str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    _emu, url = served_emulator
+    _emu, url = emulator
     settings = Settings(**config_data(database_url, url))
     daemon = context.RunOptions(trigger="daemon")
     with sync_context(settings) as ctx:

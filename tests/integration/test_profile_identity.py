@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,14 +13,6 @@ from tests.emulator import EmulatorServer, IterableEmulator
 from tests.helpers import API_KEY, audience_event, ingest, make_settings, sync_context
 
 T0 = "2026-02-01T10:00:00Z"
-
-
-@pytest.fixture(params=["email", "hybrid", "userId"])
-def project(request: pytest.FixtureRequest) -> Iterator[tuple[IterableEmulator, str]]:
-    emu = IterableEmulator(project_type=request.param, api_keys=API_KEY)
-    emu.disable_rate_limits()
-    with EmulatorServer(emu) as server:
-        yield emu, server.url
 
 
 def for_project(emu: IterableEmulator, database_url: str, url: str, **sections: Any) -> Any:

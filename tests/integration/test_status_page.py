@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -21,22 +20,14 @@ from listsync.config import Settings
 from listsync.db import session as dbs
 from listsync.ingest import receiver
 from tests.browser import chromium
-from tests.emulator import EmulatorServer, IterableEmulator
-from tests.helpers import API_KEY, audience_event
+from tests.emulator import IterableEmulator
+from tests.helpers import audience_event
 from tests.integration.status_seed import ADMIN_TOKEN, INVALID_EMAILS, seed, settings_data
 from tests.integration.test_cli import write_config
 from tests.integration.test_daemon_e2e import _free_port, _healthy, _wait
 
 WRITE_KEY = "wk-status-page"
 BEARER = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-@pytest.fixture
-def emulator() -> Iterator[tuple[IterableEmulator, str]]:
-    emu = IterableEmulator(project_type="hybrid", api_keys=API_KEY)
-    emu.disable_rate_limits()
-    with EmulatorServer(emu) as server:
-        yield emu, server.url
 
 
 def test_status_page_on_the_receivers_port_shows_nothing_without_the_token(

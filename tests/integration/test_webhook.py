@@ -27,8 +27,8 @@ from listsync.config import load_settings
 from listsync.errors import ConfigError
 from listsync.ingest import webhook
 from listsync.ingest.receiver import WEBHOOK_PATH, ReceiverServer, build_app
-from tests.emulator import EmulatorServer, IterableEmulator
-from tests.helpers import API_KEY, audience_event, make_settings, sync_context
+from tests.emulator import IterableEmulator
+from tests.helpers import audience_event, make_settings, sync_context
 
 SECRET = "whsec-engage-3b9d"
 OLD_SECRET = "whsec-rotated-out-17"
@@ -128,14 +128,6 @@ def every_type() -> list[dict[str, Any]]:
 
 
 # --- fixtures and readers ----------------------------------------------------------------------
-
-
-@pytest.fixture
-def emulator() -> Iterator[tuple[IterableEmulator, str]]:
-    emu = IterableEmulator(project_type="hybrid", api_keys=API_KEY)
-    emu.disable_rate_limits()
-    with EmulatorServer(emu) as server:
-        yield emu, server.url
 
 
 @pytest.fixture
