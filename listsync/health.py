@@ -40,7 +40,7 @@ from listsync.domain import utcnow
 logger = logging.getLogger(__name__)
 
 PROBE_LEASE = "health-probe"
-# Words of the run summaries that sync.py writes for these two fatal states.
+# Words of the run summaries that engine.stop_refused and stop_unreachable write for these two fatal states.
 _FATAL_STATES = {
     "api_key_refused": "API key was refused",
     "iterable_unreachable": "could not reach Iterable",
