@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from listsync.db import models as m
@@ -87,7 +87,27 @@ def count_pending(session: Session) -> int:
     return int(session.scalar(stmt) or 0)
 
 
+def mark_delivered(session: Session, ids: Sequence[int], now: datetime) -> None:
+    """Delivered as stored: attempts and email stay, the error and the retry time are cleared."""
+    d = m.table(m.EventDelivery)
+    for chunk in chunks(ids, 1000):
+        session.execute(
+            update(d)
+            .where(d.c.id.in_(chunk))
+            .values(state=m.DeliveryState.DELIVERED, delivered_at=now, updated_at=now, next_attempt_at=None, last_error=None)
+        )
+
+
+_OUTCOME_COLUMNS = ("state", "attempts", "next_attempt_at", "last_error", "delivered_at", "updated_at", "email")
+_RECORD_OUTCOME = (
+    update(m.table(m.EventDelivery))
+    .where(m.table(m.EventDelivery).c.id == bindparam("b_id"))
+    .values({name: bindparam(f"b_{name}") for name in _OUTCOME_COLUMNS})
+)
+
+
 def record_outcomes(session: Session, outcomes: Sequence[dict[str, Any]]) -> None:
-    """Write what one page of sends did: one row of new values per delivery, by id."""
+    """Write what one page of sends did: one row of new values per delivery, by id (one Core
+    executemany: the ORM's per-row bookkeeping cost more than the statement)."""
     if outcomes:
-        session.execute(update(m.EventDelivery), list(outcomes))
+        session.execute(_RECORD_OUTCOME, [{f"b_{key}": value for key, value in row.items()} for row in outcomes])

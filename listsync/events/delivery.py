@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -120,22 +121,39 @@ class _Sender:
         self.batches: dict[tuple[str, bool], list[PendingDelivery]] = defaultdict(list)  # (endpoint, updateOnly)
         self.known_emails: dict[str, str] = {}
         self.outcomes: list[dict[str, Any]] = []
+        self.delivered: list[int] = []
+        self.renamed: set[int] = set()  # rows whose stored email changed before sending
+        self.in_flight: dict[tuple[str, bool], tuple[Future[BulkResult], list[PendingDelivery]]] = {}
+        self.pool = ThreadPoolExecutor(max_workers=len(actions.BULK_ENDPOINTS) * 2, thread_name_prefix="listsync-bulk")
 
     def run(self) -> None:
         after = 0
-        while not self.ctx.should_stop():
-            with transaction(self.ctx.factory) as session:
-                rows = deliveries.pending_page(session, after, PAGE_SIZE)
-                self.known_emails.update(deliveries.delivered_emails(session, rows))
-            if not rows:
-                return
-            after = rows[-1].id
+        try:
+            while not self.ctx.should_stop():
+                with transaction(self.ctx.factory) as session:
+                    rows = deliveries.pending_page(session, after, PAGE_SIZE)
+                    self.known_emails.update(deliveries.delivered_emails(session, rows))
+                if not rows:
+                    for key in list(self.batches):
+                        self._flush(key)
+                    return
+                after = rows[-1].id
+                try:
+                    self._page(rows)
+                finally:
+                    self._record()
+        finally:
             try:
-                self._page(rows)
+                for key in list(self.in_flight):
+                    self._settle(key)
             finally:
+                self.pool.shutdown(wait=True)
                 self._record()
 
     def _page(self, rows: Sequence[PendingDelivery]) -> None:
+        """Route a page's rows into open batches (kept open across pages, so bulk calls go full)
+        and send single calls in order; a bulk batch is sent when full, or first when a user's
+        single call must not overtake it."""
         now = self.clock()
         for row in rows:
             if row.user_key in self.blocked:
@@ -144,8 +162,6 @@ class _Sender:
                 self.blocked.add(row.user_key)  # its later rows wait behind it
                 continue
             self._one(row)
-        for key in list(self.batches):
-            self._flush(key)
 
     def _one(self, row: PendingDelivery) -> None:
         if row.endpoint in UPSERT_ENDPOINTS and not self._move_email(row):
@@ -161,10 +177,14 @@ class _Sender:
             self._attempt([row], lambda: self._single(row))
 
     def _flush_user(self, user_key: str) -> None:
-        """Send the open batches holding this user first, so a single call cannot overtake them."""
+        """Send the open batches holding this user first and wait for their answers, so a single
+        call cannot overtake them."""
         for key, rows in list(self.batches.items()):
             if any(r.user_key == user_key for r in rows):
                 self._flush(key)
+        for key, (_, rows) in list(self.in_flight.items()):
+            if any(r.user_key == user_key for r in rows):
+                self._settle(key)
 
     def _single(self, row: PendingDelivery) -> None:
         call = {
@@ -200,6 +220,7 @@ class _Sender:
                 self.known_emails[row.user_id] = new_email
         if explicit:
             row.body, row.email = {**row.body, "email": new_email}, new_email
+            self.renamed.add(row.id)
         return True
 
     def _update_email(self, change: identity.EmailUpdate, new_email: str) -> Callable[[], None]:
@@ -236,26 +257,34 @@ class _Sender:
 
     def _flush(self, key: tuple[str, bool]) -> None:
         rows = self.batches.pop(key, [])
-        if rows:
-            for chunk in chunk_by_limits(rows, size_of=lambda row: json_size(wire_body(row.body))):
-                # A user blocked by an earlier chunk's failure keeps its later rows back (per-user order).
-                ready = [row for row in chunk if row.user_key not in self.blocked]
-                if ready:
-                    self._send_bulk(key, ready)
+        for chunk in chunk_by_limits(rows, size_of=lambda row: json_size(wire_body(row.body))):
+            self._settle(key)
+            # A user blocked by an earlier chunk's failure keeps its later rows back (per-user order).
+            ready = [row for row in chunk if row.user_key not in self.blocked]
+            if ready:
+                self._send_bulk(key, ready)
 
     def _send_bulk(self, key: tuple[str, bool], rows: Sequence[PendingDelivery]) -> None:
+        """Put one bulk call on the wire. Each (endpoint, updateOnly) has at most one call in flight,
+        so one endpoint's calls are answered in order; different endpoints, each paced by its own
+        rate limit, are on the wire side by side."""
         endpoint, update_only = key
         items = [wire_body(row.body) for row in rows]
+        self.report.requests += 1
+        if endpoint == "users/bulkUpdate":
+            future = self.pool.submit(self.client.bulk_update_users, items, update_only=update_only)
+        else:
+            future = self.pool.submit(self.client.track_bulk, items)
+        self.in_flight[key] = (future, list(rows))
+
+    def _settle(self, key: tuple[str, bool]) -> None:
+        """Wait for the key's call in flight, if any, and record what it means for its rows."""
+        sent = self.in_flight.pop(key, None)
+        if sent is None:
+            return
+        future, rows = sent
         result: list[BulkResult] = []
-
-        def call() -> None:
-            self.report.requests += 1
-            if endpoint == "users/bulkUpdate":
-                result.append(self.client.bulk_update_users(items, update_only=update_only))
-            else:
-                result.append(self.client.track_bulk(items))
-
-        if self._attempt(rows, call, settle=False):
+        if self._attempt(rows, lambda: result.append(future.result()), settle=False):
             self._settle_bulk(rows, result[0])
 
     def _settle_bulk(self, rows: Sequence[PendingDelivery], result: BulkResult) -> None:
@@ -269,8 +298,11 @@ class _Sender:
     # outcomes, written after each page
 
     def _delivered(self, row: PendingDelivery) -> None:
-        now = self.clock()
-        self.outcomes.append(_outcome(row, m.DeliveryState.DELIVERED, row.attempts, None, None, now, now))
+        if row.id in self.renamed:
+            now = self.clock()
+            self.outcomes.append(_outcome(row, m.DeliveryState.DELIVERED, row.attempts, None, None, now, now))
+        else:
+            self.delivered.append(row.id)  # the common outcome: recorded for all of them at once
         if row.user_id and row.email:
             self.known_emails[row.user_id] = row.email
         self.report.delivered += 1
@@ -297,8 +329,9 @@ class _Sender:
 
     def _record(self) -> None:
         with transaction(self.ctx.factory) as session:
+            deliveries.mark_delivered(session, self.delivered, self.clock())
             deliveries.record_outcomes(session, self.outcomes)
-        self.outcomes = []
+        self.outcomes, self.delivered = [], []
         with transaction(self.ctx.factory) as session:
             renewed = leases.try_lease(session, LEASE_NAME, self.ctx.owner, self.clock(), _lease_ttl(self.ctx))
         if not still_ours(renewed, "event delivery"):
