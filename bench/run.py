@@ -72,7 +72,7 @@ def run_family(name: str, run: Run) -> Result:
     started = time.perf_counter()
     try:
         result = FAMILIES[name](run)
-    except Exception as exc:  # noqa: BLE001  # reported as the family's row; the others still run
+    except Exception as exc:  # reported as the family's row; the others still run
         if not isinstance(exc, BenchError):
             traceback.print_exc(file=sys.stderr)
         return Result([Row(f"{name}: failed", str(exc))], {"error": str(exc)})
