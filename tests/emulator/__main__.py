@@ -30,6 +30,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-rate-limits", action="store_true", help="make every endpoint unlimited")
+    parser.add_argument(
+        "--latency-ms", type=float, default=0.0, help="pause before every answer, in milliseconds (default 0)"
+    )
     return parser.parse_args(argv)
 
 
@@ -41,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.no_rate_limits:
         emulator.disable_rate_limits()
-    with EmulatorServer(emulator, host=args.host, port=args.port) as server:
+    latency = args.latency_ms / 1000
+    with EmulatorServer(emulator, host=args.host, port=args.port, latency_seconds=latency) as server:
         print(f"Iterable emulator ({args.project_type} project) listening on {server.url}", flush=True)
         print(f"lists and members: curl {server.url}{OVERVIEW_PATH}", flush=True)
         try:

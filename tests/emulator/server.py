@@ -5,6 +5,8 @@ requests, every response carries Content-Length and goes out in one write (with 
 so no Nagle/delayed-ACK stalls). Connection faults are real: "drop_before" and
 "drop_after" close the socket without writing a byte (the client sees the server disconnect), and
 "delay" sleeps in the connection's thread, outside the emulator's lock, before answering.
+`latency_seconds` adds the same pause to every answer (a round trip to a distant API), also
+outside the lock, so requests on different connections wait in parallel.
 `close()` also shuts down idle keep-alive connections, so pooled clients cannot keep talking to a
 closed server.
 """
@@ -61,6 +63,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if reply.action == "delay":
             time.sleep(reply.delay_seconds)
+        if self.server.latency_seconds > 0:
+            time.sleep(self.server.latency_seconds)
         self._send(reply)
 
     def _read_body(self) -> bytes:
@@ -110,6 +114,7 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], emulator: IterableEmulator) -> None:
         self.emulator = emulator
+        self.latency_seconds = 0.0
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
         super().__init__(address, _Handler)
@@ -142,9 +147,12 @@ class _Server(ThreadingHTTPServer):
 class EmulatorServer:
     """Serve `emulator` over HTTP until `close()`; usable as a context manager."""
 
-    def __init__(self, emulator: IterableEmulator, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, emulator: IterableEmulator, host: str = "127.0.0.1", port: int = 0, latency_seconds: float = 0.0
+    ) -> None:
         self.emulator = emulator
         self._httpd = _Server((host, port), emulator)
+        self.latency_seconds = latency_seconds
         self.host = host
         self.port: int = self._httpd.server_address[1]
         self._closed = False
@@ -155,6 +163,17 @@ class EmulatorServer:
             daemon=True,
         )
         self._thread.start()
+
+    @property
+    def latency_seconds(self) -> float:
+        """Pause before every answer (0: none); may be changed while serving."""
+        return self._httpd.latency_seconds
+
+    @latency_seconds.setter
+    def latency_seconds(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("latency_seconds must be >= 0")
+        self._httpd.latency_seconds = seconds
 
     @property
     def url(self) -> str:

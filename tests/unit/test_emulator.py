@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -653,6 +654,22 @@ def test_server_close_cuts_idle_keep_alive_connections() -> None:
         server.close()
         with pytest.raises(httpx.TransportError):
             api.get("/api/webhooks")
+
+
+def test_server_latency_delays_every_answer() -> None:
+    """Only a lower bound is checked: a loaded machine may add time, never remove it."""
+    emu = IterableEmulator(api_keys=KEY)
+    with EmulatorServer(emu, latency_seconds=0.2) as server:
+        with httpx.Client(base_url=server.url, headers={"Api-Key": KEY}) as api:
+            for _ in range(2):
+                started = time.monotonic()
+                assert api.get("/api/lists").status_code == 200
+                assert time.monotonic() - started >= 0.2
+            server.latency_seconds = 0.0
+            assert api.get("/api/lists").status_code == 200
+        with pytest.raises(ValueError, match="latency_seconds"):
+            server.latency_seconds = -1.0
+    assert len(emu.requests) == 3
 
 
 def test_main_runs_a_standalone_server() -> None:
