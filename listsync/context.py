@@ -23,7 +23,6 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[str, int], None]
 
 
-
 def replica_name() -> str:
     """Unique per process, so a restarted replica does not mistake its old claims for live ones."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

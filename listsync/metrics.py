@@ -114,8 +114,6 @@ def _operator_gauges(session: Session) -> Iterator[GaugeMetricFamily]:
     )
 
 
-
-
 def render(factory: sessionmaker[Session] | None) -> bytes:
     """The text exposition of every metric, backlog included when a database is given."""
     if factory is None:

@@ -198,8 +198,6 @@ def _stream_handlers() -> list[logging.StreamHandler[Any]]:
     ]
 
 
-
-
 class SyncMonitor:
     """Follows one sync: the fold and deliveries by polling, the audiences by the callback."""
 

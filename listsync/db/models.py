@@ -66,7 +66,6 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-
 def text_enum(enum: type[StrEnum], name: str) -> Enum:
     return Enum(
         enum,

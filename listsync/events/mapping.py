@@ -19,8 +19,6 @@ from listsync.events.triggers import Condition, parse_condition
 MAX_MAPPINGS = 50
 
 
-
-
 # Segment's own names for the actions are accepted too, so a mapping copied from Segment works.
 ACTION_NAMES: dict[str, ActionKind] = {
     **{kind.value: kind for kind in ActionKind},
@@ -36,10 +34,6 @@ ACTION_NAMES: dict[str, ActionKind] = {
 BATCHABLE = frozenset({ActionKind.UPSERT_USER, ActionKind.CUSTOM_EVENT})
 # Segment's schemas allow null only for phoneNumber: a `phone: null` trait clears the SMS number.
 NULLABLE_FIELDS = frozenset({"phoneNumber"})
-
-
-
-
 
 
 # Segment's shared field defaults (reference §2.3). mergeNestedObjects defaults to the classic
@@ -131,69 +125,7 @@ PAGE_PRESET = MappingSpec(
 # --- values ---------------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # --- conditions -------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # --- mappings ---------------------------------------------------------------------------------------

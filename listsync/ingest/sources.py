@@ -22,7 +22,6 @@ logger = logging.getLogger(__name__)
 NowFn = Callable[[], datetime]
 
 
-
 def ingest_path(factory: sessionmaker[Session], path: str) -> IngestCounts:
     """`listsync ingest FILE`: NDJSON from a file, a .gz file, or stdin for `-`."""
     source = "stdin" if path == "-" else f"file:{Path(path).name}"

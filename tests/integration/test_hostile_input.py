@@ -377,7 +377,6 @@ def _plant_bad_files(folder: Path, outside: Path, prefix: str, round_: Round) ->
     return 2
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Defects the suite found, kept as regression tests
 

@@ -21,8 +21,9 @@ from starlette.testclient import TestClient
 from listsync import context, preview, sync
 from listsync.errors import IterableError, ListNotFoundError, PermanentError, RateLimitedError
 from listsync.ingest.receiver import build_app
-from listsync.iterable.client import IterableClient, RetryPolicy
+from listsync.iterable.client import IterableClient
 from listsync.iterable.payloads import Subscriber
+from listsync.iterable.retry import RetryPolicy
 from listsync.logs import JsonFormatter
 from tests.emulator import EmulatorServer, FaultRule, IterableEmulator, Reply
 from tests.helpers import audience_event, ingest, make_settings, sync_context

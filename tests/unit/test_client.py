@@ -22,7 +22,7 @@ from listsync.errors import (
     RateLimitedError,
     RetryableError,
 )
-from listsync.iterable.client import EU_BASE_URL, US_BASE_URL, IterableClient, RetryPolicy, base_url_for
+from listsync.iterable.client import EU_BASE_URL, US_BASE_URL, IterableClient, base_url_for
 from listsync.iterable.payloads import (
     ENVELOPE_BYTES,
     BulkResult,
@@ -32,6 +32,7 @@ from listsync.iterable.payloads import (
     dumps,
 )
 from listsync.iterable.responses import ResponseClass, classify_response
+from listsync.iterable.retry import RetryPolicy
 from tests.helpers import FakeClock
 
 KEY = "k3y-7f3a9c1e5b2d4e6f8a0b1c2d3e4f5a6b"
