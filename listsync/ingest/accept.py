@@ -17,7 +17,7 @@ from listsync import metrics
 from listsync.db import inbox
 from listsync.db.session import describe_refusal, refused_by_data
 from listsync.domain import InboundEvent, Rejection
-from listsync.ingest import extract
+from listsync.ingest import audience, extract, validate
 from listsync.ingest.scrub import kept_payload, scrub_text
 
 
@@ -55,7 +55,7 @@ def accept_items(
         if isinstance(item, extract.RejectedItem):
             rejections.append((item.rejection.reason, scrub_text(item.payload)))
             continue
-        checked = extract.validate_event(item.raw, received_at=now, encoded_size=item.size)
+        checked = validate.validate_event(item.raw, received_at=now, encoded_size=item.size)
         if isinstance(checked, Rejection):
             rejections.append((checked.reason, kept_payload(item.raw)))
         else:
@@ -96,7 +96,7 @@ def _store_isolated(
 
 
 def _store(session: Session, events: Sequence[InboundEvent], *, source: str, now: datetime) -> int:
-    flags = [extract.is_audience_event(e) for e in events]
+    flags = [audience.is_audience_event(e) for e in events]
     return inbox.store_events(session, events, source=source, now=now, audience_flags=flags)
 
 

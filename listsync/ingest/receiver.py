@@ -68,7 +68,7 @@ from listsync import health, metrics
 from listsync.config import Settings
 from listsync.db.session import transaction
 from listsync.domain import Rejection
-from listsync.ingest import accept, extract, webhook
+from listsync.ingest import accept, extract, validate, webhook
 from listsync.ingest.scrub import scrub_text
 
 logger = logging.getLogger(__name__)
@@ -292,7 +292,7 @@ def _first_reason(items: Sequence[extract.BodyItem], now: datetime) -> str:
     first = items[0]
     if isinstance(first, extract.RejectedItem):
         return first.rejection.reason
-    checked = extract.validate_event(first.raw, received_at=now, encoded_size=first.size)
+    checked = validate.validate_event(first.raw, received_at=now, encoded_size=first.size)
     if isinstance(checked, Rejection):
         return checked.reason
     return "rejected: every event of the body was rejected"
