@@ -49,6 +49,20 @@ def accept_body(
 def accept_items(
     session: Session, items: Iterable[extract.BodyItem], *, source: str, now: datetime
 ) -> IngestCounts:
+    """Validate and store body items in `session`; rejected ones are dead-lettered and counted."""
+    return store_checked(session, check_items(items, now=now), source=source, now=now)
+
+
+@dataclass
+class Checked:
+    """Items validated and ready to store: the events, and (reason, kept payload) rejections."""
+
+    events: list[InboundEvent]
+    rejections: list[tuple[str, str]]
+
+
+def check_items(items: Iterable[extract.BodyItem], *, now: datetime) -> Checked:
+    """Validate items without the database (the receiver does it outside the shared commit)."""
     events: list[InboundEvent] = []
     rejections: list[tuple[str, str]] = []
     for item in items:
@@ -60,9 +74,15 @@ def accept_items(
             rejections.append((checked.reason, kept_payload(item.raw)))
         else:
             events.append(checked)
+    return Checked(events, rejections)
+
+
+def store_checked(session: Session, checked: Checked, *, source: str, now: datetime) -> IngestCounts:
+    """Append checked events to the inbox and dead-letter the rejections, in `session`."""
+    events = checked.events
     unique = _unique_by_message_id(events)
     new, refused = _store_isolated(session, unique, source=source, now=now)
-    rejections.extend(refused)
+    rejections = checked.rejections + refused
     inbox.store_rejections(session, rejections, source=source, now=now)
     counts = IngestCounts(
         accepted=new, duplicates=len(events) - new - len(refused), rejected=len(rejections)

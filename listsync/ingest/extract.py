@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from listsync import json_text
 from listsync.domain import Rejection
-from listsync.ingest import json_text
-from listsync.ingest.json_text import json_type
 from listsync.ingest.scrub import redact, redact_value
+from listsync.json_text import json_type
 
 SEGMENT_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
 MAX_EVENT_BYTES = 32 * 1024
@@ -103,7 +103,13 @@ def parse_body(body: bytes, *, path_type: str | None) -> Rejection | list[BodyIt
     return [_single_item(decoded, len(body), path_type)]
 
 
-def parse_line(line: bytes | str) -> BodyItem:
+def parse_lines(lines: Sequence[bytes]) -> list[BodyItem]:
+    """`parse_line` for each of `lines`, with one look for long digit runs for all of them."""
+    checked = not json_text.has_long_digits(b"\n".join(lines))
+    return [parse_line(line, digits_checked=checked) for line in lines]
+
+
+def parse_line(line: bytes | str, *, digits_checked: bool = False) -> BodyItem:
     """Parse one line of a JSON-lines file (`listsync ingest`); the type comes from the event."""
     if isinstance(line, bytes):
         try:
@@ -115,7 +121,7 @@ def parse_line(line: bytes | str) -> BodyItem:
     else:
         text = line
     try:
-        decoded = _loads(text)
+        decoded = _loads(text, digits_checked=digits_checked)
     except ValueError as exc:
         return RejectedItem(Rejection(f"malformed_json: {exc}"), text)
     if not isinstance(decoded, dict):
@@ -145,7 +151,7 @@ def parse_webhook_body(body: bytes) -> Rejection | list[BodyItem]:
     return Rejection(f"not_an_object: body must be a JSON object or an array of objects, got {got}")
 
 
-def _loads(body: bytes | str) -> Any:
+def _loads(body: bytes | str, *, digits_checked: bool = False) -> Any:
     """json.loads, but NaN/Infinity count as malformed, and runaway nesting is cut, not fatal.
 
     orjson parses what it can parse exactly as the stdlib would (`json_text.fast_loads`); the
@@ -158,7 +164,7 @@ def _loads(body: bytes | str) -> Any:
     `_check_values` refuses: the deep event is rejected alone, the others are kept.
     """
     try:
-        return json_text.fast_loads(body)
+        return json_text.fast_loads(body, digits_checked=digits_checked)
     except ValueError:
         pass
     try:

@@ -14,10 +14,11 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from listsync import json_text
 from listsync.domain import InboundEvent, Rejection
-from listsync.ingest import audience, json_text
+from listsync.ingest import audience
 from listsync.ingest.extract import MAX_DEPTH, MAX_EVENT_BYTES, SEGMENT_TYPES, TOO_DEEP_MARK, InvalidEvent
-from listsync.ingest.json_text import canonical, json_type
+from listsync.json_text import canonical, json_type
 
 MAX_USER_ID_LENGTH = 52
 # Stored in VARCHAR(255) columns (and used as Iterable list names): longer would fail in the database.
