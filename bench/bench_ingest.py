@@ -17,6 +17,7 @@ import contextlib
 import http.client
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -79,13 +80,26 @@ def inbox_count(database_url: str) -> int:
         engine.dispose()
 
 
-def bench_file(database_url: str, events: int, workdir: Path) -> float:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _process_cpu(pid: int) -> float:
+    """User + system seconds of a running process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_file(database_url: str, events: int, workdir: Path) -> tuple[float, float]:
+    """(events/s by the wall clock, events per CPU second of the `listsync ingest` process)."""
     path = workdir / "events.ndjson"
     with path.open("w") as out:
         for n in range(events):
             out.write(json.dumps(engage_event(n, "file")) + "\n")
     listsync = Path(sys.executable).parent / "listsync"
     dbs.upgrade(database_url)
+    cpu_before = _children_cpu()
     started = time.perf_counter()
     subprocess.run(
         [str(listsync), "ingest", str(path), "--no-progress"],
@@ -95,14 +109,15 @@ def bench_file(database_url: str, events: int, workdir: Path) -> float:
         stdout=subprocess.DEVNULL,
     )
     elapsed = time.perf_counter() - started
+    cpu = _children_cpu() - cpu_before
     stored = inbox_count(database_url)
     if stored != events:
         raise SystemExit(f"ingest stored {stored} of {events} events")
-    return events / elapsed
+    return events / elapsed, events / cpu
 
 
 @contextlib.contextmanager
-def receiver_process(database_url: str, workdir: Path) -> Iterator[int]:
+def receiver_process(database_url: str, workdir: Path) -> Iterator[tuple[int, int]]:
     dbs.upgrade(database_url)
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "tests" / "integration" / "receiver_proc.py")],
@@ -116,7 +131,7 @@ def receiver_process(database_url: str, workdir: Path) -> Iterator[int]:
         port = proc.stdout.readline().strip()
         if not port:
             raise SystemExit("the receiver process did not start")
-        yield int(port)
+        yield int(port), proc.pid
     finally:
         proc.kill()
         proc.wait()
@@ -154,8 +169,9 @@ def send_all(port: int, events: int, threads: int) -> None:
         raise SystemExit(f"{len(failures)} requests failed, first: {failures[0]}")
 
 
-def bench_receiver(database_url: str, events: int, threads: int, workdir: Path) -> float:
-    with receiver_process(database_url, workdir) as port:
+def bench_receiver(database_url: str, events: int, threads: int, workdir: Path) -> tuple[float, float]:
+    """(events/s by the wall clock, events per CPU second of the receiver process)."""
+    with receiver_process(database_url, workdir) as (port, pid):
         sender = subprocess.Popen(
             [sys.executable, "-m", "bench.bench_ingest", "--send", str(port), "--receiver-events", str(events),
              "--threads", str(threads)],
@@ -168,16 +184,18 @@ def bench_receiver(database_url: str, events: int, threads: int, workdir: Path) 
         assert sender.stdin is not None and sender.stdout is not None
         if sender.stdout.readline().strip() != "ready":
             raise SystemExit("the sender did not start")
+        cpu_before = _process_cpu(pid)
         started = time.perf_counter()
         sender.stdin.write("go\n")
         sender.stdin.flush()
         if sender.wait() != 0:
             raise SystemExit("the sender failed")
         elapsed = time.perf_counter() - started
+        cpu = _process_cpu(pid) - cpu_before
     stored = inbox_count(database_url)
     if stored != events // BATCH_EVENTS * BATCH_EVENTS:
         raise SystemExit(f"the receiver stored {stored} of {events} events")
-    return stored / elapsed
+    return stored / elapsed, stored / cpu
 
 
 @contextlib.contextmanager
@@ -189,6 +207,14 @@ def database(kind: str, workdir: Path) -> Iterator[str]:
 
     with local_cluster() as url:
         yield url
+
+
+def report(kind: str, what: str, events: int, rate: float, per_cpu: float, target: int) -> None:
+    print(
+        f"{kind:10} {what:16} {events:>8} events  {rate:>9,.0f} events/s (wall)  {per_cpu:>9,.0f} per CPU-s"
+        f"  target {target:,}: wall ratio {rate / target:.2f}, CPU ratio {per_cpu / target:.2f}",
+        flush=True,
+    )
 
 
 def main() -> int:
@@ -206,14 +232,12 @@ def main() -> int:
     for kind in args.db.split(","):
         if args.only in (None, "file"):
             with tempfile.TemporaryDirectory() as tmp, database(kind, Path(tmp)) as url:
-                rate = bench_file(url, args.events, Path(tmp))
-            print(f"{kind:10} listsync ingest  {args.events:>8} events  {rate:>9,.0f} events/s  "
-                  f"target {TARGET_FILE:,}  ratio {rate / TARGET_FILE:.2f}", flush=True)
+                rate, per_cpu = bench_file(url, args.events, Path(tmp))
+            report(kind, "listsync ingest", args.events, rate, per_cpu, TARGET_FILE)
         if args.only in (None, "receiver"):
             with tempfile.TemporaryDirectory() as tmp, database(kind, Path(tmp)) as url:
-                rate = bench_receiver(url, args.receiver_events, args.threads, Path(tmp))
-            print(f"{kind:10} receiver        {args.receiver_events:>8} events  {rate:>9,.0f} events/s  "
-                  f"target {TARGET_RECEIVER:,}  ratio {rate / TARGET_RECEIVER:.2f}", flush=True)
+                rate, per_cpu = bench_receiver(url, args.receiver_events, args.threads, Path(tmp))
+            report(kind, "receiver", args.receiver_events, rate, per_cpu, TARGET_RECEIVER)
     return 0
 
 

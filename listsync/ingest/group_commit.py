@@ -60,6 +60,10 @@ class GroupCommitter:
         self._ensure_writer()
         return job.future.result()  # type: ignore[no-any-return]
 
+    def queued(self) -> int:
+        """Jobs waiting for the writer (approximate, as any queue size read by another thread)."""
+        return self._jobs.qsize()
+
     def _ensure_writer(self) -> None:
         with self._lock:
             if self._writer is None or not self._writer.is_alive():
