@@ -37,7 +37,15 @@ def store_events(
     if not events:
         return 0
     postgres = is_postgres(session)
-    stamp = _stamp_for(postgres)
+    to_stored = _stamp_for(postgres)
+    stamps: dict[datetime, Any] = {}  # events of one batch often share a timestamp
+
+    def stamp(value: datetime) -> Any:
+        stored = stamps.get(value)
+        if stored is None:
+            stored = stamps[value] = to_stored(value)
+        return stored
+
     received = stamp(now)
     rows = [
         (

@@ -3,7 +3,7 @@ point their `host` at listsync.
 
 Routes: `POST /v1/identify|track|page|screen|group|alias|batch`, the one-letter aliases
 `/v1/i|t|p|s|g|a|b` that Segment's browser library (analytics.js) posts to, and `GET /health` (listsync.health).
-`POST /v1/webhook` takes what Segment's Webhooks destinations send (see `_WebhookHandler`).
+`POST /v1/webhook` takes what Segment's Webhooks destinations send (`webhook_route`).
 segment-analytics-python only ever posts gzip-or-plain JSON to `{host}/v1/batch` with Basic auth
 and the key repeated as `writeKey` in the body.
 
@@ -13,30 +13,31 @@ Decisions:
   ignored, as Segment ignores it. A request without an Authorization header may instead carry
   `writeKey` in its JSON body (Segment's HTTP API allows it, analytics.js relies on it). Keys are
   compared with `hmac.compare_digest` against every configured key, without stopping at the first
-  match. The body's `writeKey` never reaches storage: `extract` drops it from each event.
+  match. The body's `writeKey` never reaches storage: `validate` drops it from each event.
   `Authorization: Bearer <write key>` is accepted too (what a Segment webhook destination can send).
 * No configured write keys means every request gets 401 and one warning is logged when the app
   is built. An open receiver would accept anyone's events into Iterable lists; refusing is the
   safe failure, and the warning says why.
 * Nothing is stored for a request that fails authentication, not even a rejected row: an
   unauthenticated sender must not be able to fill `dead_letters`.
-* Size limits follow Segment: 500 KB per body (after gzip decompression), 32 KB per event. At most
-  500 KB + 1 bytes are ever read or decompressed, so a large or bomb body costs bounded memory.
+* Size limits follow Segment: 500 KB per body (after gzip decompression), 32 KB per event; bodies
+  are read and decompressed within bounds by `http_body`.
 * Answers: 200 `{"success": true, "accepted", "duplicates", "rejected"}` once the body parsed and
   at least one of its events was stored or already known (or the batch was empty); items rejected
   one by one are dead-lettered and counted. 400 `{"success": false, "error": "<code>: ..."}` when
   the body as a whole, or every event in it, was rejected; Segment's libraries do not retry a 400,
   which is right since the same bytes would fail again. 401 for a bad key. 503 when the database
   failed, which Segment's libraries retry.
-* 200 is sent only after the inbox transaction committed. The database work runs in a worker
-  thread so the event loop keeps serving; `on_accepted` is called after the commit.
+* 200 is sent only after the inbox transaction committed. Parsing and validation run in a worker
+  thread so the event loop keeps serving; the inbox writes of concurrent requests share one
+  commit (`group_commit`), each request answered once that commit returned; `on_accepted` is
+  called after it.
 * The Authorization header and write keys are never logged. Log records carry a stable name in
   `extra["event"]`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import socket
@@ -57,7 +58,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from listsync import health, metrics
 from listsync.config import Settings
@@ -66,14 +66,13 @@ from listsync.domain import Rejection
 from listsync.ingest import accept, extract, http_body, validate
 from listsync.ingest.group_commit import GroupCommitter
 from listsync.ingest.http_body import Outcome
+from listsync.ingest.http_server import GuardedH11Protocol, listening_socket
 from listsync.ingest.scrub import scrub_text
 from listsync.ingest.webhook_route import Parser, webhook_route
 
 logger = logging.getLogger(__name__)
 
 SOURCE = "receiver"
-# A connection that has not sent a request's headers within this time is closed (slow clients).
-HEADER_TIMEOUT_SECONDS = 10.0
 MAX_CONNECTIONS = 1000
 
 # Path segment -> Segment type (None: a batch). The one-letter forms are analytics.js's.
@@ -320,11 +319,11 @@ class ReceiverServer:
         """Bind and serve; returns once uvicorn accepts connections."""
         if self._thread is not None:
             raise RuntimeError("the receiver is already started")
-        self._socket = _listening_socket(self._host, self._requested_port)
+        self._socket = listening_socket(self._host, self._requested_port)
         self._port = int(self._socket.getsockname()[1])
         config = uvicorn.Config(
             self._app,
-            http=_GuardedH11Protocol,
+            http=GuardedH11Protocol,
             log_level="warning",
             lifespan="off",
             log_config=None,  # leave logging to the daemon's configuration
@@ -371,67 +370,3 @@ class ReceiverServer:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the receiver did not start within {timeout} s")
             time.sleep(0.01)
-
-
-def _listening_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket created with proto=IPPROTO_TCP.
-
-    asyncio turns Nagle's algorithm off only for sockets whose proto says TCP, and accepted
-    sockets inherit the listener's; `socket.create_server` leaves proto 0, which made every
-    keep-alive request after the first wait for the peer's delayed ACK (~40 ms).
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((host, port))
-        sock.listen(socket.SOMAXCONN)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-class _GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for each request's headers.
-
-    uvicorn's keep-alive timer restarts on every byte, so a client trickling a header a byte at a
-    time would hold its connection forever; here the headers of a request must be complete within
-    HEADER_TIMEOUT_SECONDS of the connection opening or of the previous answer.
-    """
-
-    _header_deadline: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm_header_deadline()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_header_deadline()
-        super().connection_lost(exc)
-
-    def handle_events(self) -> None:
-        cycle = self.cycle
-        super().handle_events()
-        if self.cycle is not cycle:  # a request's headers arrived
-            self._disarm_header_deadline()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm_header_deadline()
-
-    def _arm_header_deadline(self) -> None:
-        self._disarm_header_deadline()
-        self._header_deadline = self.loop.call_later(HEADER_TIMEOUT_SECONDS, self._headers_too_slow)
-
-    def _disarm_header_deadline(self) -> None:
-        if self._header_deadline is not None:
-            self._header_deadline.cancel()
-            self._header_deadline = None
-
-    def _headers_too_slow(self) -> None:
-        self._header_deadline = None
-        if not self.transport.is_closing():
-            self.transport.close()
