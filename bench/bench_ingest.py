@@ -97,12 +97,11 @@ def bench_file(database_url: str, events: int, workdir: Path) -> tuple[float, fl
     with path.open("w") as out:
         for n in range(events):
             out.write(json.dumps(engage_event(n, "file")) + "\n")
-    listsync = Path(sys.executable).parent / "listsync"
     dbs.upgrade(database_url)
     cpu_before = _children_cpu()
     started = time.perf_counter()
     subprocess.run(
-        [str(listsync), "ingest", str(path), "--no-progress"],
+        [sys.executable, "-m", "listsync", "ingest", str(path), "--no-progress"],
         cwd=workdir,
         env=env_for(database_url),
         check=True,

@@ -242,6 +242,8 @@ def _merge_shared(item: dict[str, Any], shared: Mapping[str, Mapping[str, Any]])
 
     An item whose own context is not an object is left alone for `validate_event` to reject.
     """
+    if not any(shared.values()):  # nothing to merge (the usual batch): the item as decoded
+        return item
     merged = dict(item)
     for key, defaults in shared.items():
         own = item.get(key)
