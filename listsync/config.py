@@ -295,7 +295,7 @@ class Settings(BaseSettings):
 def _with_setting(settings: AudienceSettings, name: str, value: Any) -> AudienceSettings:
     """`settings` with one setting Engage sent, validated and coerced as the config file's would be.
 
-    Events are checked when they arrive (`extract.audience_settings`); a value stored by an older
+    Events are checked when they arrive (`audience.audience_settings`); a value stored by an older
     release that does not validate is ignored rather than sent to Iterable as it is.
     """
     if name not in AudienceSettings.model_fields:

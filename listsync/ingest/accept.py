@@ -17,7 +17,7 @@ from listsync import metrics
 from listsync.db import inbox
 from listsync.db.session import describe_refusal, refused_by_data
 from listsync.domain import InboundEvent, Rejection
-from listsync.ingest import extract
+from listsync.ingest import audience, extract, validate
 from listsync.ingest.scrub import kept_payload, scrub_text
 
 
@@ -49,20 +49,40 @@ def accept_body(
 def accept_items(
     session: Session, items: Iterable[extract.BodyItem], *, source: str, now: datetime
 ) -> IngestCounts:
+    """Validate and store body items in `session`; rejected ones are dead-lettered and counted."""
+    return store_checked(session, check_items(items, now=now), source=source, now=now)
+
+
+@dataclass
+class Checked:
+    """Items validated and ready to store: the events, and (reason, kept payload) rejections."""
+
+    events: list[InboundEvent]
+    rejections: list[tuple[str, str]]
+
+
+def check_items(items: Iterable[extract.BodyItem], *, now: datetime) -> Checked:
+    """Validate items without the database (the receiver does it outside the shared commit)."""
     events: list[InboundEvent] = []
     rejections: list[tuple[str, str]] = []
     for item in items:
         if isinstance(item, extract.RejectedItem):
             rejections.append((item.rejection.reason, scrub_text(item.payload)))
             continue
-        checked = extract.validate_event(item.raw, received_at=now, encoded_size=item.size)
+        checked = validate.validate_event(item.raw, received_at=now, encoded_size=item.size)
         if isinstance(checked, Rejection):
             rejections.append((checked.reason, kept_payload(item.raw)))
         else:
             events.append(checked)
+    return Checked(events, rejections)
+
+
+def store_checked(session: Session, checked: Checked, *, source: str, now: datetime) -> IngestCounts:
+    """Append checked events to the inbox and dead-letter the rejections, in `session`."""
+    events = checked.events
     unique = _unique_by_message_id(events)
     new, refused = _store_isolated(session, unique, source=source, now=now)
-    rejections.extend(refused)
+    rejections = checked.rejections + refused
     inbox.store_rejections(session, rejections, source=source, now=now)
     counts = IngestCounts(
         accepted=new, duplicates=len(events) - new - len(refused), rejected=len(rejections)
@@ -96,7 +116,7 @@ def _store_isolated(
 
 
 def _store(session: Session, events: Sequence[InboundEvent], *, source: str, now: datetime) -> int:
-    flags = [extract.is_audience_event(e) for e in events]
+    flags = [audience.is_audience_event(e) for e in events]
     return inbox.store_events(session, events, source=source, now=now, audience_flags=flags)
 
 

@@ -38,8 +38,9 @@ from listsync.config import Settings
 from listsync.db import models as m
 from listsync.db.session import transaction
 from listsync.domain import Desired, ProjectType, Rejection
-from listsync.ingest import extract
+from listsync.ingest import extract, validate
 from listsync.ingest.accept import IngestCounts, accept_items
+from listsync.ingest.audience import AUDIENCE_ENTERED, AUDIENCE_EXITED
 from listsync.lists.apply import apply_inbox
 
 logger = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ def _snapshot_row(
 ) -> dict[str, str] | None:
     """The normalised key and traits of one source row, or None (counted) when it is unusable.
 
-    Identity is normalised by `extract.validate_event` itself, so a member's key here is the key
+    Identity is normalised by `validate.validate_event` itself, so a member's key here is the key
     the membership row gets when the event is applied, and the diff compares like with like.
     """
     values = dict(zip(columns, row, strict=True))
@@ -217,7 +218,7 @@ def _snapshot_row(
     if not isinstance(audience, str) or not audience:
         return _invalid(counts, f"audience_key must be a non-empty string, got {audience!r}")
     raw = _sql_event(audience, _text(user_id), _text(email), Desired.IN, now, "check", traits)
-    checked = extract.validate_event(raw, received_at=now)
+    checked = validate.validate_event(raw, received_at=now)
     if isinstance(checked, Rejection):
         return _invalid(counts, checked.reason)
     return {
@@ -406,7 +407,7 @@ def _sql_event(
         properties["email"] = email
     event: dict[str, Any] = {
         "type": "track",
-        "event": extract.AUDIENCE_ENTERED if entered else extract.AUDIENCE_EXITED,
+        "event": AUDIENCE_ENTERED if entered else AUDIENCE_EXITED,
         "messageId": _message_id(audience, user_id, email, snapshot_id),
         "timestamp": now.isoformat(),
         "properties": properties,

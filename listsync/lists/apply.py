@@ -20,7 +20,7 @@ from listsync.context import SyncContext
 from listsync.db import audiences, inbox, memberships
 from listsync.db.session import describe_refusal, refused_by_data, transaction
 from listsync.domain import Desired, EmailChange, Member, MembershipDelta, ProjectType, Rejection
-from listsync.ingest import extract
+from listsync.ingest import audience, validate
 from listsync.ingest.scrub import kept_payload
 from listsync.lists import identity
 from listsync.lists import membership as rules
@@ -83,15 +83,15 @@ def _fold_events(
     pending: list[MembershipDelta] = []
     refused: list[tuple[str, str]] = []
     for row in rows:
-        event = extract.validate_event(row.payload, received_at=row.received_at)
+        event = validate.validate_event(row.payload, received_at=row.received_at)
         if isinstance(event, Rejection):
             # It passed this check when accepted; a later, stricter release refuses it. It is
             # recorded, not silently ignored.
             reason = f"{event.reason} (inbox event {row.id}, refused when applied)"
             refused.append((reason, kept_payload(row.payload)))
             continue
-        pending.extend(extract.extract_deltas(event))
-        change = extract.extract_email_change(event)
+        pending.extend(audience.extract_deltas(event))
+        change = audience.extract_email_change(event)
         if change is not None:
             _apply_deltas(session, settings, pending, now)
             pending = []

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from listsync import sync
 from listsync.db import models as m
 from listsync.db.session import make_engine, session_factory, transaction
-from listsync.ingest import extract, files, receiver
+from listsync.ingest import extract, files, http_server, validate
 from listsync.ingest.receiver import ReceiverServer, build_app
 from listsync.lists.apply import apply_inbox
 from tests.emulator import EmulatorServer, IterableEmulator
@@ -119,7 +119,7 @@ def test_an_event_that_fails_when_applied_is_dead_lettered_and_the_rest_apply(
     # An older release accepted audience keys of any length; PostgreSQL refuses one of 300
     # characters when apply creates its audience. SQLite stores it: there it simply applies.
     long_key = "k" * 300
-    monkeypatch.setattr(extract, "MAX_NAME_LENGTH", 10_000)
+    monkeypatch.setattr(validate, "MAX_NAME_LENGTH", 10_000)
     events = [
         audience_event("vip", inside=True, user_id="before", message_id="m-before"),
         audience_event(long_key, inside=True, user_id="poison", message_id="m-poison"),
@@ -271,7 +271,7 @@ def test_accepted_connections_have_nagle_off(server: ReceiverServer) -> None:
 def test_a_client_trickling_its_headers_is_disconnected(
     factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(receiver, "HEADER_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(http_server, "HEADER_TIMEOUT_SECONDS", 0.5)
     running = ReceiverServer(build_app(make_settings(), factory), port=0)
     running.start()
     try:

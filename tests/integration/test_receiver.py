@@ -28,7 +28,8 @@ from starlette.testclient import TestClient
 from listsync.config import Settings
 from listsync.db import models as m
 from listsync.db.session import make_engine, session_factory, transaction
-from listsync.ingest.receiver import ReceiverServer, build_app, gunzip_capped
+from listsync.ingest.http_body import gunzip_capped
+from listsync.ingest.receiver import ReceiverServer, build_app
 from listsync.lists.apply import apply_inbox
 
 KEY = "test-write-key"

@@ -26,7 +26,8 @@ from listsync import context, sync
 from listsync.config import load_settings
 from listsync.errors import ConfigError
 from listsync.ingest import webhook
-from listsync.ingest.receiver import WEBHOOK_PATH, ReceiverServer, build_app
+from listsync.ingest.receiver import ReceiverServer, build_app
+from listsync.ingest.webhook_route import WEBHOOK_PATH
 from tests.emulator import IterableEmulator
 from tests.helpers import audience_event, make_settings, sync_context
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from listsync.domain import Desired, EmailChange, InboundEvent, Rejection
-from listsync.ingest import extract
+from listsync.ingest import audience, extract, validate
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 TS = "2024-04-30T10:00:00Z"
@@ -50,7 +50,7 @@ def audience_track(name: str = "Audience Entered", flag: Any = ..., **over: Any)
 
 
 def valid(raw: dict[str, Any], **kw: Any) -> InboundEvent:
-    result = extract.validate_event(raw, received_at=NOW, **kw)
+    result = validate.validate_event(raw, received_at=NOW, **kw)
     assert isinstance(result, InboundEvent), result
     return result
 
@@ -189,13 +189,13 @@ BAD_EVENTS = [
 
 @pytest.mark.parametrize(("raw", "reason_prefix"), BAD_EVENTS)
 def test_event_rejections(raw: dict[str, Any], reason_prefix: str) -> None:
-    result = extract.validate_event(raw, received_at=NOW)
+    result = validate.validate_event(raw, received_at=NOW)
     assert isinstance(result, Rejection), result
     assert result.reason.startswith(reason_prefix), result.reason
 
 
 def test_encoded_size_from_the_body_is_what_counts() -> None:
-    result = extract.validate_event(base(), received_at=NOW, encoded_size=40123)
+    result = validate.validate_event(base(), received_at=NOW, encoded_size=40123)
     assert result == Rejection("event_too_large: 40123 bytes > 32768")
 
 
@@ -203,13 +203,13 @@ def test_oversized_single_event_body_is_rejected_per_event() -> None:
     raw_body = body(base(properties={"blob": "x" * 40_000}))
     [item] = extract.parse_body(raw_body, path_type="track")  # type: ignore[misc]
     assert isinstance(item, extract.RawEvent) and item.size == len(raw_body)
-    result = extract.validate_event(item.raw, received_at=NOW, encoded_size=item.size)
+    result = validate.validate_event(item.raw, received_at=NOW, encoded_size=item.size)
     assert isinstance(result, Rejection) and result.reason.startswith("event_too_large:")
 
 
 def test_naive_received_at_is_a_programming_error() -> None:
     with pytest.raises(ValueError):
-        extract.validate_event(base(), received_at=datetime(2024, 1, 1))
+        validate.validate_event(base(), received_at=datetime(2024, 1, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def test_batch_with_mixed_items_keeps_the_good_ones() -> None:
     items = extract.parse_body(body({"batch": batch}), path_type=None)
     assert isinstance(items, list) and len(items) == 4
     results = [
-        extract.validate_event(i.raw, received_at=NOW, encoded_size=i.size)
+        validate.validate_event(i.raw, received_at=NOW, encoded_size=i.size)
         if isinstance(i, extract.RawEvent)
         else i.rejection
         for i in items
@@ -297,7 +297,7 @@ def test_timestamps_become_aware_utc(fields: dict[str, Any], expected: datetime)
 
 def test_received_at_in_another_zone_is_converted() -> None:
     local = datetime(2024, 5, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))
-    result = extract.validate_event(base(), received_at=local)
+    result = validate.validate_event(base(), received_at=local)
     assert isinstance(result, InboundEvent) and result.timestamp == NOW and result.timestamp.tzinfo == UTC
 
 
@@ -380,7 +380,7 @@ def test_given_message_id_is_kept_and_write_key_not_stored() -> None:
     ],
 )
 def test_audience_desired_state(raw: dict[str, Any], desired: Desired) -> None:
-    [delta] = extract.extract_deltas(valid(raw))
+    [delta] = audience.extract_deltas(valid(raw))
     assert delta.audience_key == AUD and delta.desired == desired
 
 
@@ -390,7 +390,7 @@ def test_identify_delta_fields() -> None:
         context={**personas(audience_settings={"campaignId": 5}), "traits": {"plan": "free", "city": "Oslo"}},
     )
     raw["traits"]["plan"] = "pro"
-    [delta] = extract.extract_deltas(valid(raw))
+    [delta] = audience.extract_deltas(valid(raw))
     assert (delta.user_id, delta.email, delta.message_id) == ("User-1", "a@x.com", "m1")
     assert delta.timestamp == datetime(2024, 4, 30, 10, tzinfo=UTC)
     assert delta.traits == {"email": "A@X.com", "plan": "pro", "city": "Oslo"}
@@ -398,7 +398,7 @@ def test_identify_delta_fields() -> None:
 
 
 def test_track_delta_fields() -> None:
-    [delta] = extract.extract_deltas(valid(audience_track("Audience Entered", True)))
+    [delta] = audience.extract_deltas(valid(audience_track("Audience Entered", True)))
     assert (delta.user_id, delta.email) == ("u2", "b@x.com")
     assert delta.traits == {"email": "b@x.com", "source": "engage"}
     assert delta.audience_settings is None
@@ -406,13 +406,13 @@ def test_track_delta_fields() -> None:
 
 def test_track_audience_key_falls_back_to_personas() -> None:
     raw = audience_track(properties={"email": "b@x.com"}, context=personas("vip"))
-    [delta] = extract.extract_deltas(valid(raw))
+    [delta] = audience.extract_deltas(valid(raw))
     assert delta.audience_key == "vip" and delta.desired == Desired.IN
 
 
 def test_audience_event_identified_by_email_alone() -> None:
     raw = audience_track(userId=None, anonymousId="anon")
-    [delta] = extract.extract_deltas(valid(raw))
+    [delta] = audience.extract_deltas(valid(raw))
     assert (delta.user_id, delta.email) == (None, "b@x.com")
 
 
@@ -422,7 +422,7 @@ def test_several_emails_for_one_profile_give_separate_deltas() -> None:
         valid(audience_identify(True, messageId=f"m{i}", traits={"email": e, AUD: True}))
         for i, e in enumerate(emails)
     ]
-    deltas = [d for e in events for d in extract.extract_deltas(e)]
+    deltas = [d for e in events for d in audience.extract_deltas(e)]
     assert [d.email for d in deltas] == emails
     assert {d.user_id for d in deltas} == {"User-1"}
 
@@ -450,8 +450,8 @@ def test_several_emails_for_one_profile_give_separate_deltas() -> None:
 )
 def test_non_audience_events_give_no_deltas(raw: dict[str, Any]) -> None:
     event = valid(raw)
-    assert not extract.is_audience_event(event)
-    assert extract.extract_deltas(event) == []
+    assert not audience.is_audience_event(event)
+    assert audience.extract_deltas(event) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,7 +484,7 @@ def test_non_audience_events_give_no_deltas(raw: dict[str, Any]) -> None:
     ],
 )
 def test_email_change(raw: dict[str, Any], change: EmailChange | None) -> None:
-    assert extract.extract_email_change(valid(raw)) == change
+    assert audience.extract_email_change(valid(raw)) == change
 
 
 # ---------------------------------------------------------------------------------------------

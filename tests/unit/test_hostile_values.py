@@ -14,7 +14,7 @@ import pytest
 from listsync.config import Settings
 from listsync.domain import Rejection
 from listsync.events import actions, mapping
-from listsync.ingest import extract
+from listsync.ingest import audience, extract, validate
 from listsync.ingest.scrub import scrub_text
 from listsync.iterable import payloads
 
@@ -22,7 +22,7 @@ NOW = datetime(2026, 12, 1, tzinfo=UTC)
 
 
 def reason(raw: dict[str, Any]) -> str:
-    checked = extract.validate_event(raw, received_at=NOW)
+    checked = validate.validate_event(raw, received_at=NOW)
     assert isinstance(checked, Rejection), checked
     return checked.reason
 
@@ -136,7 +136,7 @@ def test_a_refusal_names_where_the_value_is() -> None:
 
 
 def test_nested_write_keys_are_dropped_and_the_rest_kept() -> None:
-    checked = extract.validate_event(
+    checked = validate.validate_event(
         track(writeKey="K", properties={"a": {"write_key": "K", "b": 1}}), received_at=NOW
     )
     assert not isinstance(checked, Rejection)
@@ -150,7 +150,7 @@ def test_a_batch_item_too_deep_to_encode_is_refused_alone() -> None:
     body = f'{{"batch": [{{"type": "track", "event": "E", "userId": "u", "properties": {deep}}}, {good}]}}'.encode()
     items = extract.parse_body(body, path_type=None)
     assert not isinstance(items, Rejection)
-    verdicts = [extract.validate_event(i.raw, received_at=NOW, encoded_size=i.size) for i in items]
+    verdicts = [validate.validate_event(i.raw, received_at=NOW, encoded_size=i.size) for i in items]
     assert isinstance(verdicts[0], Rejection) and verdicts[0].reason.startswith("too_deep:")
     assert not isinstance(verdicts[1], Rejection)
 
@@ -163,7 +163,7 @@ def test_non_utf8_lines_are_refused_like_the_receiver_refuses_them() -> None:
 
 def test_engage_audience_settings_are_coerced() -> None:
     sent = {"campaignId": "777", "channelUnsubscribe": "false", "updateExistingUsersOnly": "TRUE"}
-    assert extract.audience_settings(sent) == {
+    assert audience.audience_settings(sent) == {
         "campaign_id": 777,
         "channel_unsubscribe": False,
         "update_existing_users_only": True,

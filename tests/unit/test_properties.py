@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from listsync.domain import Desired, InboundEvent, MembershipDelta, ProjectType, Rejection
-from listsync.ingest import extract
+from listsync.ingest import audience, extract, validate
 from listsync.lists import membership
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
@@ -27,13 +27,13 @@ events = st.dictionaries(event_keys, json_values, max_size=10)
 @settings(max_examples=300, deadline=None)
 @given(events)
 def test_validate_never_raises_and_always_decides(raw: dict[str, Any]) -> None:
-    result = extract.validate_event(raw, received_at=NOW)
+    result = validate.validate_event(raw, received_at=NOW)
     assert isinstance(result, InboundEvent | Rejection)
     if isinstance(result, Rejection):
         assert ":" in result.reason
     else:
-        extract.extract_deltas(result)
-        extract.extract_email_change(result)
+        audience.extract_deltas(result)
+        audience.extract_email_change(result)
 
 
 @settings(max_examples=300, deadline=None)

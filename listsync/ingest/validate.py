@@ -1,0 +1,366 @@
+"""Receive -> **validate** -> store: the value checks of one Segment event (`validate_event`).
+
+Pure: no database, no HTTP, no clock (the time of receipt is passed in). The reason codes are
+listed in `listsync.ingest.extract`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from listsync import json_text
+from listsync.domain import InboundEvent, Rejection
+from listsync.ingest import audience
+from listsync.ingest.extract import MAX_DEPTH, MAX_EVENT_BYTES, SEGMENT_TYPES, TOO_DEEP_MARK, InvalidEvent
+from listsync.json_text import canonical, json_type
+
+MAX_USER_ID_LENGTH = 52
+# Stored in VARCHAR(255) columns (and used as Iterable list names): longer would fail in the database.
+MAX_NAME_LENGTH = 255
+MAX_EMAIL_LENGTH = 320
+
+_OBJECT_FIELDS = ("traits", "properties", "context")
+# Transport metadata that a client may change on a retry of the same event; left out of the
+# derived messageId so a retried event still dedupes.
+_UNHASHED_FIELDS = frozenset({"sentAt", "receivedAt", "writeKey"})
+_EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+_NOT_ALNUM = re.compile(r"[^a-z0-9]")
+
+def validate_event(
+    raw: Mapping[str, Any], *, received_at: datetime, encoded_size: int | None = None
+) -> InboundEvent | Rejection:
+    """Check one Segment event and normalise it, or say precisely why it cannot be accepted.
+
+    Decisions beyond Segment's own rules:
+
+    * userId / anonymousId may be strings or integers (integers become strings, as Segment's
+      libraries allow numeric ids); an empty string counts as absent. userId is otherwise kept
+      exactly, but surrounding whitespace or more than 52 characters is a rejection, because
+      Iterable would store a different or truncated id.
+    * timestamp comes from `timestamp`, else `originalTimestamp`, else `received_at`. An
+      offset-less timestamp is read as UTC. A present but unreadable timestamp is a rejection,
+      not a silent fallback, so an event is never re-dated.
+    * email is the first non-empty of traits.email, properties.email, context.traits.email,
+      trimmed and lower-cased. An unusable value (not a string, no "name@domain.tld" shape) is
+      dropped, not fatal: it rejects the event only when the event is an audience event that
+      has no userId, since then nothing identifies the member.
+    * Audience events need a userId or an email (Iterable lists need one); audience events
+      without an audience key are rejected rather than passed on as ordinary events.
+    """
+    if received_at.tzinfo is None:
+        raise ValueError("received_at must be timezone-aware")
+    try:
+        return _validated(raw, received_at.astimezone(UTC), encoded_size)
+    except InvalidEvent as exc:
+        return Rejection(str(exc))
+
+
+def _validated(raw: Mapping[str, Any], received_at: datetime, encoded_size: int | None) -> InboundEvent:
+    nested_write_key = _check_values(raw)
+    _check_size(raw, encoded_size)
+    kind = _event_type(raw)
+    objects = {name: _object_field(raw, name) for name in _OBJECT_FIELDS}
+    user_id = _identifier(raw, "userId", "invalid_user_id")
+    anonymous_id = _identifier(raw, "anonymousId", "invalid_anonymous_id")
+    _check_user_id(user_id)
+    if user_id is None and anonymous_id is None:
+        raise InvalidEvent("missing_identifier: event has neither userId nor anonymousId")
+    _check_type_specific(raw, kind)
+    email, email_problem = _email(objects)
+    stored = _without_write_keys(raw, nested=nested_write_key)
+    event = InboundEvent(
+        type=kind,
+        message_id=_message_id(raw),
+        timestamp=_timestamp(raw, received_at),
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        email=email,
+        event=_name(raw, "event"),
+        name=_name(raw, "name"),
+        traits=objects["traits"],
+        properties=objects["properties"],
+        context=objects["context"],
+        raw=stored,
+    )
+    _check_audience(event, email_problem)
+    return event
+
+
+def _check_values(raw: Mapping[str, Any]) -> bool:
+    """Refuse what the database, apply or an Iterable request body could not take, anywhere in
+    the event: nesting deeper than MAX_DEPTH, NUL characters and lone surrogates in keys or
+    strings, non-finite numbers (`1e999` parses as infinity; JSON has no way to send it).
+
+    Returns whether a write key is nested below the top level, so the stored copy is rebuilt only
+    for events that need it. Most events are plainly fine, which one C-speed encoding shows; the
+    others are walked to say exactly what and where the problem is.
+    """
+    if _plainly_fine(raw):
+        return False
+    return _walk_values(raw)
+
+
+_NESTED_WRITE_KEY = re.compile(rb'"write[_-]?key"\s*:', re.IGNORECASE)
+_TOO_DEEP_BYTES = TOO_DEEP_MARK.encode("utf-8")
+
+
+def _plainly_fine(raw: Mapping[str, Any]) -> bool:
+    """True when encoding shows none of the problems `_walk_values` looks for (False: walk it).
+
+    orjson refuses lone surrogates and depth past its limit; it writes non-finite floats as
+    null, so a `null` in its text is checked against the stdlib's, which refuses them."""
+    encoded = json_text.dumps_bytes(raw)
+    if encoded is None:
+        return False
+    if b"null" in encoded and not _finite(raw):
+        return False
+    if b"\\u0000" in encoded or encoded.count(b"{") + encoded.count(b"[") > MAX_DEPTH:
+        return False
+    if _TOO_DEEP_BYTES in encoded:
+        return False
+    return _NESTED_WRITE_KEY.search(encoded) is None
+
+
+def _finite(raw: Mapping[str, Any]) -> bool:
+    try:
+        json.dumps(raw, allow_nan=False, default=str)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _walk_values(raw: Mapping[str, Any]) -> bool:
+    """`_check_values` the slow way: walks iteratively (no recursion, whatever the depth)."""
+    nested_write_key = False
+    stack: list[tuple[Any, int, tuple[Any, ...]]] = [(raw, 1, ())]
+    while stack:
+        value, depth, path = stack.pop()
+        if isinstance(value, dict):
+            if depth > MAX_DEPTH:
+                raise InvalidEvent(f"too_deep: {_path_text(path)} is nested more than {MAX_DEPTH} levels deep")
+            for key, item in value.items():
+                _check_text(key, (path, key), "a key")
+                nested_write_key |= depth > 1 and _is_write_key(key)
+                stack.append((item, depth + 1, (path, key)))
+        elif isinstance(value, list):
+            if depth > MAX_DEPTH:
+                raise InvalidEvent(f"too_deep: {_path_text(path)} is nested more than {MAX_DEPTH} levels deep")
+            stack.extend((item, depth + 1, (path, index)) for index, item in enumerate(value))
+        elif isinstance(value, str):
+            if value == TOO_DEEP_MARK:
+                raise InvalidEvent(f"too_deep: {_path_text(path)} is nested more than {MAX_DEPTH} levels deep")
+            _check_text(value, path, "a value")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise InvalidEvent(f"invalid_number: {_path_text(path)} is not a finite number")
+    return nested_write_key
+
+
+def _check_text(text: str, path: tuple[Any, ...], what: str) -> None:
+    if "\x00" in text:
+        raise InvalidEvent(
+            f"invalid_text: {what} at {_path_text(path)} contains a NUL character (\\u0000), "
+            "which cannot be stored"
+        )
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidEvent(
+                f"invalid_text: {what} at {_path_text(path)} contains a lone UTF-16 surrogate, "
+                "which is not text"
+            ) from None
+
+
+def _path_text(path: tuple[Any, ...]) -> str:
+    """`properties.items[0].name` from the linked (parent, key) tuples of `_check_values`."""
+    keys: list[Any] = []
+    while path:
+        path, key = path
+        keys.append(key)
+    text = ""
+    for key in reversed(keys):
+        text += f"[{key}]" if isinstance(key, int) else f"{'.' if text else ''}{str(key)[:60]!r}"
+    return text or "the event"
+
+
+def _check_size(raw: Mapping[str, Any], encoded_size: int | None) -> None:
+    size = json_text.encoded_size(raw) if encoded_size is None else encoded_size
+    if size is None:  # too deep to encode; `_check_values` refuses it first
+        raise InvalidEvent(f"too_deep: the event is nested more than {MAX_DEPTH} levels deep")
+    if size > MAX_EVENT_BYTES:
+        raise InvalidEvent(f"event_too_large: {size} bytes > {MAX_EVENT_BYTES}")
+
+
+def _event_type(raw: Mapping[str, Any]) -> str:
+    kind = raw.get("type")
+    if kind is None:
+        raise InvalidEvent("missing_type: event has no type")
+    if not isinstance(kind, str) or kind not in SEGMENT_TYPES:
+        known = ", ".join(sorted(SEGMENT_TYPES))
+        raise InvalidEvent(f"unknown_type: {kind!r} is not one of {known}")
+    return kind
+
+
+def _object_field(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    """A JSON object field; null counts as absent, as Segment's libraries send it."""
+    value = raw.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidEvent(f"wrong_type: {name} must be an object, got {json_type(value)}")
+    return value
+
+
+def _identifier(raw: Mapping[str, Any], name: str, code: str) -> str | None:
+    value = raw.get(name)
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise InvalidEvent(f"{code}: {name} must be a string, got {json_type(value)}")
+    text = str(value) if isinstance(value, str) or abs(value) < 10**MAX_NAME_LENGTH else ""
+    if not text or len(text) > MAX_NAME_LENGTH:
+        raise InvalidEvent(f"{code}: {name} is longer than {MAX_NAME_LENGTH} characters")
+    return text
+
+
+def _check_user_id(user_id: str | None) -> None:
+    if user_id is None:
+        return
+    if user_id != user_id.strip():
+        raise InvalidEvent("invalid_user_id: userId has leading or trailing spaces")
+    if len(user_id) > MAX_USER_ID_LENGTH:
+        raise InvalidEvent(f"invalid_user_id: userId is longer than {MAX_USER_ID_LENGTH} characters")
+
+
+def _check_type_specific(raw: Mapping[str, Any], kind: str) -> None:
+    """Fields Segment's spec requires for one call type."""
+    if kind == "track":
+        name = raw.get("event")
+        if name is not None and not isinstance(name, str):
+            raise InvalidEvent(f"wrong_type: event must be a string, got {json_type(name)}")
+        if not name:
+            raise InvalidEvent("missing_event: track without event name")
+    elif kind == "group" and _identifier(raw, "groupId", "wrong_type") is None:
+        raise InvalidEvent("missing_group_id: group without groupId")
+    elif kind == "alias" and _identifier(raw, "previousId", "wrong_type") is None:
+        raise InvalidEvent("missing_previous_id: alias without previousId")
+
+
+def _optional_string(raw: Mapping[str, Any], name: str) -> str | None:
+    value = raw.get(name)
+    if value is not None and not isinstance(value, str):
+        raise InvalidEvent(f"wrong_type: {name} must be a string, got {json_type(value)}")
+    return value
+
+
+def _name(raw: Mapping[str, Any], name: str) -> str | None:
+    value = _optional_string(raw, name)
+    if value is not None and len(value) > MAX_NAME_LENGTH:
+        raise InvalidEvent(f"wrong_type: {name} is longer than {MAX_NAME_LENGTH} characters")
+    return value
+
+
+def _message_id(raw: Mapping[str, Any]) -> str:
+    """The sender's messageId, or one derived from the content so an identical replay dedupes."""
+    given = raw.get("messageId")
+    if given is not None and not isinstance(given, str):
+        raise InvalidEvent(f"invalid_message_id: messageId must be a string, got {json_type(given)}")
+    if given and len(given) > MAX_NAME_LENGTH:
+        raise InvalidEvent(f"invalid_message_id: messageId is longer than {MAX_NAME_LENGTH} characters")
+    if given:
+        return given
+    hashed = {k: v for k, v in raw.items() if k not in _UNHASHED_FIELDS}
+    digest = hashlib.sha256(canonical(hashed).encode("utf-8")).hexdigest()
+    return f"ls-{digest[:32]}"
+
+
+def _timestamp(raw: Mapping[str, Any], received_at: datetime) -> datetime:
+    for name in ("timestamp", "originalTimestamp"):
+        value = raw.get(name)
+        if value is not None:
+            return _parse_time(name, value)
+    return received_at
+
+
+def _parse_time(name: str, value: Any) -> datetime:
+    if not isinstance(value, str):
+        raise InvalidEvent(f"invalid_timestamp: {name} must be an ISO-8601 string, got {json_type(value)}")
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise InvalidEvent(f"invalid_timestamp: {name} {value[:40]!r} is not ISO-8601") from None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59:59-14:00 is past the last representable instant
+        raise InvalidEvent(f"invalid_timestamp: {name} {value[:40]!r} is out of range in UTC") from None
+
+
+def _email(objects: Mapping[str, Mapping[str, Any]]) -> tuple[str | None, str | None]:
+    """(normalised email, None) or (None, why the given email is unusable)."""
+    context_traits = objects["context"].get("traits")
+    sources = [
+        ("traits.email", objects["traits"]),
+        ("properties.email", objects["properties"]),
+        ("context.traits.email", context_traits if isinstance(context_traits, dict) else {}),
+    ]
+    for where, source in sources:
+        value = source.get("email")
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str):
+            return None, f"{where} must be a string, got {json_type(value)}"
+        email = value.strip().lower()
+        if len(email) > MAX_EMAIL_LENGTH or not _EMAIL_RE.fullmatch(email):
+            return None, f"{where} {value[:60]!r} is not an email address"
+        return email, None
+    return None, None
+
+
+def _check_audience(event: InboundEvent, email_problem: str | None) -> None:
+    if not audience.is_audience_event(event):
+        return
+    key = audience.audience_key(event)
+    if key is None:
+        raise InvalidEvent("missing_audience_key: audience event without a computation or audience key")
+    if len(key) > MAX_NAME_LENGTH:
+        raise InvalidEvent(f"missing_audience_key: the audience key is longer than {MAX_NAME_LENGTH} characters")
+    audience.audience_settings(audience.personas(event).get("audience_settings"))
+    if event.user_id is None and event.email is None:
+        if email_problem:
+            raise InvalidEvent(f"invalid_email: {email_problem}")
+        raise InvalidEvent("missing_identifier: audience event has neither userId nor email")
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage helpers
+
+
+def _without_write_keys(raw: Mapping[str, Any], *, nested: bool) -> dict[str, Any]:
+    """The event to store: write keys dropped (at any depth when `nested`), everything else kept
+    (unlike `redact`, which also drops tokens and passwords from payloads kept for diagnosis).
+    Only the top level is copied unless a write key hides deeper."""
+    if not nested:
+        return {k: v for k, v in raw.items() if not _is_write_key(k)}
+    return _drop_write_keys(raw)  # type: ignore[no-any-return]
+
+
+def _drop_write_keys(value: Any) -> Any:
+    # Recursion is bounded: `_check_values` refused anything deeper than MAX_DEPTH.
+    if isinstance(value, Mapping):
+        return {k: _drop_write_keys(v) for k, v in value.items() if not _is_write_key(k)}
+    if isinstance(value, list):
+        return [_drop_write_keys(v) for v in value]
+    return value
+
+
+def _is_write_key(key: str) -> bool:
+    return key[:1] in "wW" and len(key) < 24 and _NOT_ALNUM.sub("", key.lower()) == "writekey"
+
