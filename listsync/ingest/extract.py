@@ -545,16 +545,19 @@ def _email(objects: Mapping[str, Mapping[str, Any]]) -> tuple[str | None, str | 
 def _check_audience(event: InboundEvent, email_problem: str | None) -> None:
     if not is_audience_event(event):
         return
-    key = _audience_key(event)
-    if key is None:
-        raise _Invalid("missing_audience_key: audience event without a computation or audience key")
-    if len(key) > MAX_NAME_LENGTH:
-        raise _Invalid(f"missing_audience_key: the audience key is longer than {MAX_NAME_LENGTH} characters")
+    _check_audience_key(_audience_key(event))
     audience_settings(_personas(event).get("audience_settings"))
     if event.user_id is None and event.email is None:
         if email_problem:
             raise _Invalid(f"invalid_email: {email_problem}")
         raise _Invalid("missing_identifier: audience event has neither userId nor email")
+
+
+def _check_audience_key(key: str | None) -> None:
+    if key is None:
+        raise _Invalid("missing_audience_key: audience event without a computation or audience key")
+    if len(key) > MAX_NAME_LENGTH:
+        raise _Invalid(f"missing_audience_key: the audience key is longer than {MAX_NAME_LENGTH} characters")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -731,3 +734,56 @@ def _encoded_size(value: Any) -> int | None:
         return len(_dump(value).encode("utf-8", "surrogatepass"))
     except RecursionError:
         return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Members of events listsync builds itself
+
+
+@dataclass(frozen=True)
+class CheckedMember:
+    """One audience member as `validate_member` normalised it (see there)."""
+
+    user_id: str | None
+    email: str | None
+    traits: Mapping[str, Any]
+
+
+def validate_member(
+    audience_key: Any, user_id: str | None, email: str | None, traits: Mapping[str, Any]
+) -> CheckedMember | Rejection:
+    """What `validate_event` makes of an audience event for this member, checked field by field
+    with the same rules and without building the event: for sources that build their own events
+    from typed columns and check each member once, where it enters (the SQL source).
+
+    The event is taken to carry `traits` among its properties (write keys among them are dropped
+    from the result, as from a stored event), userId `user_id`, else anonymousId
+    `email:<normalised email>`, and the email as properties.email. Its size is the caller's to
+    bound: pass anything that could exceed MAX_EVENT_BYTES through `validate_event` instead.
+    """
+    try:
+        return _validated_member(audience_key, user_id, email, traits)
+    except _Invalid as exc:
+        return Rejection(str(exc))
+
+
+def _validated_member(
+    audience_key: Any, user_id: str | None, email: str | None, traits: Mapping[str, Any]
+) -> CheckedMember:
+    if not isinstance(audience_key, str) or not audience_key:
+        raise _Invalid(f"missing_audience_key: the audience key must be a non-empty string, got {audience_key!r}")
+    fields = {"audience_key": audience_key, "userId": user_id, "email": email, "properties": traits}
+    # `_check_values` without its encoding shortcut: a handful of flat fields walk faster.
+    if _walk_values(fields):
+        traits = _drop_write_keys(traits)
+    _check_audience_key(audience_key)
+    checked_user_id = _identifier(fields, "userId", "invalid_user_id")
+    _check_user_id(checked_user_id)
+    checked_email, email_problem = _email({"traits": {}, "properties": fields, "context": {}})
+    if checked_user_id is None:
+        if checked_email is None:
+            if email_problem:
+                raise _Invalid(f"invalid_email: {email_problem}")
+            raise _Invalid("missing_identifier: audience event has neither userId nor email")
+        _identifier({"anonymousId": f"email:{checked_email}"}, "anonymousId", "invalid_anonymous_id")
+    return CheckedMember(checked_user_id, checked_email, traits)
