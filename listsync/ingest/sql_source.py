@@ -25,7 +25,7 @@ from listsync import metrics
 from listsync.config import Settings
 from listsync.db import snapshot
 from listsync.db.session import transaction
-from listsync.domain import Desired, ProjectType, Rejection
+from listsync.domain import ProjectType, Rejection
 from listsync.ingest import extract
 from listsync.ingest.accept import IngestCounts
 from listsync.lists.apply import apply_inbox
@@ -52,6 +52,10 @@ _MAX_MESSAGE_ID = 255  # inbox.message_id is VARCHAR(255)
 _EVENT_OVERHEAD = 512
 
 _JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+# Traits as the snapshot keeps them and events carry them (`validate_member`'s traits_json).
+_ENCODE = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+_STRING = json.encoder.encode_basestring  # a str as JSON text, at C speed
 
 
 @dataclass
@@ -208,16 +212,20 @@ class _RowReader:
         user_id = None if self._user_id is None else _text(row[self._user_id])
         email = None if self._email is None else _text(row[self._email])
         traits = {name: _json_value(row[i]) for name, i in self._traits}
-        checked = extract.validate_member(audience, user_id, email, traits)
+        if isinstance(audience, str):
+            traits.pop(audience, None)  # the event's own flag of that name overrides it
+        encoded = _encode_traits(traits)
+        checked = extract.validate_member(audience, user_id, email, traits, traits_json=encoded)
         if isinstance(checked, Rejection):
             return checked
-        traits_json = json.dumps(checked.traits, separators=(",", ":"))
-        if _size_bound(audience, checked, traits_json) > extract.MAX_EVENT_BYTES:
-            event = self._events.entered(audience, checked.user_id, checked.email, checked.traits)
+        if encoded is None or checked.traits is not traits:  # write keys were dropped
+            encoded = _ENCODE(checked.traits)
+        if _size_bound(audience, checked, encoded) > extract.MAX_EVENT_BYTES:
+            event = json.loads(self._events.entered(audience, checked.user_id, checked.email, encoded)[-1])
             exact = extract.validate_event(event, received_at=self._events.now)
             if isinstance(exact, Rejection):
                 return exact
-        return audience, checked.user_id or "", checked.email or "", traits_json
+        return audience, checked.user_id or "", checked.email or "", encoded
 
 
 def _text(value: Any) -> str | None:
@@ -231,6 +239,13 @@ def _json_value(value: Any) -> Any:
     if type(value) in _JSON_SCALARS:
         return value
     return json.loads(json.dumps(value, default=str))
+
+
+def _encode_traits(traits: Mapping[str, Any]) -> str | None:
+    try:
+        return _ENCODE(traits)
+    except ValueError:  # a non-finite number: validate_member says where
+        return None
 
 
 def _size_bound(audience: str, member: extract.CheckedMember, traits_json: str) -> int:
@@ -258,10 +273,7 @@ def _emit_enters(
         with conn.begin():
             rows = snapshot.entering_page(conn, after, chunk, by_user_id)
             built = [
-                events.staged(
-                    events.entered(r.audience_key, r.user_id or None, r.email or None, json.loads(r.traits))
-                )
-                for r in rows
+                events.entered(r.audience_key, r.user_id or None, r.email or None, r.traits) for r in rows
             ]
             _store(conn, built, extract.AUDIENCE_ENTERED, events.now, counts)
         if not rows:
@@ -283,9 +295,7 @@ def _emit_exits(
     while True:
         with conn.begin():
             rows = snapshot.exiting_page(conn, audiences, after, chunk, by_user_id)
-            built = [
-                events.staged(events.exited(r.audience_key, r.user_id or None, r.email or None)) for r in rows
-            ]
+            built = [events.exited(r.audience_key, r.user_id or None, r.email or None) for r in rows]
             _store(conn, built, extract.AUDIENCE_EXITED, events.now, counts)
         if not rows:
             return
@@ -301,59 +311,45 @@ def _store(
 
 
 class _Events:
-    """The synthetic events of one poll (one timestamp, one snapshot id)."""
+    """The synthetic events of one poll (one timestamp, one snapshot id), each built as a row of
+    `snapshot.STAGED`: (messageId, userId, anonymousId, email, the event as JSON text).
+
+    An event is an Engage-style track: `Audience Entered` / `Audience Exited` with properties
+    {**traits, audience_key, <audience>: true/false, email} and the audience as the computation
+    key; userId, or for an email-only member the stable stand-in anonymousId `email:<email>`
+    (Segment requires one of the two). Built as text: the parts are JSON already (the traits as
+    the snapshot keeps them), and a member's traits never hold the audience's own name.
+    """
 
     def __init__(self, now: datetime, snapshot_id: str) -> None:
         self.now = now
         self.snapshot_id = snapshot_id
+        self._timestamp = _STRING(now.isoformat())
 
     def entered(
-        self, audience: str, user_id: str | None, email: str | None, traits: dict[str, Any]
-    ) -> dict[str, Any]:
-        return _sql_event(audience, user_id, email, Desired.IN, self.now, self.snapshot_id, traits)
+        self, audience: str, user_id: str | None, email: str | None, traits_json: str
+    ) -> tuple[Any, ...]:
+        return self._event(extract.AUDIENCE_ENTERED, "true", audience, user_id, email, traits_json[1:-1])
 
-    def exited(self, audience: str, user_id: str | None, email: str | None) -> dict[str, Any]:
-        return _sql_event(audience, user_id, email, Desired.OUT, self.now, self.snapshot_id, {})
+    def exited(self, audience: str, user_id: str | None, email: str | None) -> tuple[Any, ...]:
+        return self._event(extract.AUDIENCE_EXITED, "false", audience, user_id, email, "")
 
-    @staticmethod
-    def staged(event: dict[str, Any]) -> tuple[Any, ...]:
-        """The event as a row of `snapshot.STAGED`: its messageId, identifiers and JSON text."""
-        email = event["properties"].get("email")
-        payload = json.dumps(event, separators=(",", ":"))
-        return event["messageId"], event.get("userId"), event.get("anonymousId"), email, payload
-
-
-def _sql_event(
-    audience: str,
-    user_id: str | None,
-    email: str | None,
-    desired: Desired,
-    now: datetime,
-    snapshot_id: str,
-    traits: dict[str, Any],
-) -> dict[str, Any]:
-    """A synthetic Engage-style track event for one delta."""
-    entered = desired is Desired.IN
-    properties: dict[str, Any] = {**traits, "audience_key": audience, audience: entered}
-    if email:
-        properties["email"] = email
-    event: dict[str, Any] = {
-        "type": "track",
-        "event": extract.AUDIENCE_ENTERED if entered else extract.AUDIENCE_EXITED,
-        "messageId": _message_id(audience, user_id, email, snapshot_id),
-        "timestamp": now.isoformat(),
-        "properties": properties,
-        "context": {
-            "personas": {"computation_class": "audience", "computation_key": audience},
-            "library": {"name": "listsync-sql"},
-        },
-    }
-    if user_id:
-        event["userId"] = user_id
-    else:
-        # Segment requires userId or anonymousId; an email-only member gets a stable stand-in.
-        event["anonymousId"] = f"email:{email}"
-    return event
+    def _event(
+        self, name: str, flag: str, audience: str, user_id: str | None, email: str | None, traits: str
+    ) -> tuple[Any, ...]:
+        message_id = _message_id(audience, user_id, email, self.snapshot_id)
+        key = _STRING(audience)
+        properties = f'{traits},"audience_key":{key}' if traits else f'"audience_key":{key}'
+        properties += f",{key}:{flag}" + (f',"email":{_STRING(email)}' if email else "")
+        anonymous_id = None if user_id else f"email:{email}"
+        who = f'"userId":{_STRING(user_id)}' if user_id else f'"anonymousId":{_STRING(anonymous_id)}'
+        payload = (
+            f'{{"type":"track","event":{_STRING(name)},"messageId":{_STRING(message_id)},'
+            f'"timestamp":{self._timestamp},"properties":{{{properties}}},"context":{{"personas":'
+            f'{{"computation_class":"audience","computation_key":{key}}},"library":{{"name":"listsync-sql"}}}},'
+            f"{who}}}"
+        )
+        return message_id, user_id, anonymous_id, email, payload
 
 
 def _message_id(audience: str, user_id: str | None, email: str | None, snapshot_id: str) -> str:
