@@ -95,7 +95,7 @@ def fold(factory: Any, settings: Settings) -> int:
         total += applied
 
 
-def run(kind: str, rows: int, audiences: int) -> dict[str, Any]:
+def run(kind: str, rows: int, audiences: int, first_only: bool = False) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-sql-source-"))
     warehouse = make_warehouse(tmp / "warehouse.db", rows, audiences)
     with listsync_database(kind, tmp) as url:
@@ -108,6 +108,16 @@ def run(kind: str, rows: int, audiences: int) -> dict[str, Any]:
             return sql_source.poll_sql(factory, warehouse, QUERY, settings, lambda: datetime.now(UTC))
 
         first_s, first = timed(poll, "first_poll_cpu_s")
+        if first_only:
+            engine.dispose()
+            assert (first.entered, first.exited, first.invalid) == (rows, 0, 0), first
+            return {
+                "db": kind,
+                "rows": rows,
+                "first_poll_s": round(first_s, 2),
+                "first_poll_rows_per_s": round(rows / first_s),
+                **CPU,
+            }
         fold_s, _ = timed(lambda: fold(factory, settings), "first_fold_cpu_s")
         changed = change_one_percent(tmp / "warehouse.db", rows, audiences)
         again_s, again = timed(poll, "repoll_cpu_s")
@@ -136,8 +146,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--audiences", type=int, default=1)
+    parser.add_argument(
+        "--first-only", action="store_true", help="the first poll alone (no fold, no re-poll)"
+    )
     args = parser.parse_args()
-    figures = run(args.db, args.rows, args.audiences)
+    figures = run(args.db, args.rows, args.audiences, args.first_only)
+    if args.first_only:
+        print(json.dumps(figures))
+        return
     print(
         f"{figures['db']} {figures['rows']:,} rows: first poll {figures['first_poll_s']} s "
         f"({figures['first_poll_rows_per_s']:,} rows/s) + fold {figures['first_fold_s']} s = first mirror "

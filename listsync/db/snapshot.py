@@ -157,7 +157,7 @@ def entering_page(conn: Connection, after: int, limit: int, by_user_id: bool) ->
         .order_by(t.seq)
         .limit(limit)
     )
-    return list(conn.execute(page))
+    return list(conn.execute(page).all())
 
 
 def exiting_page(
@@ -182,7 +182,7 @@ def exiting_page(
         .order_by(member.c.id)
         .limit(limit)
     )
-    return list(conn.execute(page))
+    return list(conn.execute(page).all())
 
 
 def store_events(
