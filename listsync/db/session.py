@@ -9,7 +9,7 @@ from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import CursorResult, Engine, Result, create_engine, event
+from sqlalchemy import Connection, CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
@@ -114,11 +114,12 @@ def describe_refusal(exc: BaseException) -> str:
 KEY_CHUNK = 400  # bound parameters per IN (...) list: well inside both databases' limits
 
 
-def is_postgres(session: Session) -> bool:
-    return session.get_bind().dialect.name == "postgresql"
+def is_postgres(session: Session | Connection) -> bool:
+    bind = session if isinstance(session, Connection) else session.get_bind()
+    return bind.dialect.name == "postgresql"
 
 
-def insert_for(session: Session, table: Any) -> Any:
+def insert_for(session: Session | Connection, table: Any) -> Any:
     """INSERT with the dialect's ON CONFLICT support (both databases spell it the same way)."""
     return (postgresql.insert if is_postgres(session) else sqlite.insert)(table)
 

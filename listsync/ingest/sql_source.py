@@ -1,45 +1,33 @@
 """**Receive** -> store for a SQL query (reverse ETL): each poll turns the query's current result
 into Engage-style audience events, by a diff against the stored memberships that runs inside the
-listsync database against a temporary table, so neither the snapshot nor the stored members are
-ever held in Python memory. See `poll_sql`.
+listsync database against a temporary table (`listsync.db.snapshot`), so neither the snapshot nor
+the stored members are ever held in Python memory. See `poll_sql`.
+
+Each row is validated once, where it enters the snapshot (`validate.validate_member`: the rules
+`validate_event` applies, field by field); the events built from validated rows are stored in
+bulk without being validated again.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import (
-    Column,
-    Connection,
-    Engine,
-    Index,
-    MetaData,
-    Row,
-    String,
-    Table,
-    Text,
-    and_,
-    create_engine,
-    exists,
-    or_,
-    select,
-    text,
-)
+from sqlalchemy import Connection, CursorResult, Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from listsync import metrics
 from listsync.config import Settings
-from listsync.db import models as m
+from listsync.db import snapshot
 from listsync.db.session import transaction
-from listsync.domain import Desired, ProjectType, Rejection
+from listsync.domain import ProjectType, Rejection
 from listsync.ingest import extract, validate
-from listsync.ingest.accept import IngestCounts, accept_items
+from listsync.ingest.accept import IngestCounts
 from listsync.ingest.audience import AUDIENCE_ENTERED, AUDIENCE_EXITED
 from listsync.lists.apply import apply_inbox
 
@@ -59,6 +47,17 @@ SQL_IDENTITY_COLUMNS = ("audience_key", "user_id", "email")
 
 _MAX_MESSAGE_ID = 255  # inbox.message_id is VARCHAR(255)
 
+# What an event adds to its traits' JSON, beyond 6 bytes (the longest JSON escape) per character
+# of the audience key (4 times in it), the email (twice), the userId and the messageId: the fixed
+# keys and names, the timestamp. A row whose bound exceeds MAX_EVENT_BYTES is checked exactly.
+_EVENT_OVERHEAD = 512
+
+_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+# Traits as the snapshot keeps them and events carry them (`validate_member`'s traits_json).
+_ENCODE = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+_STRING = json.encoder.encode_basestring  # a str as JSON text, at C speed
+
 
 @dataclass
 class SqlSyncCounts:
@@ -71,7 +70,8 @@ class SqlSyncCounts:
             every poll.
         entered / exited: deltas produced. held: audiences that were left alone because the
             query returned no row for them while they still have members.
-        events: how the produced events fared in `accept_items`.
+        events: how the produced events fared when stored (accepted, or duplicates of a
+            messageId already stored).
     """
 
     snapshot_id: str
@@ -83,26 +83,6 @@ class SqlSyncCounts:
     events: IngestCounts = field(default_factory=IngestCounts)
 
 
-# Temporary, so it exists only on the connection of one poll and never in a migration.
-_snapshot_metadata = MetaData()
-
-
-_snapshot = Table(
-    "listsync_sql_snapshot",
-    _snapshot_metadata,
-    Column("seq", m.BigId, primary_key=True, autoincrement=False),
-    Column("audience_key", String(255), nullable=False),
-    Column("user_id", String(255), nullable=False),
-    Column("email", String(320), nullable=False),
-    Column("traits", Text, nullable=False),
-    prefixes=["TEMPORARY"],
-)
-
-# Built after the table, so CREATE TABLE creates them too; the anti-joins probe one per identity rule.
-Index("ix_listsync_sql_snapshot_key", _snapshot.c.audience_key, _snapshot.c.user_id, _snapshot.c.email)
-Index("ix_listsync_sql_snapshot_email", _snapshot.c.audience_key, _snapshot.c.email)
-
-
 def poll_sql(
     factory: sessionmaker[Session],
     source_url: str,
@@ -110,7 +90,7 @@ def poll_sql(
     settings: Settings,
     now_fn: NowFn,
     *,
-    chunk: int = 5000,
+    chunk: int = 20_000,
 ) -> SqlSyncCounts:
     """Turn the current result of `query` into audience deltas against the stored memberships.
 
@@ -124,33 +104,38 @@ def poll_sql(
       empty result is more often a broken query or an unfinished load than a real mass exit.
       It is logged and returned in `held`; remove its members explicitly if that is meant.
 
-    Events carry timestamp = now and messageId `sql:<audience>:<user>:<email>:<snapshot>` and go
-    through `accept_items`, so they take the receiver's path. The inbox is applied first, so the
-    diff sees the effect of earlier polls and a replayed snapshot yields nothing.
+    Events carry timestamp = now and messageId `sql:<audience>:<user>:<email>:<snapshot>` and are
+    appended to the inbox like the receiver's (a messageId already there is skipped), to be
+    folded by `apply_inbox`. The inbox is applied first, so the diff sees the effect of earlier
+    polls and a replayed snapshot yields nothing.
 
-    The query runs as SQLAlchemy `text()` on its own engine, streamed in chunks of `chunk` rows;
-    a literal `:name` in it would be read as a bind parameter and must be written `\\:name`.
+    The query runs as SQLAlchemy `text()` on its own engine, streamed in chunks of `chunk` rows
+    (also the size of each page of the diff); a literal `:name` in it would be read as a bind
+    parameter and must be written `\\:name`.
     """
     now = now_fn().astimezone(UTC)
     counts = SqlSyncCounts(snapshot_id=now.strftime("%Y%m%dT%H%M%S%fZ"))
     _drain_inbox(factory, settings, now_fn)
     source = create_engine(source_url)
-    target = _bind_of(factory)
+    by_user_id = settings.iterable.project_type is not ProjectType.EMAIL
     try:
-        with target.connect() as conn:
+        with _bind_of(factory).connect() as conn:
             try:
-                _create_snapshot(conn)
-                _load_snapshot(conn, source, query, now, chunk, counts)
-                present = _present_audiences(conn)
-                by_user_id = settings.iterable.project_type is not ProjectType.EMAIL
-                _emit_enters(conn, now, chunk, counts, by_user_id)
-                _emit_exits(conn, present, now, chunk, counts, by_user_id)
-                counts.held = _held_audiences(conn, present)
+                snapshot.create(conn)
+                known = snapshot.audience_ids(conn)
+                events = _Events(now, counts.snapshot_id)
+                present = _load_snapshot(conn, source, query, events, chunk, counts, known)
+                snapshot.index_snapshot(conn)
+                _emit_enters(conn, events, chunk, counts, by_user_id)
+                ids = sorted(known[key] for key in present if key in known)
+                _emit_exits(conn, ids, events, chunk, counts, by_user_id)
+                counts.held = snapshot.held_audiences(conn, sorted(present), SQL_MESSAGE_PREFIX)
             finally:
                 with conn.begin():
-                    _snapshot.drop(conn, checkfirst=True)
+                    snapshot.drop_tables(conn)
     finally:
         source.dispose()
+    metrics.count_events(SQL_SOURCE, counts.events.accepted, counts.events.duplicates, 0)
     _log_sql_poll(counts)
     return counts
 
@@ -168,31 +153,45 @@ def _bind_of(factory: sessionmaker[Session]) -> Engine:
     return bind if isinstance(bind, Engine) else bind.engine
 
 
-def _create_snapshot(conn: Connection) -> None:
-    with conn.begin():
-        _snapshot.drop(conn, checkfirst=True)
-        _snapshot.create(conn)
-
-
 def _load_snapshot(
-    conn: Connection, source: Engine, query: str, now: datetime, chunk: int, counts: SqlSyncCounts
-) -> None:
-    """Stream the query's rows into the snapshot table, normalised as the receiver would."""
-    seq = itertools.count(1)
+    conn: Connection,
+    source: Engine,
+    query: str,
+    events: _Events,
+    chunk: int,
+    counts: SqlSyncCounts,
+    known: Mapping[str, int],
+) -> set[str]:
+    """Stream the query's rows, validated and normalised, into the snapshot table; returns the
+    audience keys they name."""
+    present: set[str] = set()
+    seq = 0
     with source.connect() as src:
         result = src.execution_options(stream_results=True, yield_per=chunk).execute(text(query))
-        columns = list(result.keys())
-        _check_columns(columns)
-        for partition in result.partitions(chunk):
+        reader = _RowReader(list(result.keys()), events)
+        for partition in _partitions(result, chunk):
             rows = []
             for row in partition:
-                counts.rows += 1
-                member = _snapshot_row(row, columns, now, counts)
-                if member is not None:
-                    rows.append({"seq": next(seq), **member})
-            if rows:
-                with conn.begin():
-                    conn.execute(_snapshot.insert(), rows)
+                member = reader.member(row)
+                if isinstance(member, Rejection):
+                    _invalid(counts, member.reason)
+                    continue
+                seq += 1
+                rows.append((seq, known.get(member[0], 0), *member))
+                present.add(member[0])
+            counts.rows += len(partition)
+            with conn.begin():
+                snapshot.load(conn, snapshot.SNAPSHOT, rows)
+    return present
+
+
+def _partitions(result: CursorResult[Any], size: int) -> Iterator[Sequence[Any]]:
+    """The result's rows in lists of `size`, straight from the driver's cursor: a text() query's
+    columns carry no SQLAlchemy type, so its rows are the driver's tuples either way, and
+    building Row objects for them was a third of the cost of reading a row."""
+    cursor = result.cursor
+    while rows := cursor.fetchmany(size):
+        yield rows
 
 
 def _check_columns(columns: Sequence[str]) -> None:
@@ -203,30 +202,40 @@ def _check_columns(columns: Sequence[str]) -> None:
         )
 
 
-def _snapshot_row(
-    row: Row[Any], columns: Sequence[str], now: datetime, counts: SqlSyncCounts
-) -> dict[str, str] | None:
-    """The normalised key and traits of one source row, or None (counted) when it is unusable.
+class _RowReader:
+    """Source rows -> (audience_key, user_id, email, traits JSON) snapshot values, normalised as
+    the receiver would normalise the event, or the Rejection the receiver would give it; so a
+    member's key here is the key its membership row gets when the event is applied, and the diff
+    compares like with like."""
 
-    Identity is normalised by `validate.validate_event` itself, so a member's key here is the key
-    the membership row gets when the event is applied, and the diff compares like with like.
-    """
-    values = dict(zip(columns, row, strict=True))
-    audience = values.pop("audience_key")
-    user_id, email = values.pop("user_id", None), values.pop("email", None)
-    traits = json.loads(json.dumps(values, default=str))  # Decimal, dates -> JSON values
-    if not isinstance(audience, str) or not audience:
-        return _invalid(counts, f"audience_key must be a non-empty string, got {audience!r}")
-    raw = _sql_event(audience, _text(user_id), _text(email), Desired.IN, now, "check", traits)
-    checked = validate.validate_event(raw, received_at=now)
-    if isinstance(checked, Rejection):
-        return _invalid(counts, checked.reason)
-    return {
-        "audience_key": audience,
-        "user_id": checked.user_id or "",
-        "email": checked.email or "",
-        "traits": json.dumps(traits, separators=(",", ":")),
-    }
+    def __init__(self, columns: Sequence[str], events: _Events) -> None:
+        _check_columns(columns)
+        where = {name: i for i, name in enumerate(columns)}  # a repeated name: the last one counts
+        self._audience = where["audience_key"]
+        self._user_id = where.get("user_id")
+        self._email = where.get("email")
+        self._traits = [(name, i) for name, i in where.items() if name not in SQL_IDENTITY_COLUMNS]
+        self._events = events
+
+    def member(self, row: Sequence[Any]) -> tuple[str, str, str, str] | Rejection:
+        audience = row[self._audience]
+        user_id = None if self._user_id is None else _text(row[self._user_id])
+        email = None if self._email is None else _text(row[self._email])
+        traits = {name: _json_value(row[i]) for name, i in self._traits}
+        if isinstance(audience, str):
+            traits.pop(audience, None)  # the event's own flag of that name overrides it
+        encoded = _encode_traits(traits)
+        checked = validate.validate_member(audience, user_id, email, traits, traits_json=encoded)
+        if isinstance(checked, Rejection):
+            return checked
+        if encoded is None or checked.traits is not traits:  # write keys were dropped
+            encoded = _ENCODE(checked.traits)
+        if _size_bound(audience, checked, encoded) > extract.MAX_EVENT_BYTES:
+            event = json.loads(self._events.entered(audience, checked.user_id, checked.email, encoded)[-1])
+            exact = validate.validate_event(event, received_at=self._events.now)
+            if isinstance(exact, Rejection):
+                return exact
+        return audience, checked.user_id or "", checked.email or "", encoded
 
 
 def _text(value: Any) -> str | None:
@@ -235,7 +244,27 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else str(value)
 
 
-def _invalid(counts: SqlSyncCounts, reason: str) -> dict[str, str] | None:
+def _json_value(value: Any) -> Any:
+    """A column's value as JSON carries it (Decimal, dates and the like become strings)."""
+    if type(value) in _JSON_SCALARS:
+        return value
+    return json.loads(json.dumps(value, default=str))
+
+
+def _encode_traits(traits: Mapping[str, Any]) -> str | None:
+    try:
+        return _ENCODE(traits)
+    except ValueError:  # a non-finite number: validate_member says where
+        return None
+
+
+def _size_bound(audience: str, member: validate.CheckedMember, traits_json: str) -> int:
+    """More bytes than the largest event built for this member can take (see _EVENT_OVERHEAD)."""
+    chars = 4 * len(audience) + 2 * len(member.email or "") + len(member.user_id or "") + _MAX_MESSAGE_ID
+    return len(traits_json.encode("utf-8")) + 6 * chars + _EVENT_OVERHEAD
+
+
+def _invalid(counts: SqlSyncCounts, reason: str) -> None:
     counts.invalid += 1
     if counts.invalid <= 5:  # enough to diagnose; a bad column would otherwise log every row
         logger.warning(
@@ -243,60 +272,20 @@ def _invalid(counts: SqlSyncCounts, reason: str) -> dict[str, str] | None:
             reason[:200],
             extra={"event": "sql_source_row_invalid", "reason": reason.split(":", 1)[0]},
         )
-    return None
-
-
-def _present_audiences(conn: Connection) -> list[str]:
-    with conn.begin():
-        return list(conn.scalars(select(_snapshot.c.audience_key).distinct()))
-
-
-def _same_member_rules(t: Any, member: Any, by_user_id: bool) -> list[Any]:
-    """The ways a snapshot row and a membership are the same subscriber, by the rules
-    `identity.resolve` folds deltas with: the same userId (whatever the emails when a userId names
-    the profile, as in hybrid and userId projects; else an email missing on either side does not
-    matter), or the same email where either side has no userId. Matching on the exact pair instead
-    would make a query without an email column exit and re-enter members every poll.
-
-    One condition per rule, each an equality an index serves (memberships by (audience, userId)
-    and (audience, email); the snapshot likewise): callers probe them as separate EXISTS, so a
-    poll costs a few index lookups per row, never a scan per row as an OR across them did.
-    """
-    same_user = and_(t.user_id != "", member.c.user_id == t.user_id)
-    if not by_user_id:
-        same_user = and_(same_user, or_(t.email == "", member.c.email == "", member.c.email == t.email))
-    return [
-        same_user,
-        and_(t.email != "", member.c.email == t.email, or_(t.user_id == "", member.c.user_id == "")),
-    ]
 
 
 def _emit_enters(
-    conn: Connection, now: datetime, chunk: int, counts: SqlSyncCounts, by_user_id: bool
+    conn: Connection, events: _Events, chunk: int, counts: SqlSyncCounts, by_user_id: bool
 ) -> None:
     """Snapshot rows whose member is not desired-in, page by page (keyset on seq)."""
-    member = m.Membership.__table__
-    audience = m.Audience.__table__
-    t = _snapshot.c
-    already_in = or_(
-        *(
-            exists(
-                select(member.c.id)
-                .select_from(member.join(audience, audience.c.id == member.c.audience_id))
-                .where(audience.c.audience_key == t.audience_key, member.c.desired == Desired.IN, rule)
-            )
-            for rule in _same_member_rules(t, member, by_user_id)
-        )
-    )
     after = 0
     while True:
-        page = (
-            select(t.seq, t.audience_key, t.user_id, t.email, t.traits)
-            .where(t.seq > after, ~already_in)
-            .order_by(t.seq)
-            .limit(chunk)
-        )
-        rows = _emit_page(conn, page, Desired.IN, now, counts, lambda r: json.loads(r.traits))
+        with conn.begin():
+            rows = snapshot.entering_page(conn, after, chunk, by_user_id)
+            built = [
+                events.entered(r.audience_key, r.user_id or None, r.email or None, r.traits) for r in rows
+            ]
+            _store(conn, built, AUDIENCE_ENTERED, events.now, counts)
         if not rows:
             return
         counts.entered += len(rows)
@@ -304,124 +293,73 @@ def _emit_enters(
 
 
 def _emit_exits(
-    conn: Connection, present: Sequence[str], now: datetime, chunk: int, counts: SqlSyncCounts, by_user_id: bool
+    conn: Connection,
+    audiences: Sequence[int],
+    events: _Events,
+    chunk: int,
+    counts: SqlSyncCounts,
+    by_user_id: bool,
 ) -> None:
     """Desired-in members of audiences in the result that have no row in it (keyset on id)."""
-    if not present:
-        return
-    member = m.Membership.__table__
-    audience = m.Audience.__table__
-    t = _snapshot.c
-    in_snapshot = or_(
-        *(
-            exists().where(t.audience_key == audience.c.audience_key, rule)
-            for rule in _same_member_rules(t, member, by_user_id)
-        )
-    )
     after = 0
     while True:
-        page = (
-            select(member.c.id, audience.c.audience_key, member.c.user_id, member.c.email)
-            .select_from(member.join(audience, audience.c.id == member.c.audience_id))
-            .where(
-                member.c.id > after,
-                member.c.desired == Desired.IN,
-                audience.c.audience_key.in_(present),
-                ~in_snapshot,
-            )
-            .order_by(member.c.id)
-            .limit(chunk)
-        )
-        rows = _emit_page(conn, page, Desired.OUT, now, counts, lambda _r: {})
+        with conn.begin():
+            rows = snapshot.exiting_page(conn, audiences, after, chunk, by_user_id)
+            built = [events.exited(r.audience_key, r.user_id or None, r.email or None) for r in rows]
+            _store(conn, built, AUDIENCE_EXITED, events.now, counts)
         if not rows:
             return
         counts.exited += len(rows)
         after = rows[-1].id
 
 
-def _emit_page(
-    conn: Connection,
-    page: Any,
-    desired: Desired,
-    now: datetime,
-    counts: SqlSyncCounts,
-    traits_of: Callable[[Any], dict[str, Any]],
-) -> list[Any]:
-    """One page of members as synthetic Audience Entered/Exited events, accepted in one commit."""
-    with Session(bind=conn) as session, session.begin():
-        rows = session.execute(page).all()
-        events = [
-            _sql_event(
-                r.audience_key,
-                r.user_id or None,
-                r.email or None,
-                desired,
-                now,
-                counts.snapshot_id,
-                traits_of(r),
-            )
-            for r in rows
-        ]
-        if events:
-            counts.events.add(_accept_events(session, events, now))
-    return list(rows)
+def _store(
+    conn: Connection, built: Sequence[tuple[Any, ...]], name: str, now: datetime, counts: SqlSyncCounts
+) -> None:
+    new = snapshot.store_events(conn, built, event=name, source=SQL_SOURCE, now=now)
+    counts.events.add(IngestCounts(accepted=new, duplicates=len(built) - new))
 
 
-def _held_audiences(conn: Connection, present: Sequence[str]) -> list[str]:
-    """Audiences this source fed (a desired-in member set by a `sql:` event) that it now omits."""
-    member = m.Membership.__table__
-    audience = m.Audience.__table__
-    query = (
-        select(audience.c.audience_key)
-        .distinct()
-        .select_from(member.join(audience, audience.c.id == member.c.audience_id))
-        .where(
-            member.c.desired == Desired.IN,
-            member.c.desired_message_id.like(f"{SQL_MESSAGE_PREFIX}%"),
-            audience.c.audience_key.not_in(present),
+class _Events:
+    """The synthetic events of one poll (one timestamp, one snapshot id), each built as a row of
+    `snapshot.STAGED`: (messageId, userId, anonymousId, email, the event as JSON text).
+
+    An event is an Engage-style track: `Audience Entered` / `Audience Exited` with properties
+    {**traits, audience_key, <audience>: true/false, email} and the audience as the computation
+    key; userId, or for an email-only member the stable stand-in anonymousId `email:<email>`
+    (Segment requires one of the two). Built as text: the parts are JSON already (the traits as
+    the snapshot keeps them), and a member's traits never hold the audience's own name.
+    """
+
+    def __init__(self, now: datetime, snapshot_id: str) -> None:
+        self.now = now
+        self.snapshot_id = snapshot_id
+        self._timestamp = _STRING(now.isoformat())
+
+    def entered(
+        self, audience: str, user_id: str | None, email: str | None, traits_json: str
+    ) -> tuple[Any, ...]:
+        return self._event(AUDIENCE_ENTERED, "true", audience, user_id, email, traits_json[1:-1])
+
+    def exited(self, audience: str, user_id: str | None, email: str | None) -> tuple[Any, ...]:
+        return self._event(AUDIENCE_EXITED, "false", audience, user_id, email, "")
+
+    def _event(
+        self, name: str, flag: str, audience: str, user_id: str | None, email: str | None, traits: str
+    ) -> tuple[Any, ...]:
+        message_id = _message_id(audience, user_id, email, self.snapshot_id)
+        key = _STRING(audience)
+        properties = f'{traits},"audience_key":{key}' if traits else f'"audience_key":{key}'
+        properties += f",{key}:{flag}" + (f',"email":{_STRING(email)}' if email else "")
+        anonymous_id = None if user_id else f"email:{email}"
+        who = f'"userId":{_STRING(user_id)}' if user_id else f'"anonymousId":{_STRING(f"email:{email}")}'
+        payload = (
+            f'{{"type":"track","event":{_STRING(name)},"messageId":{_STRING(message_id)},'
+            f'"timestamp":{self._timestamp},"properties":{{{properties}}},"context":{{"personas":'
+            f'{{"computation_class":"audience","computation_key":{key}}},"library":{{"name":"listsync-sql"}}}},'
+            f"{who}}}"
         )
-        .order_by(audience.c.audience_key)
-    )
-    with conn.begin():
-        return list(conn.scalars(query))
-
-
-def _accept_events(session: Session, events: Sequence[dict[str, Any]], now: datetime) -> IngestCounts:
-    items = [extract.RawEvent(event, 0) for event in events]  # our own events: size is not the sender's
-    return accept_items(session, items, source=SQL_SOURCE, now=now)
-
-
-def _sql_event(
-    audience: str,
-    user_id: str | None,
-    email: str | None,
-    desired: Desired,
-    now: datetime,
-    snapshot_id: str,
-    traits: dict[str, Any],
-) -> dict[str, Any]:
-    """A synthetic Engage-style track event for one delta."""
-    entered = desired is Desired.IN
-    properties: dict[str, Any] = {**traits, "audience_key": audience, audience: entered}
-    if email:
-        properties["email"] = email
-    event: dict[str, Any] = {
-        "type": "track",
-        "event": AUDIENCE_ENTERED if entered else AUDIENCE_EXITED,
-        "messageId": _message_id(audience, user_id, email, snapshot_id),
-        "timestamp": now.isoformat(),
-        "properties": properties,
-        "context": {
-            "personas": {"computation_class": "audience", "computation_key": audience},
-            "library": {"name": "listsync-sql"},
-        },
-    }
-    if user_id:
-        event["userId"] = user_id
-    else:
-        # Segment requires userId or anonymousId; an email-only member gets a stable stand-in.
-        event["anonymousId"] = f"email:{email}"
-    return event
+        return message_id, user_id, anonymous_id, email, payload
 
 
 def _message_id(audience: str, user_id: str | None, email: str | None, snapshot_id: str) -> str:

@@ -11,6 +11,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -120,7 +121,21 @@ def _plainly_fine(raw: Mapping[str, Any]) -> bool:
         return False
     if b"null" in encoded and not _finite(raw):
         return False
-    if b"\\u0000" in encoded or encoded.count(b"{") + encoded.count(b"[") > MAX_DEPTH:
+    return _plainly_fine_bytes(encoded, 0)
+
+
+def _plainly_fine_text(text: str, enclosing: int) -> bool:
+    """`_plainly_fine` for `text`, JSON encoded with ensure_ascii and allow_nan off, of a value
+    nested `enclosing` levels deep in its event."""
+    try:
+        encoded = text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return _plainly_fine_bytes(encoded, enclosing)
+
+
+def _plainly_fine_bytes(encoded: bytes, enclosing: int) -> bool:
+    if b"\\u0000" in encoded or encoded.count(b"{") + encoded.count(b"[") > MAX_DEPTH - enclosing:
         return False
     if _TOO_DEEP_BYTES in encoded:
         return False
@@ -315,28 +330,35 @@ def _email(objects: Mapping[str, Mapping[str, Any]]) -> tuple[str | None, str | 
         value = source.get("email")
         if value is None or value == "":
             continue
-        if not isinstance(value, str):
-            return None, f"{where} must be a string, got {json_type(value)}"
-        email = value.strip().lower()
-        if len(email) > MAX_EMAIL_LENGTH or not _EMAIL_RE.fullmatch(email):
-            return None, f"{where} {value[:60]!r} is not an email address"
-        return email, None
+        return _normalised_email(where, value)
     return None, None
+
+
+def _normalised_email(where: str, value: Any) -> tuple[str | None, str | None]:
+    if not isinstance(value, str):
+        return None, f"{where} must be a string, got {json_type(value)}"
+    email = value.strip().lower()
+    if len(email) > MAX_EMAIL_LENGTH or not _EMAIL_RE.fullmatch(email):
+        return None, f"{where} {value[:60]!r} is not an email address"
+    return email, None
 
 
 def _check_audience(event: InboundEvent, email_problem: str | None) -> None:
     if not audience.is_audience_event(event):
         return
-    key = audience.audience_key(event)
-    if key is None:
-        raise InvalidEvent("missing_audience_key: audience event without a computation or audience key")
-    if len(key) > MAX_NAME_LENGTH:
-        raise InvalidEvent(f"missing_audience_key: the audience key is longer than {MAX_NAME_LENGTH} characters")
+    _check_audience_key(audience.audience_key(event))
     audience.audience_settings(audience.personas(event).get("audience_settings"))
     if event.user_id is None and event.email is None:
         if email_problem:
             raise InvalidEvent(f"invalid_email: {email_problem}")
         raise InvalidEvent("missing_identifier: audience event has neither userId nor email")
+
+
+def _check_audience_key(key: str | None) -> None:
+    if key is None:
+        raise InvalidEvent("missing_audience_key: audience event without a computation or audience key")
+    if len(key) > MAX_NAME_LENGTH:
+        raise InvalidEvent(f"missing_audience_key: the audience key is longer than {MAX_NAME_LENGTH} characters")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,3 +386,60 @@ def _drop_write_keys(value: Any) -> Any:
 def _is_write_key(key: str) -> bool:
     return key[:1] in "wW" and len(key) < 24 and _NOT_ALNUM.sub("", key.lower()) == "writekey"
 
+
+@dataclass(frozen=True)
+class CheckedMember:
+    """One audience member as `validate_member` normalised it (see there)."""
+
+    user_id: str | None
+    email: str | None
+    traits: Mapping[str, Any]
+
+
+def validate_member(
+    audience_key: Any,
+    user_id: str | None,
+    email: str | None,
+    traits: Mapping[str, Any],
+    *,
+    traits_json: str | None = None,
+) -> CheckedMember | Rejection:
+    """What `validate_event` makes of an audience event for this member, checked field by field
+    with the same rules and without building the event: for sources that build their own events
+    from typed columns and check each member once, where it enters (the SQL source).
+
+    The event is taken to carry `traits` among its properties (write keys among them are dropped
+    from the result, as from a stored event), userId `user_id`, else anonymousId
+    `email:<normalised email>`, and the email as properties.email. `traits_json`, the traits
+    encoded with ensure_ascii and allow_nan off, spares walking them when it shows no problem.
+    The event's size is the caller's to bound: pass anything that could exceed MAX_EVENT_BYTES
+    through `validate_event` instead.
+    """
+    try:
+        return _validated_member(audience_key, user_id, email, traits, traits_json)
+    except InvalidEvent as exc:
+        return Rejection(str(exc))
+
+
+def _validated_member(
+    audience_key: Any, user_id: str | None, email: str | None, traits: Mapping[str, Any], traits_json: str | None
+) -> CheckedMember:
+    if not isinstance(audience_key, str) or not audience_key:
+        raise InvalidEvent(f"missing_audience_key: the audience key must be a non-empty string, got {audience_key!r}")
+    for name, value in (("audience_key", audience_key), ("userId", user_id), ("email", email)):
+        if isinstance(value, str):
+            _check_text(value, ((), name), "a value")
+    plainly_fine = traits_json is not None and _plainly_fine_text(traits_json, 2)  # in event.properties
+    if not plainly_fine and _walk_values({"properties": traits}):
+        traits = _drop_write_keys(traits)
+    _check_audience_key(audience_key)
+    checked_user_id = _identifier({"userId": user_id}, "userId", "invalid_user_id")
+    _check_user_id(checked_user_id)
+    checked_email, email_problem = (None, None) if not email else _normalised_email("properties.email", email)
+    if checked_user_id is None:
+        if checked_email is None:
+            if email_problem:
+                raise InvalidEvent(f"invalid_email: {email_problem}")
+            raise InvalidEvent("missing_identifier: audience event has neither userId nor email")
+        _identifier({"anonymousId": f"email:{checked_email}"}, "anonymousId", "invalid_anonymous_id")
+    return CheckedMember(checked_user_id, checked_email, traits)

@@ -305,3 +305,65 @@ def test_poll_sql_new_email_for_a_user_id_per_project_type(
         assert (moved.entered, moved.exited) == (0, 0)
         assert (members(factory, "vip", "in"), members(factory, "vip", "out")) == (1, 0)
     warehouse.close()
+
+
+def test_poll_sql_checks_each_row_once_and_stores_events_in_bulk(
+    factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Rows are refused where they enter the snapshot by the receiver's rules (on PostgreSQL a NUL
+    would otherwise break the COPY); write keys never reach the inbox; a repeated row is one event,
+    counted as a duplicate; the stored events are the documented ones and fold like any other."""
+    settings = Settings()
+    now = clock()
+    path = tmp_path / "warehouse.db"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE members (audience_key TEXT, user_id TEXT, email TEXT, writeKey TEXT, score REAL)"
+    )
+    db.executemany(
+        "INSERT INTO members VALUES (?, ?, ?, ?, ?)",
+        [
+            ("vip", "u1", "U1@Example.com", "s3cret", 1.5),
+            ("vip", "u1", "U1@Example.com", "s3cret", 1.5),  # the same member twice
+            ("vip", "u\x002", None, "s3cret", 1.0),  # NUL in the userId
+            ("vip", "u3", None, "s3cret", float("inf")),  # not a JSON number
+            ("vip", "u4", None, "s3cret", "x" * 40_000),  # an event over 32 KiB
+            ("vip\x00", "u5", None, "s3cret", 1.0),  # NUL in the audience key
+            ("vip", "u6", "u6@example.com", None, None),
+        ],
+    )
+    db.commit()
+    query = "SELECT audience_key, user_id, email, writeKey, score FROM members"
+    first = sql_source.poll_sql(factory, f"sqlite:///{path}", query, settings, now, chunk=3)
+    assert (first.rows, first.invalid, first.entered) == (7, 4, 3)
+    assert (first.events.accepted, first.events.duplicates, first.events.rejected) == (2, 1, 0)
+    with factory() as session:
+        stored = {r.user_id: r for r in session.scalars(select(m.InboxEvent))}
+    assert set(stored) == {"u1", "u6"}
+    u1 = stored["u1"]
+    assert (u1.email, u1.anonymous_id, u1.source, u1.is_audience, u1.event) == (
+        "u1@example.com",
+        None,
+        "sql",
+        True,
+        "Audience Entered",
+    )
+    assert u1.payload["properties"] == {
+        "score": 1.5,
+        "audience_key": "vip",
+        "vip": True,
+        "email": "u1@example.com",
+    }
+    assert u1.payload["messageId"] == f"sql:vip:u1:u1@example.com:{first.snapshot_id}"
+    assert all("s3cret" not in json.dumps(r.payload) for r in stored.values())
+    apply_all(factory, settings)
+    assert members(factory, "vip", "in") == 2
+    assert count(factory, m.DeadLetter) == 0  # refused rows are logged, not dead-lettered
+
+    db.execute("DELETE FROM members WHERE user_id = 'u6'")
+    db.commit()
+    again = sql_source.poll_sql(factory, f"sqlite:///{path}", query, settings, now, chunk=3)
+    apply_all(factory, settings)
+    assert (again.entered, again.exited, again.invalid) == (0, 1, 4)
+    assert (members(factory, "vip", "in"), members(factory, "vip", "out")) == (1, 1)
+    db.close()

@@ -1,0 +1,255 @@
+"""The SQL source's snapshot: a query result loaded into a temporary table of the listsync
+database, diffed against the memberships there, and the synthetic events of the difference
+appended to the inbox. Set-based on purpose: neither the snapshot nor the members are ever held in
+Python memory, and a poll costs a few index probes per row whatever the state holds.
+
+Every function takes the one `Connection` the temporary tables live on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Connection,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    bindparam,
+    cast,
+    delete,
+    exists,
+    literal,
+    or_,
+    select,
+    text,
+    true,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+from listsync.db import models as m
+from listsync.db.session import insert_for, is_postgres
+from listsync.domain import Desired
+
+# Temporary, so they exist only on the connection of one poll and never in a migration.
+_metadata = MetaData()
+
+SNAPSHOT = Table(
+    "listsync_sql_snapshot",
+    _metadata,
+    Column("seq", m.BigId, primary_key=True, autoincrement=False),
+    # The audience's id when it already exists, else 0 (no membership has it: every row enters).
+    Column("audience_id", m.BigId, nullable=False),
+    Column("audience_key", String(255), nullable=False),
+    Column("user_id", String(255), nullable=False),
+    Column("email", String(320), nullable=False),
+    Column("traits", Text, nullable=False),
+    prefixes=["TEMPORARY"],
+)
+
+# The events of one page of the difference, staged so that one INSERT ... SELECT stores them all
+# and says how many were new.
+STAGED = Table(
+    "listsync_sql_events",
+    _metadata,
+    Column("message_id", String(255), nullable=False),
+    Column("user_id", String(255)),
+    Column("anonymous_id", String(255)),
+    Column("email", String(320)),
+    Column("payload", Text, nullable=False),
+    prefixes=["TEMPORARY"],
+)
+
+# Built after the load (one sort each, cheaper than keeping them up to date row by row); the
+# exits probe one per identity rule. Plain DDL: an Index object would join CREATE TABLE.
+_SNAPSHOT_INDEXES = (
+    f"CREATE INDEX ix_listsync_sql_snapshot_key ON {SNAPSHOT.name} (audience_id, user_id, email)",
+    f"CREATE INDEX ix_listsync_sql_snapshot_email ON {SNAPSHOT.name} (audience_id, email)",
+)
+
+SNAPSHOT_COLUMNS = tuple(c.name for c in SNAPSHOT.columns)
+STAGED_COLUMNS = tuple(c.name for c in STAGED.columns)
+
+
+def create(conn: Connection) -> None:
+    """Fresh, empty temporary tables (a previous poll's are dropped first)."""
+    with conn.begin():
+        drop_tables(conn)
+        _metadata.create_all(conn)
+
+
+def drop_tables(conn: Connection) -> None:
+    _metadata.drop_all(conn, checkfirst=True)
+
+
+def audience_ids(conn: Connection) -> dict[str, int]:
+    audience = m.table(m.Audience)
+    with conn.begin():
+        return {
+            key: audience_id
+            for key, audience_id in conn.execute(select(audience.c.audience_key, audience.c.id))
+        }
+
+
+def load(conn: Connection, table: Table, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Append rows (tuples in the table's column order) the fastest way the driver has: COPY on
+    PostgreSQL, one prepared executemany on SQLite. The caller holds the transaction."""
+    if not rows:
+        return
+    names = ", ".join(c.name for c in table.columns)
+    if is_postgres(conn):
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        with cursor, cursor.copy(f"COPY {table.name} ({names}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        return
+    marks = ", ".join("?" for _ in table.columns)
+    conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) VALUES ({marks})", list(rows))
+
+
+def index_snapshot(conn: Connection) -> None:
+    with conn.begin():
+        for ddl in _SNAPSHOT_INDEXES:
+            conn.execute(text(ddl))
+        if is_postgres(conn):  # autovacuum never analyzes temporary tables: the planner would guess
+            conn.execute(text(f"ANALYZE {SNAPSHOT.name}"))
+
+
+def _same_member_rules(t: Any, member: Any, by_user_id: bool) -> list[Any]:
+    """The ways a snapshot row and a membership of the same audience are the same subscriber,
+    by the rules `identity.resolve` folds deltas with: the same userId (whatever the emails when
+    a userId names the profile, as in hybrid and userId projects; else an email missing on either
+    side does not matter), or the same email where either side has no userId. Matching on the
+    exact pair only would make a query without an email column exit and re-enter members every
+    poll.
+
+    The exact pair comes first: it is what nearly every row of a re-poll has, one probe of the
+    unique index, and callers AND the NOT EXISTS of each rule in this order, so the other rules
+    are probed only for the rows it misses. Each rule is an equality an index serves
+    (memberships by (audience, userId, email) and (audience, email); the snapshot likewise).
+    """
+    same_user = and_(t.user_id != "", member.c.user_id == t.user_id)
+    if not by_user_id:
+        same_user = and_(same_user, or_(t.email == "", member.c.email == "", member.c.email == t.email))
+    return [
+        and_(member.c.user_id == t.user_id, member.c.email == t.email),
+        same_user,
+        and_(t.email != "", member.c.email == t.email, or_(t.user_id == "", member.c.user_id == "")),
+    ]
+
+
+def entering_page(conn: Connection, after: int, limit: int, by_user_id: bool) -> list[Any]:
+    """Snapshot rows (seq > `after`, in seq order) whose member is not desired-in."""
+    member = m.table(m.Membership)
+    t = SNAPSHOT.c
+    not_in = [
+        ~exists().where(member.c.audience_id == t.audience_id, member.c.desired == Desired.IN, rule)
+        for rule in _same_member_rules(t, member, by_user_id)
+    ]
+    page = (
+        select(t.seq, t.audience_key, t.user_id, t.email, t.traits)
+        .where(t.seq > after, *not_in)
+        .order_by(t.seq)
+        .limit(limit)
+    )
+    return list(conn.execute(page).all())
+
+
+def exiting_page(
+    conn: Connection, audiences: Sequence[int], after: int, limit: int, by_user_id: bool
+) -> list[Any]:
+    """Desired-in members (id > `after`, in id order) of `audiences` that have no snapshot row."""
+    if not audiences:
+        return []
+    member = m.table(m.Membership)
+    audience = m.table(m.Audience)
+    t = SNAPSHOT.c
+    not_in = [
+        ~exists().where(t.audience_id == member.c.audience_id, rule)
+        for rule in _same_member_rules(t, member, by_user_id)
+    ]
+    page = (
+        select(member.c.id, audience.c.audience_key, member.c.user_id, member.c.email)
+        .select_from(member.join(audience, audience.c.id == member.c.audience_id))
+        .where(
+            member.c.id > after, member.c.desired == Desired.IN, member.c.audience_id.in_(audiences), *not_in
+        )
+        .order_by(member.c.id)
+        .limit(limit)
+    )
+    return list(conn.execute(page).all())
+
+
+def store_events(
+    conn: Connection, rows: Sequence[tuple[Any, ...]], *, event: str, source: str, now: datetime
+) -> int:
+    """Append built track events (tuples in STAGED's column order, the payload as JSON text) to
+    the inbox; a messageId already there is skipped. Returns how many were new. The caller holds
+    the transaction."""
+    if not rows:
+        return 0
+    load(conn, STAGED, rows)
+    inbox = m.table(m.InboxEvent)
+    s = STAGED.c
+    stamp = literal(now, m.UTCDateTime())
+    staged = select(
+        s.message_id,
+        literal("track"),
+        bindparam("event", event),
+        s.user_id,
+        s.anonymous_id,
+        s.email,
+        stamp,
+        stamp,
+        literal(source),
+        cast(s.payload, JSONB) if is_postgres(conn) else s.payload,
+        literal(True),
+    ).where(true())  # SQLite: INSERT ... SELECT ... ON CONFLICT needs a WHERE to parse
+    columns = [
+        "message_id",
+        "type",
+        "event",
+        "user_id",
+        "anonymous_id",
+        "email",
+        "timestamp",
+        "received_at",
+        "source",
+        "payload",
+        "is_audience",
+    ]
+    stmt = (
+        insert_for(conn, inbox)
+        .from_select(columns, staged)
+        .on_conflict_do_nothing(index_elements=["message_id"])
+    )
+    # RETURNING counts what was inserted on both databases (psycopg reports no rowcount here).
+    new = len(conn.execute(stmt.returning(inbox.c.id)).all())
+    conn.execute(delete(STAGED))
+    return new
+
+
+def held_audiences(conn: Connection, present: Sequence[str], message_prefix: str) -> list[str]:
+    """Audiences with a desired-in member set by one of this source's events (messageId
+    `message_prefix`...) that are not among `present`."""
+    member = m.table(m.Membership)
+    audience = m.table(m.Audience)
+    query = (
+        select(audience.c.audience_key)
+        .where(
+            audience.c.audience_key.not_in(present),
+            exists().where(
+                member.c.audience_id == audience.c.id,
+                member.c.desired == Desired.IN,
+                member.c.desired_message_id.like(f"{message_prefix}%"),
+            ),
+        )
+        .order_by(audience.c.audience_key)
+    )
+    with conn.begin():
+        return list(conn.scalars(query))

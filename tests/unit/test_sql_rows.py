@@ -1,0 +1,149 @@
+"""The SQL source validates each row once, where it enters the snapshot (`validate.validate_member`),
+and stores the events it builds without validating them again: both are only sound if the row
+check says exactly what `validate_event` says of the event built from the row."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from listsync.domain import InboundEvent, Rejection
+from listsync.ingest import sql_source, validate
+
+NOW = datetime(2026, 12, 1, tzinfo=UTC)
+
+
+def nested(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth):
+        value = {"k": value}
+    return value
+
+
+ROWS: list[tuple[Any, str | None, str | None, dict[str, Any]]] = [
+    ("gold", "u1", "a@example.com", {"plan": "pro"}),
+    ("gold", None, "  Mixed.Case@Example.COM ", {}),
+    ("gold", "u1", None, {"n": 3, "ratio": 0.5, "ok": True, "none": None}),
+    ("gold", "u1", "not-an-email", {}),  # the email is dropped, the userId carries the member
+    ("gold", None, "not-an-email", {}),
+    ("gold", None, None, {"plan": "pro"}),
+    ("gold", " u1", None, {}),
+    ("gold", "u" * 53, None, {}),
+    ("gold", "u\x001", None, {}),
+    ("gold", None, "a\x00b@example.com", {}),
+    ("gold", "u1", None, {"plan": "p\x00ro"}),
+    ("gold", "u1", None, {"plan": "\ud800"}),
+    ("gold", "u1", None, {"pl\udc00an": "pro"}),
+    ("gold", "u1", None, {"score": float("inf")}),
+    ("gold", "u1", None, {"score": float("nan")}),
+    ("gold", "u1", None, {"deep": nested(70)}),
+    ("gold", "u1", None, {"fine": nested(50)}),
+    ("gold", "u1", None, {"writeKey": "s3cret", "plan": "pro"}),
+    ("gold", "u1", None, {"meta": {"write_key": "s3cret"}}),
+    ("gold", "u1", None, {"name": "Zoë 🎉"}),
+    ("gold", "u1", None, {"blob": "x" * 40_000}),
+    ("g" * 256, "u1", None, {}),
+    ("", "u1", None, {}),
+    (5, "u1", None, {}),
+    ("go\x00ld", "u1", None, {}),
+    ("gold", None, "a" * 240 + "@example.com", {}),  # fits the email column, not the anonymousId
+    ("gold", "u1", "a" * 320 + "@example.com", {}),
+    ("gold", "u1", "TAB\t@example.com", {}),
+]
+
+
+def reference(audience: Any, user_id: str | None, email: str | None, traits: dict[str, Any]) -> Any:
+    """validate_event's verdict on the Audience Entered track the SQL source would build."""
+    if not isinstance(audience, str) or not audience:
+        return "missing_audience_key"
+    traits_json = json.dumps(traits, ensure_ascii=False, separators=(",", ":"))
+    built = sql_source._Events(NOW, "snap").entered(audience, user_id, email, traits_json)
+    checked = validate.validate_event(json.loads(built[-1]), received_at=NOW)
+    if isinstance(checked, Rejection):
+        return checked.reason.split(":", 1)[0]
+    return checked
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[str(i) for i in range(len(ROWS))])
+def test_validate_member_says_what_validate_event_says(row: tuple[Any, ...]) -> None:
+    audience, user_id, email, traits = row
+    expected = reference(audience, user_id, email, traits)
+    try:
+        encoded: str | None = json.dumps(traits, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except ValueError:
+        encoded = None
+    for traits_json in {encoded, None}:
+        checked = validate.validate_member(audience, user_id, email, traits, traits_json=traits_json)
+        if expected == "event_too_large":  # the caller's to bound (see _RowReader)
+            assert not isinstance(checked, Rejection)
+            continue
+        if isinstance(expected, str):
+            assert isinstance(checked, Rejection) and checked.reason.startswith(expected + ":"), checked
+            continue
+        assert isinstance(expected, InboundEvent) and not isinstance(checked, Rejection), checked
+        assert (checked.user_id, checked.email) == (expected.user_id, expected.email)
+        kept = {k: v for k, v in expected.raw["properties"].items() if k in traits}
+        assert dict(checked.traits) == kept
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[str(i) for i in range(len(ROWS))])
+def test_the_row_reader_keeps_what_the_receiver_would_accept(row: tuple[Any, ...]) -> None:
+    audience, user_id, email, traits = row
+    expected = reference(audience, user_id, email, traits)
+    reader = sql_source._RowReader(
+        ["audience_key", "user_id", "email", *traits], sql_source._Events(NOW, "snap")
+    )
+    member = reader.member((audience, user_id, email, *traits.values()))
+    if isinstance(expected, str):
+        assert isinstance(member, Rejection) and member.reason.startswith(expected + ":"), member
+        return
+    assert not isinstance(member, Rejection), member
+    assert member[:3] == (audience, expected.user_id or "", expected.email or "")
+    # The event built from the snapshot row is one validate_event accepts, with the same meaning.
+    built = sql_source._Events(NOW, "snap").entered(audience, expected.user_id, expected.email, member[3])
+    event = validate.validate_event(json.loads(built[-1]), received_at=NOW)
+    assert isinstance(event, InboundEvent), event
+    assert built[:4] == (event.message_id, event.user_id, event.anonymous_id, event.email)
+    [ours], [theirs] = audience.extract_deltas(event), audience.extract_deltas(expected)
+    assert (ours.audience_key, ours.user_id, ours.email, ours.desired) == (
+        theirs.audience_key,
+        theirs.user_id,
+        theirs.email,
+        theirs.desired,
+    )
+    # The same traits, but for the raw email (the snapshot keeps it normalised) and write keys.
+    assert "s3cret" not in built[-1]
+    kept = {k: v for k, v in validate._drop_write_keys(theirs.traits).items() if k != "email"}
+    assert {k: v for k, v in ours.traits.items() if k != "email"} == kept
+
+
+def test_built_events_match_the_documented_shape() -> None:
+    events = sql_source._Events(NOW, "snap")
+    entered = json.loads(events.entered("gold", "u1", "a@example.com", '{"plan":"pro"}')[-1])
+    assert entered == {
+        "type": "track",
+        "event": "Audience Entered",
+        "messageId": "sql:gold:u1:a@example.com:snap",
+        "timestamp": NOW.isoformat(),
+        "properties": {"plan": "pro", "audience_key": "gold", "gold": True, "email": "a@example.com"},
+        "context": {
+            "personas": {"computation_class": "audience", "computation_key": "gold"},
+            "library": {"name": "listsync-sql"},
+        },
+        "userId": "u1",
+    }
+    message_id, user_id, anonymous_id, email, payload = events.exited("gold", None, "a@example.com")
+    exited = json.loads(payload)
+    assert (message_id, user_id, anonymous_id, email) == (
+        "sql:gold::a@example.com:snap",
+        None,
+        "email:a@example.com",
+        "a@example.com",
+    )
+    assert exited["event"] == "Audience Exited" and exited["properties"]["gold"] is False
+    assert exited["anonymousId"] == "email:a@example.com" and "userId" not in exited
+    long_key = events.entered("g" * 255, "u1", None, "{}")[0]
+    assert long_key.startswith("sql:") and len(long_key) == 4 + 64  # digest: fits the column
