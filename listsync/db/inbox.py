@@ -28,8 +28,10 @@ def store_events(
     source: str,
     now: datetime,
     audience_flags: Sequence[bool],
+    rules: str | None = None,
 ) -> int:
-    """Append events to the inbox; a messageId already there is skipped. Returns how many were new."""
+    """Append events to the inbox; a messageId already there is skipped. Returns how many were new.
+    `rules`: the fingerprint of the validation rules that accepted them (`extract.RULES`)."""
     if not events:
         return 0
     rows = [
@@ -45,6 +47,7 @@ def store_events(
             "source": source,
             "payload": dict(e.raw),
             "is_audience": flag,
+            "rules": rules,
         }
         for e, flag in zip(events, audience_flags, strict=True)
     ]
@@ -71,23 +74,36 @@ def store_rejections(
 
 @dataclass(frozen=True)
 class StoredEvent:
+    """An inbox row as the fold reads it: the payload, and what validation made of it when stored."""
+
     id: int
     payload: dict[str, Any]
     received_at: datetime
+    rules: str | None
+    type: str
+    message_id: str
+    timestamp: datetime
+    event: str | None
+    user_id: str | None
+    anonymous_id: str | None
+    email: str | None
+
+
+_STORED_COLUMNS = tuple(name for name in StoredEvent.__dataclass_fields__)
 
 
 def unapplied_events(session: Session, limit: int) -> list[StoredEvent]:
     """The oldest inbox events not yet folded into memberships (rows locked on PostgreSQL)."""
     inbox = m.table(m.InboxEvent)
     stmt = (
-        select(inbox.c.id, inbox.c.payload, inbox.c.received_at)
+        select(*(inbox.c[name] for name in _STORED_COLUMNS))
         .where(inbox.c.applied_at.is_(None))
         .order_by(inbox.c.id)
         .limit(limit)
     )
     if is_postgres(session):
         stmt = stmt.with_for_update(skip_locked=True)
-    return [StoredEvent(i, p, r) for i, p, r in session.execute(stmt)]
+    return [StoredEvent(*row) for row in session.execute(stmt)]
 
 
 def mark_applied(session: Session, ids: Sequence[int], now: datetime) -> None:

@@ -26,10 +26,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from listsync.domain import Desired, EmailChange, InboundEvent, MembershipDelta, Rejection
@@ -555,6 +557,52 @@ def _check_audience(event: InboundEvent, email_problem: str | None) -> None:
         if email_problem:
             raise _Invalid(f"invalid_email: {email_problem}")
         raise _Invalid("missing_identifier: audience event has neither userId nor email")
+
+
+def _rules_fingerprint() -> str:
+    """A digest of this module's source: it changes whenever the validation rules may have. An
+    unreadable source gives a fresh value per process, so every stored event is validated again."""
+    try:
+        source = Path(__file__).read_bytes()
+    except OSError:
+        return os.urandom(8).hex()
+    return hashlib.sha256(source).hexdigest()[:16]
+
+
+RULES = _rules_fingerprint()
+
+
+def stored_event(
+    payload: Mapping[str, Any],
+    *,
+    type: str,
+    message_id: str,
+    timestamp: datetime,
+    event: str | None,
+    user_id: str | None,
+    anonymous_id: str | None,
+    email: str | None,
+) -> InboundEvent:
+    """An event these rules (`RULES`) accepted, read back from the inbox without validating it
+    again: the normalised fields are what `validate_event` made of it, as stored beside the
+    payload, and the objects are the stored payload's, as validating that payload gives them
+    (they were objects or null). Only the derived messageId of an event without one that hid a
+    write key below the top level differs: the stored one is the inbox's own dedupe key."""
+    objects = {name: payload.get(name) or {} for name in _OBJECT_FIELDS}
+    return InboundEvent(
+        type=type,
+        message_id=message_id,
+        timestamp=timestamp,
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        email=email,
+        event=event,
+        name=payload.get("name"),
+        traits=objects["traits"],
+        properties=objects["properties"],
+        context=objects["context"],
+        raw=payload,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
