@@ -15,7 +15,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from listsync.db import models as m
-from listsync.db.session import chunks, insert_for, is_postgres
+from listsync.db.session import chunks, insert_for, is_postgres, key_filters
 from listsync.domain import (
     InboundEvent,
 )
@@ -108,8 +108,8 @@ def unapplied_events(session: Session, limit: int) -> list[StoredEvent]:
 
 def mark_applied(session: Session, ids: Sequence[int], now: datetime) -> None:
     inbox = m.table(m.InboxEvent)
-    for chunk in chunks(list(ids), 1000):
-        session.execute(update(inbox).where(inbox.c.id.in_(chunk)).values(applied_at=now))
+    for keys in key_filters(session, inbox.c.id, list(ids)):
+        session.execute(update(inbox).where(keys).values(applied_at=now))
 
 
 APPLY_LOCK_KEY = 0x6C697374  # "list": one advisory lock id for folding the inbox

@@ -55,6 +55,7 @@ def apply_inbox(session: Session, settings: Settings, now: datetime, *, limit: i
     that is unavailable is not an event's fault: that error propagates and the batch is retried.
     """
     inbox.serialize_inbox_apply(session)
+    fold.keep_plans_fresh(session)
     rows = inbox.unapplied_events(session, limit)
     try:
         with session.begin_nested():
