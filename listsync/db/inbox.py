@@ -15,7 +15,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from listsync.db import models as m
-from listsync.db.session import chunks, insert_for, is_postgres, rows_affected
+from listsync.db.session import insert_for, is_postgres, key_filters, rows_affected
 from listsync.domain import InboundEvent
 from listsync.json_text import dumps as json_text
 
@@ -27,12 +27,14 @@ def store_events(
     source: str,
     now: datetime,
     audience_flags: Sequence[bool],
+    rules: str | None = None,
 ) -> int:
     """Append events to the inbox; a messageId already there is skipped. Returns how many were new.
 
     One prepared INSERT run by the driver's executemany (psycopg pipelines it, sqlite3 steps
     it), with the values already in the column's stored form: SQLAlchemy's per-row bind
     processing and a multi-VALUES statement re-parsed per batch cost more than the insert.
+    `rules`: the fingerprint of the validation rules that accepted them (`validate.RULES`).
     """
     if not events:
         return 0
@@ -60,6 +62,7 @@ def store_events(
             source,
             json_text(e.raw),
             flag,
+            rules,
         )
         for e, flag in zip(events, audience_flags, strict=True)
     ]
@@ -70,14 +73,14 @@ def store_events(
 
 
 _INBOX_COLUMNS = (
-    "message_id, type, event, user_id, anonymous_id, email, timestamp, received_at, source, payload, is_audience"
+    "message_id, type, event, user_id, anonymous_id, email, timestamp, received_at, source, payload, is_audience, rules"
 )
 _INSERT_SQLITE = (
-    f"INSERT INTO inbox ({_INBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    f"INSERT INTO inbox ({_INBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (message_id) DO NOTHING"
 )
 _INSERT_PG = (
-    f"INSERT INTO inbox ({_INBOX_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s) "
+    f"INSERT INTO inbox ({_INBOX_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s) "
     "ON CONFLICT (message_id) DO NOTHING"
 )
 
@@ -103,29 +106,42 @@ def store_rejections(
 
 @dataclass(frozen=True)
 class StoredEvent:
+    """An inbox row as the fold reads it: the payload, and what validation made of it when stored."""
+
     id: int
     payload: dict[str, Any]
     received_at: datetime
+    rules: str | None
+    type: str
+    message_id: str
+    timestamp: datetime
+    event: str | None
+    user_id: str | None
+    anonymous_id: str | None
+    email: str | None
+
+
+_STORED_COLUMNS = tuple(name for name in StoredEvent.__dataclass_fields__)
 
 
 def unapplied_events(session: Session, limit: int) -> list[StoredEvent]:
     """The oldest inbox events not yet folded into memberships (rows locked on PostgreSQL)."""
     inbox = m.table(m.InboxEvent)
     stmt = (
-        select(inbox.c.id, inbox.c.payload, inbox.c.received_at)
+        select(*(inbox.c[name] for name in _STORED_COLUMNS))
         .where(inbox.c.applied_at.is_(None))
         .order_by(inbox.c.id)
         .limit(limit)
     )
     if is_postgres(session):
         stmt = stmt.with_for_update(skip_locked=True)
-    return [StoredEvent(i, p, r) for i, p, r in session.execute(stmt)]
+    return [StoredEvent(*row) for row in session.execute(stmt)]
 
 
 def mark_applied(session: Session, ids: Sequence[int], now: datetime) -> None:
     inbox = m.table(m.InboxEvent)
-    for chunk in chunks(list(ids), 1000):
-        session.execute(update(inbox).where(inbox.c.id.in_(chunk)).values(applied_at=now))
+    for keys in key_filters(session, inbox.c.id, list(ids)):
+        session.execute(update(inbox).where(keys).values(applied_at=now))
 
 
 APPLY_LOCK_KEY = 0x6C697374  # "list": one advisory lock id for folding the inbox

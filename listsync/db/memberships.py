@@ -17,6 +17,7 @@ from sqlalchemy import (
     case,
     delete,
     func,
+    insert,
     or_,
     select,
     update,
@@ -98,21 +99,26 @@ def write_members(
     gone = sorted(removed)
     if gone:
         session.execute(delete(m.Membership).where(m.Membership.id.in_(gone)))
-    if created:
-        session.execute(
-            insert_for(session, m.Membership),
-            [
-                {"audience_id": audience_id, **member_values(member), "created_at": now,
-                 "updated_at": now, "next_attempt_at": None}
-                for audience_id, member in created
-            ],
-        )
+    insert_members(session, created, now)
     updates = []
     for member_id, member in changed.items():
         reset = {"next_attempt_at": None} if member.attempts == 0 else {}
         updates.append({"id": member_id, **member_values(member), "updated_at": now, **reset})
     if updates:
         session.execute(update(m.Membership), updates)
+
+
+def insert_members(session: Session, created: Sequence[tuple[int, Member]], now: datetime) -> None:
+    """Insert (audience_id, member) rows, in that order (plain rows: a first sync inserts them all)."""
+    if created:
+        session.execute(
+            insert(m.table(m.Membership)),
+            [
+                {"audience_id": audience_id, **member_values(member), "created_at": now,
+                 "updated_at": now, "next_attempt_at": None}
+                for audience_id, member in created
+            ],
+        )
 
 
 def members_of_user(session: Session, user_id: str) -> list[tuple[int, int, Member, datetime | None]]:

@@ -240,6 +240,9 @@ class InboxEvent(Base):
     routed_at: Mapped[datetime | None] = mapped_column(
         comment="when its per-event actions were recorded in event_deliveries"
     )
+    rules: Mapped[str | None] = mapped_column(
+        String(16), comment="fingerprint of the validation rules that accepted it; NULL: unknown, validated again"
+    )
 
 
 class EventDelivery(Base):

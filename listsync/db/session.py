@@ -9,7 +9,7 @@ from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Connection, CursorResult, Engine, Result, create_engine, event
+from sqlalchemy import Connection, CursorResult, Engine, Result, any_, bindparam, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
@@ -127,3 +127,14 @@ def insert_for(session: Session | Connection, table: Any) -> Any:
 def chunks(items: Sequence[Any], size: int = KEY_CHUNK) -> Iterable[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def key_filters(session: Session, column: Any, values: Sequence[Any]) -> Iterable[Any]:
+    """Conditions that together select the rows whose `column` is one of `values`: one
+    `column = ANY(array)` on PostgreSQL (one short statement, parsed and planned once, however
+    many values), IN lists of KEY_CHUNK values on SQLite."""
+    if not values:
+        return []
+    if is_postgres(session):
+        return [column == any_(bindparam("key_values", list(values), type_=postgresql.ARRAY(column.type)))]
+    return [column.in_(chunk) for chunk in chunks(values)]

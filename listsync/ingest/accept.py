@@ -117,7 +117,7 @@ def _store_isolated(
 
 def _store(session: Session, events: Sequence[InboundEvent], *, source: str, now: datetime) -> int:
     flags = [audience.is_audience_event(e) for e in events]
-    return inbox.store_events(session, events, source=source, now=now, audience_flags=flags)
+    return inbox.store_events(session, events, source=source, now=now, audience_flags=flags, rules=validate.RULES)
 
 
 def _unique_by_message_id(events: Sequence[InboundEvent]) -> list[InboundEvent]:

@@ -17,12 +17,20 @@ from sqlalchemy.orm import Session
 
 from listsync.config import Settings
 from listsync.context import SyncContext
-from listsync.db import audiences, inbox, memberships
+from listsync.db import audiences, fold, inbox, memberships
 from listsync.db.session import describe_refusal, refused_by_data, transaction
-from listsync.domain import Desired, EmailChange, Member, MembershipDelta, ProjectType, Rejection
+from listsync.domain import (
+    Desired,
+    EmailChange,
+    InboundEvent,
+    Member,
+    MembershipDelta,
+    ProjectType,
+    Rejection,
+)
 from listsync.ingest import audience, validate
 from listsync.ingest.scrub import kept_payload
-from listsync.lists import identity
+from listsync.lists import fast_fold, identity
 from listsync.lists import membership as rules
 from listsync.lists.planner import select_data_fields
 
@@ -47,6 +55,7 @@ def apply_inbox(session: Session, settings: Settings, now: datetime, *, limit: i
     that is unavailable is not an event's fault: that error propagates and the batch is retried.
     """
     inbox.serialize_inbox_apply(session)
+    fold.keep_plans_fresh(session)
     rows = inbox.unapplied_events(session, limit)
     try:
         with session.begin_nested():
@@ -83,7 +92,7 @@ def _fold_events(
     pending: list[MembershipDelta] = []
     refused: list[tuple[str, str]] = []
     for row in rows:
-        event = validate.validate_event(row.payload, received_at=row.received_at)
+        event = _event_of(row)
         if isinstance(event, Rejection):
             # It passed this check when accepted; a later, stricter release refuses it. It is
             # recorded, not silently ignored.
@@ -98,6 +107,23 @@ def _fold_events(
             apply_email_change(session, change, settings.iterable.project_type, now)
     _apply_deltas(session, settings, pending, now)
     return refused
+
+
+def _event_of(row: inbox.StoredEvent) -> InboundEvent | Rejection:
+    """The stored event, validated again unless the running rules accepted it (a later, stricter
+    release must refuse what an older one let in; the same rules would only say yes again)."""
+    if row.rules != validate.RULES:
+        return validate.validate_event(row.payload, received_at=row.received_at)
+    return validate.stored_event(
+        row.payload,
+        type=row.type,
+        message_id=row.message_id,
+        timestamp=row.timestamp,
+        event=row.event,
+        user_id=row.user_id,
+        anonymous_id=row.anonymous_id,
+        email=row.email,
+    )
 
 
 def _apply_deltas(
@@ -130,6 +156,7 @@ class _Members:
         self.by_email: dict[tuple[int, str], set[int]] = defaultdict(set)
         self.dirty: set[int] = set()
         self.removed: set[int] = set()
+        self.position: dict[int, int] = {}
         self._next_new = -1
         for member_id, audience_id, state in rows:
             self._index(member_id, audience_id, state)
@@ -149,10 +176,11 @@ class _Members:
         )
         return {i: rules.current_identity(self.states[i]) for i in ids if i in self.states}
 
-    def add(self, audience_id: int, state: Member) -> None:
+    def add(self, audience_id: int, state: Member, position: int) -> None:
         member_id, self._next_new = self._next_new, self._next_new - 1
         self._index(member_id, audience_id, state)
         self.dirty.add(member_id)
+        self.position[member_id] = position
 
     def put(self, member_id: int, state: Member) -> None:
         old = self.states[member_id]
@@ -171,37 +199,65 @@ class _Members:
                 self.removed.add(other)
         self.put(member_id, merged)
 
-    def write(self, session: Session, now: datetime) -> None:
-        # New members (negative ids: -1, -2, ...) are inserted in the order their events came.
-        created = [(self.audience[i], self.states[i]) for i in sorted(self.dirty, reverse=True) if i < 0]
-        changed = {i: self.states[i] for i in sorted(self.dirty) if i > 0}
-        memberships.write_members(session, removed=self.removed, created=created, changed=changed, now=now)
+    def created(self) -> list[tuple[int, int, Member]]:
+        """(position of the creating delta in the batch, audience_id, member) of the new rows."""
+        return [(self.position[i], self.audience[i], self.states[i]) for i in self.dirty if i < 0]
+
+    def changed(self) -> dict[int, Member]:
+        return {i: self.states[i] for i in sorted(self.dirty) if i > 0}
 
 
 def apply_deltas(
     session: Session,
-    deltas: Sequence[tuple[int, MembershipDelta, dict[str, Any] | None]],
+    deltas: Sequence[fast_fold.FoldItem],
     project_type: ProjectType,
     now: datetime,
+    *,
+    set_based: bool = True,
 ) -> int:
     """Fold (audience_id, delta, data_fields) into memberships, in event-time order per member.
     Returns how many memberships changed. `identity.resolve` says which membership each delta
     is about (and which rows name the same Iterable profile and are merged); only when none is
-    a new row created."""
-    known = _Members(
-        memberships.load_candidates(
-            session,
-            {a for a, _, _ in deltas},
-            {d.user_id or "" for _, d, _ in deltas},
-            {d.email or "" for _, d, _ in deltas},
-        )
+    a new row created.
+
+    `set_based` (the default) lets the deltas whose outcome `fast_fold` can state take the
+    set-based path (one insert, one update per batch); the others, or all of them when False,
+    are folded one by one by the rules. New rows are inserted in the order of their deltas.
+    """
+    items = [item for item in deltas if item[1].desired is not Desired.UNKNOWN]
+    if set_based:
+        split = fast_fold.split(items, fold.stored_keys(session, *_identifiers(items)))
+    else:
+        split = fast_fold.Split(by_rules=list(enumerate(items)))
+    known = _fold_by_rules(session, split.by_rules, project_type)
+    created = known.created() + [
+        (position, audience_id, rules.new_member(delta, fields, project_type))
+        for position, (audience_id, delta, fields) in split.inserts
+    ]
+    created.sort(key=lambda row: row[0])
+    changed = known.changed()
+    memberships.write_members(
+        session, removed=known.removed, created=[(a, member) for _, a, member in created], changed=changed, now=now
     )
-    for audience_id, delta, fields in deltas:
-        if delta.desired is Desired.UNKNOWN:
-            continue
-        _fold_delta(known, audience_id, delta, fields, project_type)
-    known.write(session, now)
-    return len(known.dirty) + len(known.removed)
+    fold.update_from_deltas(session, [(i, d, f) for i, (_, d, f) in split.updates], project_type, now)
+    return len(created) + len(changed) + len(known.removed) + len(split.updates)
+
+
+def _identifiers(items: Sequence[fast_fold.FoldItem]) -> tuple[set[int], set[str], set[str]]:
+    """The audiences, userIds and emails of the items (for the candidate look-up)."""
+    return {a for a, _, _ in items}, {d.user_id or "" for _, d, _ in items}, {d.email or "" for _, d, _ in items}
+
+
+def _fold_by_rules(
+    session: Session, items: Sequence[tuple[int, fast_fold.FoldItem]], project_type: ProjectType
+) -> _Members:
+    """The rules' fold of (position, item) pairs over their candidates, in memory."""
+    if not items:
+        return _Members(())
+    known = _Members(memberships.load_candidates(session, *_identifiers([item for _, item in items])))
+    for position, (audience_id, delta, fields) in items:
+        _fold_delta(known, audience_id, delta, fields, project_type, position)
+    return known
 
 
 def _fold_delta(
@@ -210,11 +266,12 @@ def _fold_delta(
     delta: MembershipDelta,
     fields: dict[str, Any] | None,
     project_type: ProjectType,
+    position: int,
 ) -> None:
     who = identity.identity(delta.user_id, delta.email)
     match = identity.resolve(project_type, who, known.candidates(audience_id, who))
     if not match.targets:
-        known.add(audience_id, rules.new_member(delta, fields, project_type))
+        known.add(audience_id, rules.new_member(delta, fields, project_type), position)
         return
     if match.absorbed:
         known.absorb(match.targets[0], match.absorbed, project_type)

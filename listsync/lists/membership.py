@@ -8,6 +8,7 @@ are applied by event time, not arrival time, so a late, older event never undoes
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 from listsync.domain import Desired, EmailChange, Member, MembershipDelta, MemberState, ProjectType, Synced
@@ -18,7 +19,12 @@ PENDING, SYNCED, FAILED = MemberState.PENDING, MemberState.SYNCED, MemberState.F
 
 def newer(delta: MembershipDelta, current: Member) -> bool:
     """Event-time order, with the messageId as a stable tie-break between equal timestamps."""
-    return (delta.timestamp, delta.message_id) > (current.desired_at, current.desired_message_id)
+    return newer_than(delta, current.desired_at, current.desired_message_id)
+
+
+def newer_than(delta: MembershipDelta, desired_at: datetime, desired_message_id: str) -> bool:
+    """`newer`, against a stored (desired_at, desired_message_id)."""
+    return (delta.timestamp, delta.message_id) > (desired_at, desired_message_id)
 
 
 def current_identity(member: Member) -> identity.Identity:
