@@ -28,8 +28,10 @@ def begin_request(
     member_ids: Sequence[int],
     owner: str,
     now: datetime,
+    sent: Sequence[tuple[str | None, str | None]] | None = None,
 ) -> int:
-    """Write the request and its members before the call, so a crash leaves a trace to resolve."""
+    """Write the request and its members before the call, so a crash leaves a trace to resolve.
+    `sent`: the (email, userId) each member is sent with, in `member_ids` order."""
     request = m.ApiRequest(
         run_id=run_id,
         audience_id=audience_id,
@@ -44,7 +46,10 @@ def begin_request(
     if member_ids:
         session.execute(
             insert_for(session, m.RequestItem),
-            [{"request_id": request.id, "membership_id": i} for i in member_ids],
+            [
+                {"request_id": request.id, "membership_id": i, "sent_email": e, "sent_user_id": u}
+                for i, (e, u) in zip(member_ids, sent or [(None, None)] * len(member_ids), strict=True)
+            ],
         )
     return request.id
 
@@ -66,7 +71,10 @@ def finish_request(
     record: RequestRecord,
     now: datetime,
     outcomes: Mapping[int, tuple[str, str | None]],
+    common: tuple[str, str | None] | None = None,
 ) -> None:
+    """Complete the request. `outcomes`: (outcome, error) by member; with `common`, only the
+    members whose outcome differs from it need be named."""
     session.execute(
         update(m.ApiRequest)
         .where(m.ApiRequest.id == request_id)
@@ -82,9 +90,10 @@ def finish_request(
         )
     )
     items = m.table(m.RequestItem)
-    if outcomes:
+    if common is None and outcomes:
         # Most members of a request share one outcome: one statement for it, then the exceptions.
         common = Counter(outcomes.values()).most_common(1)[0][0]
+    if common is not None:
         session.execute(
             update(items).where(items.c.request_id == request_id).values(outcome=common[0], error=common[1])
         )
