@@ -45,7 +45,7 @@ def begin_request(
     session.flush()
     if member_ids:
         session.execute(
-            insert_for(session, m.RequestItem),
+            insert_for(session, m.table(m.RequestItem)),  # Core, not the ORM's bulk path: the hot path
             [
                 {"request_id": request.id, "membership_id": i, "sent_email": e, "sent_user_id": u}
                 for i, (e, u) in zip(member_ids, sent or [(None, None)] * len(member_ids), strict=True)

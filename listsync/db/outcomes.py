@@ -74,7 +74,7 @@ def confirm_subscribed(session: Session, request_id: int, confirmed: Collection[
     )
     result = session.execute(
         update(_MEMBERS)
-        .where(matched)
+        .where(_MEMBERS.c.id.in_(_request_members(request_id, confirmed)), matched)  # the IN drives by key
         .values(
             synced=Synced.IN,
             synced_email=func.nullif(_MEMBERS.c.email, ""),
