@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import NoReturn
 
+from sqlalchemy.orm import Session
+
 from listsync.config import AudienceSettings
 from listsync.context import Progress, RunReport, SyncContext
 from listsync.db import audiences, ledger
@@ -92,19 +94,25 @@ class Wire:
             if len(self.flights) >= self.limit:
                 self._land(block=True)
                 continue
-            if self.ctx.should_stop() or not still_ours(self.ctx, self.audience):
+            if self.ctx.should_stop() or not self._launch(self.queue[0]):
                 self.halted = True
                 return
-            self._launch(self.queue.popleft())
+            self.queue.popleft()
         self._land(block=False)
 
-    def _launch(self, batch: planner.Batch) -> None:
+    def _launch(self, batch: planner.Batch) -> bool:
+        """Renew the lease, write the request to the ledger (one transaction) and hand it to a
+        worker; False, with nothing written or sent, when another replica holds the audience."""
         if self.ctx.client.is_dry_run:
+            if not still_ours(self.ctx, self.audience):
+                return False
             call(self.ctx, self.list_id, batch, self.settings)
             self.report.requests += 1
-            return
+            return True
         sent = [(s.email or None, s.user_id or None) for s in batch.subscribers]
         with transaction(self.ctx.factory) as session:
+            if not still_ours(self.ctx, self.audience, session):
+                return False
             request_id = ledger.begin_request(
                 session,
                 run_id=self.report.run_id,
@@ -118,6 +126,7 @@ class Wire:
         self.report.requests += 1
         answer = self.pool.submit(call, self.ctx, self.list_id, batch, self.settings)
         self.flights.append(_Flight(request_id, batch, answer))
+        return True
 
     def _land(self, *, block: bool) -> None:
         """Record every answered request (waiting for one first when `block`), in launch order."""
@@ -200,11 +209,15 @@ def halves(batch: planner.Batch) -> list[planner.Batch]:
     ]
 
 
-def still_ours(ctx: SyncContext, audience: m.Audience) -> bool:
-    """Extend this replica's lease before each request; False when another replica has taken the
-    audience over (our lease lapsed, e.g. during long retries): then we must not send for it."""
+def still_ours(ctx: SyncContext, audience: m.Audience, session: Session | None = None) -> bool:
+    """Extend this replica's lease before each request (in `session`, else in a transaction of
+    its own); False when another replica has taken the audience over (our lease lapsed, e.g.
+    during long retries): then we must not send for it."""
     until = ctx.clock() + timedelta(seconds=ctx.settings.sync.lease_seconds)
-    with transaction(ctx.factory) as session:
+    if session is None:
+        with transaction(ctx.factory) as own:
+            ours = audiences.renew_lease(own, audience.id, ctx.owner, until)
+    else:
         ours = audiences.renew_lease(session, audience.id, ctx.owner, until)
     if not ours:
         logger.warning(
