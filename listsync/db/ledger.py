@@ -11,12 +11,13 @@ from datetime import datetime
 from sqlalchemy import (
     bindparam,
     select,
+    text,
     update,
 )
 from sqlalchemy.orm import Session
 
 from listsync.db import models as m
-from listsync.db.session import insert_for
+from listsync.db.session import is_postgres
 
 
 def begin_request(
@@ -44,14 +45,41 @@ def begin_request(
     session.add(request)
     session.flush()
     if member_ids:
-        session.execute(
-            insert_for(session, m.table(m.RequestItem)),  # Core, not the ORM's bulk path: the hot path
-            [
-                {"request_id": request.id, "membership_id": i, "sent_email": e, "sent_user_id": u}
-                for i, (e, u) in zip(member_ids, sent or [(None, None)] * len(member_ids), strict=True)
-            ],
-        )
+        _insert_items(session, request.id, member_ids, sent or [(None, None)] * len(member_ids))
     return request.id
+
+
+_ITEM_COLUMNS = "request_id, membership_id, sent_email, sent_user_id"
+
+
+def _insert_items(
+    session: Session,
+    request_id: int,
+    member_ids: Sequence[int],
+    sent: Sequence[tuple[str | None, str | None]],
+) -> None:
+    """A request's members, on the hot path of a large sync: one statement of arrays on PostgreSQL,
+    the driver's own executemany on SQLite (no per-row parameter processing either way)."""
+    if len(sent) != len(member_ids):
+        raise ValueError("one sent identity per member")
+    if is_postgres(session):
+        session.execute(
+            text(
+                f"INSERT INTO api_request_items ({_ITEM_COLUMNS}) SELECT :r, t.* FROM unnest("
+                "CAST(:ids AS bigint[]), CAST(:emails AS varchar[]), CAST(:users AS varchar[])) AS t"
+            ),
+            {
+                "r": request_id,
+                "ids": list(member_ids),
+                "emails": [e for e, _ in sent],
+                "users": [u for _, u in sent],
+            },
+        )
+        return
+    session.connection().exec_driver_sql(
+        f"INSERT INTO api_request_items ({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?)",
+        [(request_id, i, e, u) for i, (e, u) in zip(member_ids, sent, strict=True)],
+    )
 
 
 @dataclass(frozen=True)
