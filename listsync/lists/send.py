@@ -1,6 +1,7 @@
 """Plan -> send -> record for one audience: pending members page by page, the fewest requests
-possible, each written to the ledger before it is sent and recorded with its members' new state
-in one transaction after Iterable answers."""
+possible, up to `sync.max_in_flight` of them on the wire at once (`lists.wire`), each written to
+the ledger before it is sent and recorded with its members' new state in one transaction after
+Iterable answers (`lists.record`)."""
 
 from __future__ import annotations
 
