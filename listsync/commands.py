@@ -34,7 +34,7 @@ def _database(settings: Settings, *, migrate: bool = True) -> Iterator[tuple[Eng
 
 @contextmanager
 def sync_context(settings: Settings) -> Iterator[context.SyncContext]:
-    with _database(settings) as (_engine, factory), client_from_settings(settings.iterable) as client:
+    with _database(settings) as (_engine, factory), client_from_settings(settings.iterable, keep_alive=settings.sync.max_in_flight) as client:
         yield context.SyncContext(settings=settings, factory=factory, client=client)
 
 

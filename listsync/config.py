@@ -82,6 +82,13 @@ class SyncSettings(Section):
     retry_max_seconds: float = Field(3600.0, ge=0)
     lease_seconds: float = Field(300.0, gt=0)
     reconcile_interval_seconds: float = Field(0.0, ge=0)
+    # List requests of one audience on the wire at once. Iterable documents no limit for
+    # lists/subscribe and lists/unsubscribe; listsync paces them at 100/s (the documented rate of
+    # their sibling GET /api/lists). By Little's law, keeping that pace over a 80 ms round trip
+    # takes 100/s x 0.08 s = 8 requests in flight; fewer leaves the pace unused, more only queues
+    # in the rate limiter and bursts at a project whose limit other senders share. Segment's
+    # Iterable Lists sends a batch's subscribe and unsubscribe calls in parallel, unbounded.
+    max_in_flight: int = Field(8, ge=1, le=64)
 
 
 class AudienceSettings(Section):

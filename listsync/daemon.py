@@ -121,7 +121,7 @@ def run(settings: Settings) -> int:
     with single_daemon(settings.database_url):
         engine = dbs.make_engine(settings.database_url)
         factory = dbs.session_factory(engine)
-        with client_from_settings(settings.iterable) as client:
+        with client_from_settings(settings.iterable, keep_alive=settings.sync.max_in_flight) as client:
             ctx = context.SyncContext(
                 settings=settings, factory=factory, client=client, should_stop=stopping.is_set
             )

@@ -12,12 +12,13 @@ from datetime import datetime
 from sqlalchemy import (
     bindparam,
     select,
+    text,
     update,
 )
 from sqlalchemy.orm import Session
 
 from listsync.db import models as m
-from listsync.db.session import insert_for
+from listsync.db.session import is_postgres
 
 
 def begin_request(
@@ -29,8 +30,10 @@ def begin_request(
     member_ids: Sequence[int],
     owner: str,
     now: datetime,
+    sent: Sequence[tuple[str | None, str | None]] | None = None,
 ) -> int:
-    """Write the request and its members before the call, so a crash leaves a trace to resolve."""
+    """Write the request and its members before the call, so a crash leaves a trace to resolve.
+    `sent`: the (email, userId) each member is sent with, in `member_ids` order."""
     request = m.ApiRequest(
         run_id=run_id,
         audience_id=audience_id,
@@ -43,11 +46,41 @@ def begin_request(
     session.add(request)
     session.flush()
     if member_ids:
-        session.execute(
-            insert_for(session, m.RequestItem),
-            [{"request_id": request.id, "membership_id": i} for i in member_ids],
-        )
+        _insert_items(session, request.id, member_ids, sent or [(None, None)] * len(member_ids))
     return request.id
+
+
+_ITEM_COLUMNS = "request_id, membership_id, sent_email, sent_user_id"
+
+
+def _insert_items(
+    session: Session,
+    request_id: int,
+    member_ids: Sequence[int],
+    sent: Sequence[tuple[str | None, str | None]],
+) -> None:
+    """A request's members, on the hot path of a large sync: one statement of arrays on PostgreSQL,
+    the driver's own executemany on SQLite (no per-row parameter processing either way)."""
+    if len(sent) != len(member_ids):
+        raise ValueError("one sent identity per member")
+    if is_postgres(session):
+        session.execute(
+            text(
+                f"INSERT INTO api_request_items ({_ITEM_COLUMNS}) SELECT :r, t.* FROM unnest("
+                "CAST(:ids AS bigint[]), CAST(:emails AS varchar[]), CAST(:users AS varchar[])) AS t"
+            ),
+            {
+                "r": request_id,
+                "ids": list(member_ids),
+                "emails": [e for e, _ in sent],
+                "users": [u for _, u in sent],
+            },
+        )
+        return
+    session.connection().exec_driver_sql(
+        f"INSERT INTO api_request_items ({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?)",
+        [(request_id, i, e, u) for i, (e, u) in zip(member_ids, sent, strict=True)],
+    )
 
 
 @dataclass(frozen=True)
@@ -67,16 +100,20 @@ def finish_request(
     record: RequestRecord,
     now: datetime,
     outcomes: Mapping[int, tuple[str, str | None]],
+    common: tuple[str, str | None] | None = None,
 ) -> None:
+    """Complete the request. `outcomes`: (outcome, error) by member; with `common`, only the
+    members whose outcome differs from it need be named."""
     session.execute(
         update(m.ApiRequest)
         .where(m.ApiRequest.id == request_id)
         .values(**dataclasses.asdict(record), finished_at=now)
     )
     items = m.table(m.RequestItem)
-    if outcomes:
+    if common is None and outcomes:
         # Most members of a request share one outcome: one statement for it, then the exceptions.
         common = Counter(outcomes.values()).most_common(1)[0][0]
+    if common is not None:
         session.execute(
             update(items).where(items.c.request_id == request_id).values(outcome=common[0], error=common[1])
         )

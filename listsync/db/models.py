@@ -397,6 +397,8 @@ class RequestItem(Base):
         String(32), comment="ok / not_found / invalid / forgotten / ..."
     )
     error: Mapped[str | None] = mapped_column(Text, comment="why it failed, when it did")
+    sent_email: Mapped[str | None] = mapped_column(String(320), comment="email the request carried")
+    sent_user_id: Mapped[str | None] = mapped_column(String(255), comment="userId the request carried")
 
 
 class SourceFile(Base):

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from listsync.db import models as m
 
-# Item outcomes that mean the change is in Iterable (see lists.send._item_verdict and in-doubt settling).
+# Item outcomes that mean the change is in Iterable (see lists.record.item_verdict and in-doubt settling).
 _SUBSCRIBED = ("ok", "applied")
 _UNSUBSCRIBED = ("ok", "not_found", "applied")
 

@@ -104,6 +104,7 @@ class IterableClient:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        keep_alive: int = 20,
     ) -> None:
         self._api_key = api_key
         self._dry_run = api_key == ""
@@ -119,6 +120,8 @@ class IterableClient:
             timeout=httpx.Timeout(timeout, connect=min(CONNECT_TIMEOUT, timeout)),
             headers={"User-Agent": f"listsync/{__version__}"},
             follow_redirects=False,
+            # Kept-alive connections for at least every request in flight ([sync] max_in_flight).
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=max(20, keep_alive)),
         )
 
     @property
@@ -399,7 +402,7 @@ class IterableClient:
 
 
 def client_from_settings(
-    settings: IterableSettings, *, transport: httpx.BaseTransport | None = None
+    settings: IterableSettings, *, transport: httpx.BaseTransport | None = None, keep_alive: int = 20
 ) -> IterableClient:
     """The client the configuration asks for; an empty api_key gives the dry-run client."""
     return IterableClient(
@@ -413,4 +416,5 @@ def client_from_settings(
             max_delay=settings.retry_max_seconds,
         ),
         rate_limits=settings.rate_limits or None,
+        keep_alive=keep_alive,
     )

@@ -23,8 +23,8 @@ from listsync.errors import ListNotFoundError, PermanentError, RetryableError
 from listsync.iterable.payloads import Subscriber
 from listsync.lists import identity, planner
 from listsync.lists import membership as rules
+from listsync.lists.record import confirm
 from listsync.lists.remote import list_users, mark_missing
-from listsync.lists.send import confirm
 
 logger = logging.getLogger(__name__)
 
