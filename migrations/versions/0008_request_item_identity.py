@@ -5,8 +5,8 @@ carries the identifiers it was sent with is confirmed in SQL, and only the rows 
 the request was on the wire are read back into Python. sent_email and sent_user_id are what the
 request carried for the member (NULL: not sent).
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-01
 
 Rules for every revision: see 0001. Additive only: the previous release ignores the new, nullable
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0007"
-down_revision: str | None = "0006"
+revision: str = "0008"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
