@@ -34,7 +34,7 @@ def store_events(
     One prepared INSERT run by the driver's executemany (psycopg pipelines it, sqlite3 steps
     it), with the values already in the column's stored form: SQLAlchemy's per-row bind
     processing and a multi-VALUES statement re-parsed per batch cost more than the insert.
-    `rules`: the fingerprint of the validation rules that accepted them (`validate.RULES`).
+    `rules`: the fingerprint of the validation rules that accepted them (`stored.RULES`).
     """
     if not events:
         return 0

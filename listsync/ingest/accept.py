@@ -17,7 +17,7 @@ from listsync import metrics
 from listsync.db import inbox
 from listsync.db.session import describe_refusal, refused_by_data
 from listsync.domain import InboundEvent, Rejection
-from listsync.ingest import audience, extract, validate
+from listsync.ingest import audience, extract, stored, validate
 from listsync.ingest.scrub import kept_payload, scrub_text
 
 
@@ -117,7 +117,7 @@ def _store_isolated(
 
 def _store(session: Session, events: Sequence[InboundEvent], *, source: str, now: datetime) -> int:
     flags = [audience.is_audience_event(e) for e in events]
-    return inbox.store_events(session, events, source=source, now=now, audience_flags=flags, rules=validate.RULES)
+    return inbox.store_events(session, events, source=source, now=now, audience_flags=flags, rules=stored.RULES)
 
 
 def _unique_by_message_id(events: Sequence[InboundEvent]) -> list[InboundEvent]:

@@ -9,12 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from listsync import json_text
@@ -361,58 +359,6 @@ def _check_audience_key(key: str | None) -> None:
         raise InvalidEvent("missing_audience_key: audience event without a computation or audience key")
     if len(key) > MAX_NAME_LENGTH:
         raise InvalidEvent(f"missing_audience_key: the audience key is longer than {MAX_NAME_LENGTH} characters")
-
-
-_RULE_MODULES = ("validate.py", "extract.py", "audience.py", "../json_text.py")
-
-
-def _rules_fingerprint() -> str:
-    """A digest of the sources that decide what is accepted (this module, body parsing, the
-    Engage settings, JSON decoding): it changes whenever the validation rules may have. An
-    unreadable source gives a fresh value per process, so every stored event is validated again."""
-    digest = hashlib.sha256()
-    try:
-        for name in _RULE_MODULES:
-            digest.update((Path(__file__).parent / name).read_bytes())
-    except OSError:
-        return os.urandom(8).hex()
-    return digest.hexdigest()[:16]
-
-
-RULES = _rules_fingerprint()
-
-
-def stored_event(
-    payload: Mapping[str, Any],
-    *,
-    type: str,
-    message_id: str,
-    timestamp: datetime,
-    event: str | None,
-    user_id: str | None,
-    anonymous_id: str | None,
-    email: str | None,
-) -> InboundEvent:
-    """An event these rules (`RULES`) accepted, read back from the inbox without validating it
-    again: the normalised fields are what `validate_event` made of it, as stored beside the
-    payload, and the objects are the stored payload's, as validating that payload gives them
-    (they were objects or null). Only the derived messageId of an event without one that hid a
-    write key below the top level differs: the stored one is the inbox's own dedupe key."""
-    objects = {name: payload.get(name) or {} for name in _OBJECT_FIELDS}
-    return InboundEvent(
-        type=type,
-        message_id=message_id,
-        timestamp=timestamp,
-        user_id=user_id,
-        anonymous_id=anonymous_id,
-        email=email,
-        event=event,
-        name=payload.get("name"),
-        traits=objects["traits"],
-        properties=objects["properties"],
-        context=objects["context"],
-        raw=payload,
-    )
 
 
 # ---------------------------------------------------------------------------------------------

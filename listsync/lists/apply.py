@@ -28,7 +28,7 @@ from listsync.domain import (
     ProjectType,
     Rejection,
 )
-from listsync.ingest import audience, validate
+from listsync.ingest import audience, stored, validate
 from listsync.ingest.scrub import kept_payload
 from listsync.lists import fast_fold, identity
 from listsync.lists import membership as rules
@@ -112,9 +112,9 @@ def _fold_events(
 def _event_of(row: inbox.StoredEvent) -> InboundEvent | Rejection:
     """The stored event, validated again unless the running rules accepted it (a later, stricter
     release must refuse what an older one let in; the same rules would only say yes again)."""
-    if row.rules != validate.RULES:
+    if row.rules != stored.RULES:
         return validate.validate_event(row.payload, received_at=row.received_at)
-    return validate.stored_event(
+    return stored.stored_event(
         row.payload,
         type=row.type,
         message_id=row.message_id,

@@ -5,7 +5,7 @@ flags, data fields) are folded in random batches into two audiences holding the 
 members (random desired, synced and failed states): one set-based (`lists.fast_fold` picks what it
 can), one delta by delta through `identity` and `membership`. Every column the rules own must match,
 row for row in insertion order. A second test checks that an inbox event the running rules
-accepted is read back (`validate.stored_event`) as validating it again would give it.
+accepted is read back (`stored.stored_event`) as validating it again would give it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from listsync.db import audiences, inbox, memberships
 from listsync.db import models as m
 from listsync.db.session import make_engine, session_factory, transaction
 from listsync.domain import Desired, InboundEvent, Member, MembershipDelta, MemberState, ProjectType, Synced
-from listsync.ingest import accept, audience, extract, validate
+from listsync.ingest import accept, audience, extract, stored, validate
 from listsync.lists import apply
 from listsync.lists import membership as rules
 from tests.helpers import audience_event
@@ -149,7 +149,7 @@ def test_an_event_accepted_by_the_running_rules_reads_back_as_validated(factory:
         counts = accept.accept_items(session, items, source="test", now=now)
         assert counts.accepted == len(items)
         rows = inbox.unapplied_events(session, 100)
-    assert {row.rules for row in rows} == {validate.RULES}
+    assert {row.rules for row in rows} == {stored.RULES}
     for row in rows:
         read = apply._event_of(row)
         again = validate.validate_event(row.payload, received_at=row.received_at)

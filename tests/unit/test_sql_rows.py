@@ -12,6 +12,7 @@ import pytest
 
 from listsync.domain import InboundEvent, Rejection
 from listsync.ingest import sql_source, validate
+from listsync.ingest.audience import extract_deltas
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 
@@ -107,7 +108,7 @@ def test_the_row_reader_keeps_what_the_receiver_would_accept(row: tuple[Any, ...
     event = validate.validate_event(json.loads(built[-1]), received_at=NOW)
     assert isinstance(event, InboundEvent), event
     assert built[:4] == (event.message_id, event.user_id, event.anonymous_id, event.email)
-    [ours], [theirs] = audience.extract_deltas(event), audience.extract_deltas(expected)
+    [ours], [theirs] = extract_deltas(event), extract_deltas(expected)
     assert (ours.audience_key, ours.user_id, ours.email, ours.desired) == (
         theirs.audience_key,
         theirs.user_id,
