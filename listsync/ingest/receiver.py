@@ -44,7 +44,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -62,7 +62,7 @@ from starlette.types import ASGIApp
 from listsync import health, metrics
 from listsync.config import Settings
 from listsync.db.session import transaction
-from listsync.domain import Rejection
+from listsync.domain import Rejection, utcnow
 from listsync.ingest import accept, extract, http_body, validate
 from listsync.ingest.group_commit import GroupCommitter
 from listsync.ingest.http_body import Outcome
@@ -227,7 +227,7 @@ class _Handler:
 def _store(committer: GroupCommitter, body: bytes, problem: Rejection | None, parse: Parser) -> Outcome:
     """Parse and validate one body here, store it in the next group commit; returns only after
     that commit (concurrent requests share it: see `group_commit`)."""
-    now = datetime.now(UTC)
+    now = utcnow()
     parsed = problem or parse(body)
     if isinstance(parsed, Rejection):
         # The body as a whole is unusable (too large, bad gzip, not JSON): dead-letter an excerpt.
@@ -251,7 +251,7 @@ def _store_unprocessable(factory: sessionmaker[Session], body: bytes) -> Outcome
     reason = "internal_error: listsync could not process this body; it is kept here for a replay"
     with transaction(factory) as session:
         item = extract.RejectedItem(Rejection(reason), scrub_text(body.decode("utf-8", "replace")))
-        accept.accept_items(session, [item], source=SOURCE, now=datetime.now(UTC))
+        accept.accept_items(session, [item], source=SOURCE, now=utcnow())
     return Outcome(400, error=reason)
 
 

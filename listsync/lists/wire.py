@@ -20,6 +20,7 @@ from typing import NoReturn
 
 from sqlalchemy.orm import Session
 
+from listsync import engine
 from listsync.config import AudienceSettings
 from listsync.context import Progress, RunReport, SyncContext
 from listsync.db import audiences, ledger
@@ -104,14 +105,14 @@ class Wire:
         """Renew the lease, write the request to the ledger (one transaction) and hand it to a
         worker; False, with nothing written or sent, when another replica holds the audience."""
         if self.ctx.client.is_dry_run:
-            if not still_ours(self.ctx, self.audience):
+            if not lease_renewed(self.ctx, self.audience):
                 return False
             call(self.ctx, self.list_id, batch, self.settings)
             self.report.requests += 1
             return True
         sent = [(s.email or None, s.user_id or None) for s in batch.subscribers]
         with transaction(self.ctx.factory) as session:
-            if not still_ours(self.ctx, self.audience, session):
+            if not lease_renewed(self.ctx, self.audience, session):
                 return False
             request_id = ledger.begin_request(
                 session,
@@ -209,7 +210,7 @@ def halves(batch: planner.Batch) -> list[planner.Batch]:
     ]
 
 
-def still_ours(ctx: SyncContext, audience: m.Audience, session: Session | None = None) -> bool:
+def lease_renewed(ctx: SyncContext, audience: m.Audience, session: Session | None = None) -> bool:
     """Extend this replica's lease before each request (in `session`, else in a transaction of
     its own); False when another replica has taken the audience over (our lease lapsed, e.g.
     during long retries): then we must not send for it."""
@@ -219,13 +220,7 @@ def still_ours(ctx: SyncContext, audience: m.Audience, session: Session | None =
             ours = audiences.renew_lease(own, audience.id, ctx.owner, until)
     else:
         ours = audiences.renew_lease(session, audience.id, ctx.owner, until)
-    if not ours:
-        logger.warning(
-            "audience %r was taken over by another replica; leaving it",
-            audience.audience_key,
-            extra={"event": "lease_lost", "audience": audience.audience_key},
-        )
-    return ours
+    return engine.still_ours(ours, f"audience {audience.audience_key!r}", audience=audience.audience_key)
 
 
 def call(
