@@ -82,6 +82,16 @@ class InvalidEvent(Exception):
 # Bodies
 
 
+def _decoded(body: bytes) -> Any:
+    """The JSON value of a request body, or the Rejection of a body too large or not JSON."""
+    if len(body) > MAX_BATCH_BYTES:
+        return Rejection(f"body_too_large: {len(body)} bytes > {MAX_BATCH_BYTES}")
+    try:
+        return _loads(body)
+    except ValueError as exc:
+        return Rejection(f"malformed_json: {exc}")
+
+
 def parse_body(body: bytes, *, path_type: str | None) -> Rejection | list[BodyItem]:
     """Split a request body for `/v1/<path_type>` (or `/v1/batch` when None) into items.
 
@@ -90,12 +100,9 @@ def parse_body(body: bytes, *, path_type: str | None) -> Rejection | list[BodyIt
     """
     if path_type is not None and path_type not in SEGMENT_TYPES:
         raise ValueError(f"not a Segment endpoint type: {path_type!r}")
-    if len(body) > MAX_BATCH_BYTES:
-        return Rejection(f"body_too_large: {len(body)} bytes > {MAX_BATCH_BYTES}")
-    try:
-        decoded = _loads(body)
-    except ValueError as exc:
-        return Rejection(f"malformed_json: {exc}")
+    decoded = _decoded(body)
+    if isinstance(decoded, Rejection):
+        return decoded
     if not isinstance(decoded, dict):
         return Rejection(f"not_an_object: body must be a JSON object, got {json_type(decoded)}")
     if path_type is None:
@@ -137,12 +144,9 @@ def parse_webhook_body(body: bytes) -> Rejection | list[BodyItem]:
     (Actions) with batching on). Array items are checked one by one, as in a batch; there is no
     shared context to merge. An empty array is an empty list.
     """
-    if len(body) > MAX_BATCH_BYTES:
-        return Rejection(f"body_too_large: {len(body)} bytes > {MAX_BATCH_BYTES}")
-    try:
-        decoded = _loads(body)
-    except ValueError as exc:
-        return Rejection(f"malformed_json: {exc}")
+    decoded = _decoded(body)
+    if isinstance(decoded, Rejection):
+        return decoded
     if isinstance(decoded, dict):
         return [RawEvent(decoded, len(body))]
     if isinstance(decoded, list):
