@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from listsync.domain import InboundEvent
-
-_OBJECT_FIELDS = ("traits", "properties", "context")
+from listsync.ingest.validate import OBJECT_FIELDS
 
 _RULE_MODULES = ("validate.py", "extract.py", "audience.py", "stored.py", "../json_text.py")
 
@@ -50,7 +49,7 @@ def stored_event(
     payload, and the objects are the stored payload's, as validating that payload gives them
     (they were objects or null). Only the derived messageId of an event without one that hid a
     write key below the top level differs: the stored one is the inbox's own dedupe key."""
-    objects = {name: payload.get(name) or {} for name in _OBJECT_FIELDS}
+    objects = {name: payload.get(name) or {} for name in OBJECT_FIELDS}
     return InboundEvent(
         type=type,
         message_id=message_id,

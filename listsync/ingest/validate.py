@@ -26,7 +26,7 @@ MAX_USER_ID_LENGTH = 52
 MAX_NAME_LENGTH = 255
 MAX_EMAIL_LENGTH = 320
 
-_OBJECT_FIELDS = ("traits", "properties", "context")
+OBJECT_FIELDS = ("traits", "properties", "context")  # the objects an event carries, validated as objects
 # Transport metadata that a client may change on a retry of the same event; left out of the
 # derived messageId so a retried event still dedupes.
 _UNHASHED_FIELDS = frozenset({"sentAt", "receivedAt", "writeKey"})
@@ -66,7 +66,7 @@ def _validated(raw: Mapping[str, Any], received_at: datetime, encoded_size: int 
     nested_write_key = _check_values(raw)
     _check_size(raw, encoded_size)
     kind = _event_type(raw)
-    objects = {name: _object_field(raw, name) for name in _OBJECT_FIELDS}
+    objects = {name: _object_field(raw, name) for name in OBJECT_FIELDS}
     user_id = _identifier(raw, "userId", "invalid_user_id")
     anonymous_id = _identifier(raw, "anonymousId", "invalid_anonymous_id")
     _check_user_id(user_id)
