@@ -185,7 +185,9 @@ def _put_back(ctx: SyncContext, session: Session, request_id: int, reason: str |
         outcomes.put_back(session, request_id, now, reason=None)
         return
     sync = ctx.settings.sync
-    for attempts in outcomes.attempts_of(session, request_id):
+    # Highest count first: each UPDATE raises its members' count, which must not make them match
+    # the next, lower count's UPDATE as well.
+    for attempts in sorted(outcomes.attempts_of(session, request_id), reverse=True):
         delay = rules.retry_delay(attempts + 1, sync.retry_base_seconds, sync.retry_max_seconds)
         outcomes.put_back(
             session,

@@ -10,7 +10,7 @@ from listsync.db import models as m
 from listsync.db.session import transaction
 from listsync.domain import ProjectType
 from listsync.engine import note
-from listsync.errors import ListNotFoundError, PermanentError, RetryableError
+from listsync.errors import IterableError, ListNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +73,11 @@ def mark_missing(
 
 
 def list_still_exists(ctx: SyncContext, list_id: int) -> bool:
-    """Whether GET /api/lists still shows the list; True when that cannot be told right now."""
+    """Whether GET /api/lists still shows the list; True when that cannot be told right now (a
+    refused key included: the next send meets it and stops the run, after this answer is recorded)."""
     try:
         return any(lst.id == list_id for lst in ctx.client.get_lists())
-    except (RetryableError, PermanentError):
+    except IterableError:
         return True
 
 

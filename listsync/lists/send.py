@@ -74,10 +74,11 @@ def _send_direction(
     read and planned while the previous one's requests are on the wire. False: stop."""
     try:
         sent_all = _plan_and_send(ctx, audience, subscribing, audience_settings, on_wire)
+        drained = on_wire.drain()
     except BaseException:
         on_wire.abandon()
         raise
-    return on_wire.drain() and sent_all
+    return drained and sent_all
 
 
 def _plan_and_send(

@@ -135,9 +135,10 @@ class Wire:
             return
         if block:
             wait([f.answer for f in self.flights], return_when=FIRST_COMPLETED)
-        done = [f for f in self.flights if f.answer.done()]
-        self.flights = [f for f in self.flights if not f.answer.done()]
-        for flight in done:
+        for flight in [f for f in self.flights if f.answer.done()]:
+            # Taken off the list only as it is recorded: should recording fail, the flights not yet
+            # recorded stay listed for `abandon` to record.
+            self.flights.remove(flight)
             self._record(flight)
 
     def _record(self, flight: _Flight) -> None:

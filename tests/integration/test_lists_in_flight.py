@@ -13,13 +13,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from listsync import context, sync
 from listsync.db import ledger, memberships
 from listsync.db import models as m
 from listsync.db.session import transaction
 from listsync.domain import Desired, Direction, Member, MemberState, ProjectType, Synced
+from listsync.errors import RetryableError
 from listsync.iterable.payloads import BulkResult, Subscriber
 from listsync.lists import membership as rules
 from listsync.lists import planner, record
@@ -251,3 +252,34 @@ def test_set_based_record_equals_the_pure_rules(
             else:
                 want = record.confirm(before, sent, subscribing, project_type)
             assert stored[member_id] == want, (n, before)
+
+
+def test_a_transient_failure_counts_one_more_attempt_for_each_member(database_url: str) -> None:
+    """Members of one request that had failed different numbers of times each count exactly one
+    more attempt, and the backoff of each follows its own count (`membership.retry_later`)."""
+    settings = make_settings(database_url, "http://127.0.0.1:9", sync={"retry_base_seconds": 100, "retry_max_seconds": 10_000})
+    initial = [_row(i, attempts=i % 3) for i in range(9)]
+    with sync_context(settings) as ctx:
+        with transaction(ctx.factory) as session:
+            session.add(m.Audience(audience_key="retry", list_state=m.ListState.PENDING, settings={},
+                                   created_at=T0, updated_at=T0))
+        ids = _store(ctx, int(_scalar(ctx, "SELECT id FROM audiences")), initial)
+        subscribers = tuple(Subscriber(email=s.email, user_id=s.user_id) for s in initial)
+        batch = planner.Batch(Direction.SUBSCRIBE, tuple(ids), subscribers)
+        with transaction(ctx.factory) as session:
+            request_id = ledger.begin_request(
+                session, run_id=None, audience_id=None, endpoint="lists/subscribe", member_ids=batch.member_ids,
+                owner="test", now=T0, sent=[(s.email, s.user_id) for s in subscribers],
+            )
+        now = ctx.clock()
+        record.record_failure(
+            ctx, request_id, batch, RetryableError("503", status=503), context.RunReport(), retry=True, keep_pending=True
+        )
+        with ctx.factory() as session:
+            rows = {r.id: r for r in session.scalars(select(m.Membership).where(m.Membership.id.in_(ids)))}
+    for member_id, before in zip(ids, initial, strict=True):
+        row = rows[member_id]
+        assert row.attempts == before.attempts + 1, (before.attempts, row.attempts)
+        delay = rules.retry_delay(before.attempts + 1, 100, 10_000)  # 100, 200 or 400 s
+        assert row.next_attempt_at is not None
+        assert abs((row.next_attempt_at - now).total_seconds() - delay) < 50
