@@ -26,7 +26,7 @@ REDACTED = "[redacted]"
 # Beyond this depth a kept payload is cut rather than walked (the event was refused for it).
 MAX_REDACT_DEPTH = 64
 
-_NOT_ALNUM = re.compile(r"[^a-z0-9]")
+NOT_ALNUM = re.compile(r"[^a-z0-9]")  # what key comparisons ignore
 _MARKER = re.compile(r"write[_-]?key|api[_-]?key|password|passwd|secret|token|authorization", re.IGNORECASE)
 # The rest of the key after its marker, an optional closing quote, and the separator.
 _KEY_TAIL = re.compile(r"""[\w-]*+["']?+\s*+[:=]\s*+""")
@@ -42,7 +42,7 @@ _CREDENTIALS = re.compile(r"\b(basic|bearer)\s++([A-Za-z0-9+/=._~-]++)", re.IGNO
 
 
 def is_secret_key(key: Any) -> bool:
-    folded = _NOT_ALNUM.sub("", str(key).lower())
+    folded = NOT_ALNUM.sub("", str(key).lower())
     return any(marker in folded for marker in SECRET_MARKERS)
 
 

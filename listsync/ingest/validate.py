@@ -19,6 +19,7 @@ from listsync import json_text
 from listsync.domain import InboundEvent, Rejection
 from listsync.ingest import audience
 from listsync.ingest.extract import MAX_DEPTH, MAX_EVENT_BYTES, SEGMENT_TYPES, TOO_DEEP_MARK, InvalidEvent
+from listsync.ingest.scrub import NOT_ALNUM
 from listsync.json_text import canonical, json_type
 
 MAX_USER_ID_LENGTH = 52
@@ -31,7 +32,6 @@ OBJECT_FIELDS = ("traits", "properties", "context")  # the objects an event carr
 # derived messageId so a retried event still dedupes.
 _UNHASHED_FIELDS = frozenset({"sentAt", "receivedAt", "writeKey"})
 _EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
-_NOT_ALNUM = re.compile(r"[^a-z0-9]")
 
 def validate_event(
     raw: Mapping[str, Any], *, received_at: datetime, encoded_size: int | None = None
@@ -107,7 +107,14 @@ def _check_values(raw: Mapping[str, Any]) -> bool:
     return _walk_values(raw)
 
 
-_NESTED_WRITE_KEY = re.compile(rb'"write[_-]?key"\s*:', re.IGNORECASE)
+# A key that `_is_write_key` may call a write key: the letters of "writekey" in order, anything but
+# other letters and digits between them (JSON escapes included). Broader than the rule, never
+# narrower: a match only sends the event down `_walk_values`, which applies the rule itself.
+_SEPARATORS = rb'(?:\\u[0-9a-f]{4}|\\.|[^a-z0-9"\\])*'
+_NESTED_WRITE_KEY = re.compile(
+    b'"w' + b"".join(_SEPARATORS + letter for letter in (b"r", b"i", b"t", b"e", b"k", b"e", b"y")) + _SEPARATORS + rb'"\s*:',
+    re.IGNORECASE,
+)
 _TOO_DEEP_BYTES = TOO_DEEP_MARK.encode("utf-8")
 
 
@@ -125,7 +132,7 @@ def _plainly_fine(raw: Mapping[str, Any]) -> bool:
 
 
 def _plainly_fine_text(text: str, enclosing: int) -> bool:
-    """`_plainly_fine` for `text`, JSON encoded with ensure_ascii and allow_nan off, of a value
+    """`_plainly_fine` for `text`, JSON encoded with ensure_ascii off (lone surrogates must fail to encode) and allow_nan off, of a value
     nested `enclosing` levels deep in its event."""
     try:
         encoded = text.encode("utf-8")
@@ -384,7 +391,7 @@ def _drop_write_keys(value: Any) -> Any:
 
 
 def _is_write_key(key: str) -> bool:
-    return key[:1] in "wW" and len(key) < 24 and _NOT_ALNUM.sub("", key.lower()) == "writekey"
+    return key[:1] in "wW" and len(key) < 24 and NOT_ALNUM.sub("", key.lower()) == "writekey"
 
 
 @dataclass(frozen=True)
@@ -411,7 +418,7 @@ def validate_member(
     The event is taken to carry `traits` among its properties (write keys among them are dropped
     from the result, as from a stored event), userId `user_id`, else anonymousId
     `email:<normalised email>`, and the email as properties.email. `traits_json`, the traits
-    encoded with ensure_ascii and allow_nan off, spares walking them when it shows no problem.
+    encoded with ensure_ascii off (lone surrogates must fail to encode) and allow_nan off, spares walking them when it shows no problem.
     The event's size is the caller's to bound: pass anything that could exceed MAX_EVENT_BYTES
     through `validate_event` instead.
     """

@@ -144,6 +144,15 @@ def test_nested_write_keys_are_dropped_and_the_rest_kept() -> None:
     assert checked.raw["properties"] == {"a": {"b": 1}}
 
 
+@pytest.mark.parametrize("key", ["write key", "Write-Key ", "write.key", "Write__Key", "w_riteKey", "write\x01key"])
+def test_nested_write_keys_of_any_spelling_never_reach_the_inbox(key: str) -> None:
+    checked = validate.validate_event(track(properties={"meta": {key: "K9secret", "b": 1}}), received_at=NOW)
+    assert not isinstance(checked, Rejection)
+    assert "K9secret" not in json.dumps(checked.raw) and checked.raw["properties"] == {"meta": {"b": 1}}
+    member = validate.validate_member("gold", "u1", None, {key: "K9secret"}, traits_json=json.dumps({key: "K9secret"}))
+    assert isinstance(member, validate.CheckedMember) and "K9secret" not in json.dumps(dict(member.traits))
+
+
 def test_a_batch_item_too_deep_to_encode_is_refused_alone() -> None:
     deep = '{"x":' * 980 + "{}" + "}" * 980
     good = json.dumps(track(messageId="m2"))
