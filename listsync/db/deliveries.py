@@ -10,7 +10,7 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from listsync.db import models as m
-from listsync.db.session import chunks, insert_for, is_postgres
+from listsync.db.session import chunks, insert_for, is_postgres, key_filters
 from listsync.domain import PendingDelivery
 
 
@@ -90,10 +90,10 @@ def count_pending(session: Session) -> int:
 def mark_delivered(session: Session, ids: Sequence[int], now: datetime) -> None:
     """Delivered as stored: attempts and email stay, the error and the retry time are cleared."""
     d = m.table(m.EventDelivery)
-    for chunk in chunks(ids, 1000):
+    for keys in key_filters(session, d.c.id, ids):
         session.execute(
             update(d)
-            .where(d.c.id.in_(chunk))
+            .where(keys)
             .values(state=m.DeliveryState.DELIVERED, delivered_at=now, updated_at=now, next_attempt_at=None, last_error=None)
         )
 

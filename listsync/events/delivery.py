@@ -123,6 +123,9 @@ class _Sender:
         self.outcomes: list[dict[str, Any]] = []
         self.delivered: list[int] = []
         self.renamed: set[int] = set()  # rows whose stored email changed before sending
+        # Which users each bulk key holds, open or on the wire (per-user order across endpoints).
+        self.open_users: dict[tuple[str, bool], set[str]] = defaultdict(set)
+        self.flying_users: dict[tuple[str, bool], set[str]] = {}
         self.in_flight: dict[tuple[str, bool], tuple[Future[BulkResult], list[PendingDelivery]]] = {}
         self.pool = ThreadPoolExecutor(max_workers=len(actions.BULK_ENDPOINTS) * 2, thread_name_prefix="listsync-bulk")
 
@@ -132,7 +135,8 @@ class _Sender:
             while not self.ctx.should_stop():
                 with transaction(self.ctx.factory) as session:
                     rows = deliveries.pending_page(session, after, PAGE_SIZE)
-                    self.known_emails.update(deliveries.delivered_emails(session, rows))
+                    # What this pass delivered or moved is newer than the rows recorded so far.
+                    self.known_emails = {**deliveries.delivered_emails(session, rows), **self.known_emails}
                 if not rows:
                     for key in list(self.batches):
                         self._flush(key)
@@ -143,12 +147,21 @@ class _Sender:
                 finally:
                     self._record()
         finally:
+            self._settle_all()
+
+    def _settle_all(self) -> None:
+        """Record every call still on the wire, each on its own: one that raises (a refused key)
+        does not leave the others' answers unread. The first error is raised after recording."""
+        errors: list[BaseException] = []
+        for key in list(self.in_flight):
             try:
-                for key in list(self.in_flight):
-                    self._settle(key)
-            finally:
-                self.pool.shutdown(wait=True)
-                self._record()
+                self._settle(key)
+            except BaseException as exc:
+                errors.append(exc)
+        self.pool.shutdown(wait=True)
+        self._record()
+        if errors:
+            raise errors[0]
 
     def _page(self, rows: Sequence[PendingDelivery]) -> None:
         """Route a page's rows into open batches (kept open across pages, so bulk calls go full)
@@ -168,7 +181,11 @@ class _Sender:
             return
         if row.endpoint in actions.BULK_ENDPOINTS:
             key = (row.endpoint, row.body.get("updateOnly") is True)
+            self._flush_user(row.user_key, keep=key)  # its earlier updateOnly/plain batch goes first
+            if row.user_key in self.blocked:
+                return
             self.batches[key].append(row)
+            self.open_users[key].add(row.user_key)
             if len(self.batches[key]) >= PAGE_SIZE:
                 self._flush(key)
             return
@@ -176,15 +193,20 @@ class _Sender:
         if row.user_key not in self.blocked:
             self._attempt([row], lambda: self._single(row))
 
-    def _flush_user(self, user_key: str) -> None:
-        """Send the open batches holding this user first and wait for their answers, so a single
-        call cannot overtake them."""
-        for key, rows in list(self.batches.items()):
-            if any(r.user_key == user_key for r in rows):
-                self._flush(key)
-        for key, (_, rows) in list(self.in_flight.items()):
-            if any(r.user_key == user_key for r in rows):
-                self._settle(key)
+    def _flush_user(self, user_key: str, keep: tuple[str, bool] | None = None) -> None:
+        """Send the open batches holding this user and wait for their answers, so a later row of
+        the user cannot overtake them. For a bulk row (`keep`: the key it joins) only the other
+        batches of its own endpoint count: two profile updates of one user must land in order,
+        while a user's profile update and event are independent in Iterable, as in Segment's
+        destination, and keeping them apart keeps both endpoints' calls full."""
+
+        def holds(key: tuple[str, bool], users: set[str]) -> bool:
+            return user_key in users and (keep is None or (key[0] == keep[0] and key != keep))
+
+        for key in [k for k, users in self.open_users.items() if holds(k, users)]:
+            self._flush(key)
+        for key in [k for k, users in self.flying_users.items() if holds(k, users)]:
+            self._settle(key)
 
     def _single(self, row: PendingDelivery) -> None:
         call = {
@@ -257,6 +279,7 @@ class _Sender:
 
     def _flush(self, key: tuple[str, bool]) -> None:
         rows = self.batches.pop(key, [])
+        self.open_users.pop(key, None)
         for chunk in chunk_by_limits(rows, size_of=lambda row: json_size(wire_body(row.body))):
             self._settle(key)
             # A user blocked by an earlier chunk's failure keeps its later rows back (per-user order).
@@ -276,10 +299,12 @@ class _Sender:
         else:
             future = self.pool.submit(self.client.track_bulk, items)
         self.in_flight[key] = (future, list(rows))
+        self.flying_users[key] = {row.user_key for row in rows}
 
     def _settle(self, key: tuple[str, bool]) -> None:
         """Wait for the key's call in flight, if any, and record what it means for its rows."""
         sent = self.in_flight.pop(key, None)
+        self.flying_users.pop(key, None)
         if sent is None:
             return
         future, rows = sent
