@@ -112,6 +112,11 @@ class GroupCommitter:
             for job in group:
                 self._commit([job])
             return
+        except BaseException as exc:  # the writer is going down: no request may wait forever
+            for job in group:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            raise
         for job, result, error in outcomes:
             if error is None:
                 job.future.set_result(result)

@@ -78,11 +78,15 @@ def run_behind_blocker(
     threads = [threading.Thread(target=call, args=item) for item in jobs.items()]
     for thread in threads:
         thread.start()
-    while committer.queued() < len(jobs):  # every job waits behind the blocker
+    for _ in range(6000):  # every job waits behind the blocker (at most 60 s, then fail)
+        if committer.queued() >= len(jobs):
+            break
         threading.Event().wait(0.01)
+    assert committer.queued() >= len(jobs), "the requests never queued behind the blocker"
     release.set()
     for thread in [first, *threads]:
         thread.join(60)
+        assert not thread.is_alive(), "a request was never answered"
     return outcomes
 
 
