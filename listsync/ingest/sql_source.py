@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -238,10 +239,15 @@ class _RowReader:
         return audience, checked.user_id or "", checked.email or "", encoded
 
 
-def _text(value: Any) -> str | None:
+def _text(value: Any) -> Any:
+    """An identifier column as text: integer and UUID columns are common keys and read as their
+    text; anything else (a boolean, a float) is passed on as it is, for validation to refuse as
+    the receiver refuses it."""
     if value is None or value == "":
         return None
-    return value if isinstance(value, str) else str(value)
+    if isinstance(value, int | uuid.UUID) and not isinstance(value, bool):
+        return str(value)
+    return value
 
 
 def _json_value(value: Any) -> Any:

@@ -148,3 +148,11 @@ def test_built_events_match_the_documented_shape() -> None:
     assert exited["anonymousId"] == "email:a@example.com" and "userId" not in exited
     long_key = events.entered("g" * 255, "u1", None, "{}")[0]
     assert long_key.startswith("sql:") and len(long_key) == 4 + 64  # digest: fits the column
+
+
+def test_identifier_columns_of_other_types_are_refused_as_the_receiver_refuses_them() -> None:
+    reader = sql_source._RowReader(["audience_key", "user_id", "email"], sql_source._Events(NOW, "snap"))
+    assert reader.member(("gold", 42, None))[:3] == ("gold", "42", "")  # an integer key column reads as text
+    for odd, kind in ((True, "boolean"), (1.5, "number")):
+        refused = reader.member(("gold", odd, None))
+        assert isinstance(refused, Rejection) and refused.reason.startswith("invalid_user_id:") and kind in refused.reason
