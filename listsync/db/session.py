@@ -5,15 +5,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
-from typing import Any, cast
+import re
+from typing import TYPE_CHECKING, Any, cast
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
 from sqlalchemy import Connection, CursorResult, Engine, Result, any_, bindparam, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
 
 
 def make_engine(database_url: str, *, read_only: bool = False, **kwargs: Any) -> Engine:
@@ -69,6 +71,8 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
 
 def alembic_config(database_url: str) -> AlembicConfig:
     """Alembic pointed at the revisions shipped inside the package (works from a wheel too)."""
+    from alembic.config import Config as AlembicConfig
+
     config = AlembicConfig()
     config.set_main_option("script_location", str(resources.files("listsync.migrations")))
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
@@ -76,11 +80,51 @@ def alembic_config(database_url: str) -> AlembicConfig:
 
 
 def upgrade(database_url: str, revision: str = "head") -> None:
+    """Migrate the database to `revision`.
+
+    Every command starts here, so a database already at the shipped head is recognised without
+    loading Alembic (its import alone is about a tenth of a command's start-up).
+    """
+    if revision == "head" and _stored_revision(database_url) == shipped_head():
+        return
+    from alembic import command
+
     command.upgrade(alembic_config(database_url), revision)
 
 
 def downgrade(database_url: str, revision: str = "base") -> None:
+    from alembic import command
+
     command.downgrade(alembic_config(database_url), revision)
+
+
+_REVISION_LINE = re.compile(r"""^(down_revision|revision)\s*(?::[^=]+)?=\s*["']([^"']+)["']""", re.MULTILINE)
+
+
+def shipped_head() -> str | None:
+    """The one revision of the shipped migrations that no other revision builds on, read from
+    the files' `revision = "..."` lines; None when that is not a single one (Alembic decides)."""
+    revisions: set[str] = set()
+    bases: set[str] = set()
+    for script in (resources.files("listsync.migrations") / "versions").iterdir():
+        if script.name.endswith(".py"):
+            for name, value in _REVISION_LINE.findall(script.read_text(encoding="utf-8")):
+                (revisions if name == "revision" else bases).add(value)
+    heads = revisions - bases
+    return heads.pop() if len(heads) == 1 else None
+
+
+def _stored_revision(database_url: str) -> str | None:
+    """The revision recorded in the database, or None (no database yet, no table, several heads)."""
+    engine = create_engine(make_url(database_url))
+    try:
+        with engine.connect() as connection:
+            rows = connection.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+    except DBAPIError:
+        return None
+    finally:
+        engine.dispose()
+    return str(rows[0][0]) if len(rows) == 1 else None
 
 
 def rows_affected(result: Result[Any]) -> int:

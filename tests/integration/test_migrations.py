@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
@@ -60,3 +63,28 @@ def test_views_answer_with_the_contract_columns(database_url: str) -> None:
             assert list(result.keys())[: len(columns)] == columns
             assert result.fetchall() == []
     engine.dispose()
+
+
+def test_the_shipped_head_is_alembics_head() -> None:
+    from alembic.script import ScriptDirectory
+
+    from listsync.db.session import alembic_config, shipped_head
+
+    assert shipped_head() == ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def test_a_database_at_head_is_recognised_without_alembic(empty_database_url: str) -> None:
+    """A command on a migrated database skips Alembic; one a revision behind is still upgraded."""
+    upgrade(empty_database_url)
+    script = (
+        "import sys\n"
+        "from listsync.db.session import upgrade\n"
+        f"upgrade({empty_database_url!r})\n"
+        "print('alembic' in sys.modules)\n"
+    )
+    at_head = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert at_head.stdout.strip() == "False"
+    downgrade(empty_database_url, "-1")
+    behind = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert behind.stdout.strip() == "True"
+    assert _drift(empty_database_url) == []
