@@ -6,12 +6,16 @@ decided in `listsync.lists`, not here.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
+    Enum,
     Integer,
+    Text,
     and_,
     bindparam,
     case,
@@ -20,6 +24,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    type_coerce,
     update,
 )
 from sqlalchemy.orm import Session
@@ -198,7 +203,7 @@ def pending_members(
     only those to subscribe (desired in) or only those to unsubscribe."""
     table = m.table(m.Membership)
     stmt = (
-        select(*(table.c[name] for name in _PENDING_COLUMNS))
+        select(*(_raw(table.c[name]) for name in _PENDING_COLUMNS))
         .where(
             table.c.audience_id == audience_id,
             table.c.state == MemberState.PENDING,
@@ -210,20 +215,29 @@ def pending_members(
     )
     if subscribing is not None:
         stmt = stmt.where((table.c.desired == Desired.IN) if subscribing else (table.c.desired != Desired.IN))
-    # Plain rows, not ORM objects: this is the hot path of a large sync.
+    # Plain tuples, not ORM objects nor typed rows: this is the hot path of a large sync, so the
+    # enums and the JSON are decoded here, once per value, without SQLAlchemy's processors.
     return [
-        PendingMember(
-            id=r.id,
-            user_id=r.user_id,
-            email=r.email,
-            desired=Desired(r.desired),
-            synced=Synced(r.synced) if r.synced else None,
-            synced_email=r.synced_email,
-            synced_user_id=r.synced_user_id,
-            data_fields=r.data_fields,
-        )
-        for r in session.execute(stmt)
+        PendingMember(i, user_id, email, _DESIRED[desired], _SYNCED.get(synced), s_email, s_user, _fields(raw))
+        for i, user_id, email, desired, synced, s_email, s_user, raw in session.connection().execute(stmt)
     ]
+
+
+_DESIRED = {d.value: d for d in Desired}
+_SYNCED: dict[str | None, Synced] = {s.value: s for s in Synced}
+
+
+def _fields(raw: Any) -> Any:
+    """Stored data fields as they come from the driver: JSON text on SQLite ('null' for none),
+    already decoded on PostgreSQL."""
+    if raw is None or raw == "null":
+        return None
+    return json.loads(raw) if isinstance(raw, str) else raw
+
+
+def _raw(column: Any) -> Any:
+    """The column as the driver returns it (no result processing) where SQLAlchemy would process it."""
+    return type_coerce(column, Text) if isinstance(column.type, Enum | JSON) else column
 
 
 _PENDING_COLUMNS = (

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from datetime import datetime
 
-from sqlalchemy import Select, and_, case, exists, func, not_, null, select, update
+from sqlalchemy import Select, and_, case, func, not_, null, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -67,14 +67,10 @@ def confirm_subscribed(session: Session, request_id: int, confirmed: Collection[
     has in is pending only when `identity.stale(current, synced)`, and current == synced is never
     stale in any project type. A row whose desired state or identifiers moved is not matched here.
     """
-    matched = exists(
-        select(1).where(
-            _ITEMS.c.request_id == request_id, _ITEMS.c.outcome.in_(list(confirmed)), _sent_as_now()
-        )
-    )
     result = session.execute(
         update(_MEMBERS)
-        .where(_MEMBERS.c.id.in_(_request_members(request_id, confirmed)), matched)  # the IN drives by key
+        # UPDATE ... FROM the ledger items (both databases): one join driven by the request's key.
+        .where(_ITEMS.c.request_id == request_id, _ITEMS.c.outcome.in_(list(confirmed)), _sent_as_now())
         .values(
             synced=Synced.IN,
             synced_email=func.nullif(_MEMBERS.c.email, ""),
