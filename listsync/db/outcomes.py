@@ -47,19 +47,12 @@ def _sent_as_now() -> ColumnElement[bool]:
     )
 
 
-def subscribe_exceptions(session: Session, request_id: int, confirmed: Collection[str]) -> list[int]:
-    """Members of a subscribe that the common UPDATE leaves alone: refused, or changed meanwhile."""
-    stmt = (
-        select(_ITEMS.c.membership_id)
-        .join(_MEMBERS, _MEMBERS.c.id == _ITEMS.c.membership_id)
-        .where(_ITEMS.c.request_id == request_id)
-        .where(not_(and_(_ITEMS.c.outcome.in_(list(confirmed)), _sent_as_now())))
-    )
-    return list(session.scalars(stmt))
-
-
-def confirm_subscribed(session: Session, request_id: int, confirmed: Collection[str], now: datetime) -> int:
-    """Confirm the subscribe for members whose row is as it was sent (`_sent_as_now`).
+def confirm_subscribed(
+    session: Session, request_id: int, confirmed: Collection[str], now: datetime
+) -> set[int]:
+    """Confirm the subscribe for members whose row is as it was sent (`_sent_as_now`); returns
+    their ids. The request's other members (refused, changed meanwhile, or gone) are the caller's
+    to decide, with their rows read under lock: a row this UPDATE did not match is not locked by it.
 
     This is `membership.confirm(row, IN, sent email, sent userId)` for exactly those rows: synced
     becomes in with the sent identifiers, which equal the row's own (so NULLIF of them), attempts
@@ -81,9 +74,10 @@ def confirm_subscribed(session: Session, request_id: int, confirmed: Collection[
             next_attempt_at=null(),
             updated_at=now,
         )
+        .returning(_MEMBERS.c.id)
         .execution_options(synchronize_session=False)
     )
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    return set(result.scalars())
 
 
 def confirm_unsubscribed(session: Session, request_id: int, confirmed: Collection[str], now: datetime) -> int:

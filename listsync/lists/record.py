@@ -91,10 +91,9 @@ def record_success(
         ledger.finish_request(
             session, request_id, record, now, answer.refused, common=(ItemOutcome.OK.value, None)
         )
-        outcomes.lock_members(session, request_id)
         if subscribing:
-            exceptions = outcomes.subscribe_exceptions(session, request_id, confirmed)
-            outcomes.confirm_subscribed(session, request_id, confirmed, now)
+            done = outcomes.confirm_subscribed(session, request_id, confirmed, now)
+            exceptions = [i for i in batch.member_ids if i not in done]
         else:
             exceptions = [i for i, (outcome, _) in answer.refused.items() if outcome not in confirmed]
             outcomes.confirm_unsubscribed(session, request_id, confirmed, now)
