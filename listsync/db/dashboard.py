@@ -2,8 +2,8 @@
 
 Every list is a keyset page (`after`/`before` an id or key, `limit` + 1 rows to know whether a next
 page exists), so a page costs the same at the first and the millionth row. Counts per audience come
-from one scan of the covering index `ix_memberships_status` restricted to the audiences shown;
-the run chart and the rejected events are bounded by a time window on an indexed timestamp.
+from the covering indexes `ix_memberships_status` and `ix_memberships_desired` (revision 0009),
+restricted to the audiences shown; the run chart and the rejected events are bounded by a time window on an indexed timestamp.
 Nothing here writes.
 """
 
@@ -179,8 +179,11 @@ def _with_counts(session: Session, audiences: Sequence[m.Audience]) -> list[Audi
     ]
 
 
-# Every (state, desired, synced) a member can be in: each is one range of ix_memberships_status.
+# Every (state, desired, synced) a member can be in; each but the settled one is one range of the
+# partial ix_memberships_status, the settled one is counted from ix_memberships_desired.
 _COMBOS = list(itertools.product(MemberState, Desired, [*Synced, None]))
+_SETTLED = (MemberState.SYNCED, Desired.IN, Synced.IN)
+_UNSETTLED_COMBOS = [c for c in _COMBOS if c != _SETTLED]
 
 
 def _member_counts(session: Session, audience_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
@@ -189,29 +192,36 @@ def _member_counts(session: Session, audience_ids: Sequence[int]) -> dict[int, d
 
 
 def _counts_of(session: Session, audience_id: int) -> dict[str, Any]:
-    """One statement of scalar subqueries, each an equality range of ix_memberships_status: a
-    count(*) per combination (SQLite steps the index without comparing keys, several times faster
-    than one GROUP BY over the same rows), and the first or last desired_at of a range, which is
-    one index seek. A million-member audience costs one pass over its index entries."""
+    """One statement of scalar subqueries, each an equality range of an index: a count(*) per
+    combination (SQLite steps the index without comparing keys, several times faster than one
+    GROUP BY over the same rows), and the first or last desired_at of a range, which is one index
+    seek. The settled rows are the members wanted in less the unsettled ones wanted in. A
+    million-member audience costs one pass over its ix_memberships_desired entries wanted in."""
     ms = m.Membership
 
     def where(state: MemberState, desired: Desired, synced: Synced | None) -> Select[Any]:
         in_sync = ms.synced.is_(None) if synced is None else ms.synced == synced
         return select(ms.desired_at).where(
-            ms.audience_id == audience_id, ms.state == state, ms.desired == desired, in_sync
+            ms.audience_id == audience_id, ms.state == state, ms.desired == desired, in_sync, text(m.UNSETTLED)
         )
 
+    def wanted(desired: Desired) -> Select[Any]:
+        return select(ms.desired_at).where(ms.audience_id == audience_id, ms.desired == desired)
+
     counts = [
-        select(func.count()).select_from(where(*combo).subquery()).scalar_subquery() for combo in _COMBOS
+        select(func.count()).select_from(where(*combo).subquery()).scalar_subquery()
+        for combo in _UNSETTLED_COMBOS
     ]
-    newest = [where(*c).order_by(ms.desired_at.desc()).limit(1).scalar_subquery() for c in _COMBOS]
-    pending = [c for c in _COMBOS if c[0] == MemberState.PENDING]
+    wanted_in = select(func.count()).select_from(wanted(Desired.IN).subquery()).scalar_subquery()
+    newest = [wanted(d).order_by(ms.desired_at.desc()).limit(1).scalar_subquery() for d in Desired]
+    pending = [c for c in _UNSETTLED_COMBOS if c[0] == MemberState.PENDING]
     oldest = [where(*c).order_by(ms.desired_at).limit(1).scalar_subquery() for c in pending]
-    row = session.execute(select(*counts, *newest, *oldest)).one()
-    n = dict(zip(_COMBOS, row[: len(_COMBOS)], strict=True))
-    times = [_as_utc(t) for t in row[len(_COMBOS) :]]
-    newest_at = [t for t in times[: len(_COMBOS)] if t is not None]
-    oldest_at = [t for t in times[len(_COMBOS) :] if t is not None]
+    row = session.execute(select(wanted_in, *counts, *newest, *oldest)).one()
+    n = dict(zip(_UNSETTLED_COMBOS, row[1 : 1 + len(counts)], strict=True))
+    n[_SETTLED] = row[0] - sum(v for (_s, d, _y), v in n.items() if d == Desired.IN)
+    times = [_as_utc(t) for t in row[1 + len(counts) :]]
+    newest_at = [t for t in times[: len(newest)] if t is not None]
+    oldest_at = [t for t in times[len(newest) :] if t is not None]
     return {
         "members": sum(v for (_s, d, _y), v in n.items() if d == Desired.IN),
         "synced_members": sum(v for (_s, _d, y), v in n.items() if y == Synced.IN),

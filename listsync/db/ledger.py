@@ -11,6 +11,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     bindparam,
+    insert,
     select,
     text,
     update,
@@ -34,20 +35,23 @@ def begin_request(
 ) -> int:
     """Write the request and its members before the call, so a crash leaves a trace to resolve.
     `sent`: the (email, userId) each member is sent with, in `member_ids` order."""
-    request = m.ApiRequest(
-        run_id=run_id,
-        audience_id=audience_id,
-        endpoint=endpoint,
-        item_count=len(member_ids),
-        status=m.RequestStatus.IN_FLIGHT,
-        owner=owner,
-        started_at=now,
-    )
-    session.add(request)
-    session.flush()
+    requests = m.table(m.ApiRequest)
+    request_id = session.execute(
+        insert(requests)
+        .values(
+            run_id=run_id,
+            audience_id=audience_id,
+            endpoint=endpoint,
+            item_count=len(member_ids),
+            status=m.RequestStatus.IN_FLIGHT,
+            owner=owner,
+            started_at=now,
+        )
+        .returning(requests.c.id)
+    ).scalar_one()
     if member_ids:
-        _insert_items(session, request.id, member_ids, sent or [(None, None)] * len(member_ids))
-    return request.id
+        _insert_items(session, request_id, member_ids, sent or [(None, None)] * len(member_ids))
+    return int(request_id)
 
 
 _ITEM_COLUMNS = "request_id, membership_id, sent_email, sent_user_id"

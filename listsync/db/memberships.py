@@ -6,20 +6,25 @@ decided in `listsync.lists`, not here.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
-    Integer,
-    and_,
+    JSON,
+    Enum,
+    Text,
     bindparam,
     case,
+    cast,
     delete,
     func,
     insert,
     or_,
     select,
+    text,
+    type_coerce,
     update,
 )
 from sqlalchemy.orm import Session
@@ -163,26 +168,28 @@ def due(now: datetime) -> Any:
 
 
 def guard_counts(session: Session, audience_id: int, now: datetime) -> tuple[int, int]:
-    """(pending unsubscribes due now, members Iterable has as subscribed)."""
+    """(pending unsubscribes due now, members Iterable has as subscribed), from indexes: the
+    pending rows (ix_memberships_pending), and the subscribed ones as the settled rows (the
+    members wanted in, ix_memberships_desired, less the unsettled ones wanted in) plus the
+    unsettled ones in the list (the partial ix_memberships_status). No row of the table is read
+    but the pending ones, however large the audience."""
+    ms = m.table(m.Membership)
+    audience = ms.c.audience_id == audience_id
+    unsettled = text(m.UNSETTLED)
+
+    def count(*where: Any) -> Any:
+        return select(func.count()).select_from(select(ms.c.id).where(audience, *where).subquery())
+
     row = session.execute(
         select(
-            func.coalesce(
-                func.sum(
-                    func.cast(
-                        and_(
-                            m.Membership.state == MemberState.PENDING,
-                            m.Membership.desired != Desired.IN,
-                            due(now),
-                        ),
-                        Integer,
-                    )
-                ),
-                0,
-            ),
-            func.coalesce(func.sum(func.cast(m.Membership.synced == Synced.IN, Integer)), 0),
-        ).where(m.Membership.audience_id == audience_id)
+            count(ms.c.state == MemberState.PENDING, ms.c.desired != Desired.IN, due(now)).scalar_subquery(),
+            count(ms.c.desired == Desired.IN).scalar_subquery(),
+            count(unsettled, ms.c.desired == Desired.IN).scalar_subquery(),
+            count(unsettled, ms.c.synced == Synced.IN).scalar_subquery(),
+        )
     ).one()
-    return int(row[0]), int(row[1])
+    unsubscribes, wanted_in, unsettled_in, unsettled_listed = (int(v or 0) for v in row)
+    return unsubscribes, wanted_in - unsettled_in + unsettled_listed
 
 
 def pending_members(
@@ -198,7 +205,7 @@ def pending_members(
     only those to subscribe (desired in) or only those to unsubscribe."""
     table = m.table(m.Membership)
     stmt = (
-        select(*(table.c[name] for name in _PENDING_COLUMNS))
+        select(*(_raw(table.c[name]) for name in _PENDING_COLUMNS))
         .where(
             table.c.audience_id == audience_id,
             table.c.state == MemberState.PENDING,
@@ -210,20 +217,29 @@ def pending_members(
     )
     if subscribing is not None:
         stmt = stmt.where((table.c.desired == Desired.IN) if subscribing else (table.c.desired != Desired.IN))
-    # Plain rows, not ORM objects: this is the hot path of a large sync.
+    # Plain tuples, not ORM objects nor typed rows: this is the hot path of a large sync, so the
+    # enums and the JSON are decoded here, once per value, without SQLAlchemy's processors.
     return [
-        PendingMember(
-            id=r.id,
-            user_id=r.user_id,
-            email=r.email,
-            desired=Desired(r.desired),
-            synced=Synced(r.synced) if r.synced else None,
-            synced_email=r.synced_email,
-            synced_user_id=r.synced_user_id,
-            data_fields=r.data_fields,
-        )
-        for r in session.execute(stmt)
+        PendingMember(i, user_id, email, _DESIRED[desired], _SYNCED.get(synced), s_email, s_user, _fields(raw))
+        for i, user_id, email, desired, synced, s_email, s_user, raw in session.connection().execute(stmt).all()
     ]
+
+
+_DESIRED = {d.value: d for d in Desired}
+_SYNCED: dict[str | None, Synced] = {s.value: s for s in Synced}
+
+
+def _fields(raw: str | None) -> Any:
+    """Stored data fields from their JSON text ('null' or NULL for none)."""
+    return None if raw is None or raw == "null" else json.loads(raw)
+
+
+def _raw(column: Any) -> Any:
+    """The column as the driver returns it, without SQLAlchemy's result processing; JSON as text
+    (the driver would decode PostgreSQL's jsonb, where most rows hold no data fields)."""
+    if isinstance(column.type, JSON):
+        return cast(column, Text)
+    return type_coerce(column, Text) if isinstance(column.type, Enum) else column
 
 
 _PENDING_COLUMNS = (

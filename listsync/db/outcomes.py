@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from datetime import datetime
 
-from sqlalchemy import Select, and_, case, exists, func, not_, null, select, update
+from sqlalchemy import Select, and_, case, func, not_, null, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -47,19 +47,12 @@ def _sent_as_now() -> ColumnElement[bool]:
     )
 
 
-def subscribe_exceptions(session: Session, request_id: int, confirmed: Collection[str]) -> list[int]:
-    """Members of a subscribe that the common UPDATE leaves alone: refused, or changed meanwhile."""
-    stmt = (
-        select(_ITEMS.c.membership_id)
-        .join(_MEMBERS, _MEMBERS.c.id == _ITEMS.c.membership_id)
-        .where(_ITEMS.c.request_id == request_id)
-        .where(not_(and_(_ITEMS.c.outcome.in_(list(confirmed)), _sent_as_now())))
-    )
-    return list(session.scalars(stmt))
-
-
-def confirm_subscribed(session: Session, request_id: int, confirmed: Collection[str], now: datetime) -> int:
-    """Confirm the subscribe for members whose row is as it was sent (`_sent_as_now`).
+def confirm_subscribed(
+    session: Session, request_id: int, confirmed: Collection[str], now: datetime
+) -> set[int]:
+    """Confirm the subscribe for members whose row is as it was sent (`_sent_as_now`); returns
+    their ids. The request's other members (refused, changed meanwhile, or gone) are the caller's
+    to decide, with their rows read under lock: a row this UPDATE did not match is not locked by it.
 
     This is `membership.confirm(row, IN, sent email, sent userId)` for exactly those rows: synced
     becomes in with the sent identifiers, which equal the row's own (so NULLIF of them), attempts
@@ -67,14 +60,10 @@ def confirm_subscribed(session: Session, request_id: int, confirmed: Collection[
     has in is pending only when `identity.stale(current, synced)`, and current == synced is never
     stale in any project type. A row whose desired state or identifiers moved is not matched here.
     """
-    matched = exists(
-        select(1).where(
-            _ITEMS.c.request_id == request_id, _ITEMS.c.outcome.in_(list(confirmed)), _sent_as_now()
-        )
-    )
     result = session.execute(
         update(_MEMBERS)
-        .where(_MEMBERS.c.id.in_(_request_members(request_id, confirmed)), matched)  # the IN drives by key
+        # UPDATE ... FROM the ledger items (both databases): one join driven by the request's key.
+        .where(_ITEMS.c.request_id == request_id, _ITEMS.c.outcome.in_(list(confirmed)), _sent_as_now())
         .values(
             synced=Synced.IN,
             synced_email=func.nullif(_MEMBERS.c.email, ""),
@@ -85,9 +74,10 @@ def confirm_subscribed(session: Session, request_id: int, confirmed: Collection[
             next_attempt_at=null(),
             updated_at=now,
         )
+        .returning(_MEMBERS.c.id)
         .execution_options(synchronize_session=False)
     )
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    return set(result.scalars())
 
 
 def confirm_unsubscribed(session: Session, request_id: int, confirmed: Collection[str], now: datetime) -> int:

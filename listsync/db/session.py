@@ -50,6 +50,12 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 def _sqlite_begin_immediate(connection: Any) -> None:
     # Take the write lock at BEGIN: a deferred transaction that reads then writes can fail with
     # "database is locked" when another writer got in between, and SQLite cannot retry it for us.
+    # The safety level can only change outside a transaction, so `transaction(durable=False)`
+    # passes its wish as an execution option and it is applied here, just before BEGIN.
+    level = "FULL" if connection.get_execution_options().get(_DURABLE, True) else "NORMAL"
+    if connection.info.get(_DURABLE) != level:
+        connection.exec_driver_sql(f"PRAGMA synchronous={level}")
+        connection.info[_DURABLE] = level
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
@@ -62,10 +68,23 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+_DURABLE = "listsync_durable"
+
+
 @contextmanager
-def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """A session whose work is committed on success and rolled back on any error."""
+def transaction(factory: sessionmaker[Session], *, durable: bool = True) -> Iterator[Session]:
+    """A session whose work is committed on success and rolled back on any error.
+
+    `durable=False`: the commit does not wait for the disk (SQLite's synchronous=NORMAL under WAL,
+    PostgreSQL's synchronous_commit off). The database stays consistent and a crash of the process
+    loses nothing; a power loss may lose the last such commits, as if they had never run, and the
+    next durable commit makes them durable too (both logs are written in order). Only for work
+    whose loss the caller can recover from, e.g. an answer recorded after a durable ledger row."""
     with factory() as session, session.begin():
+        if not durable:
+            connection = session.connection(execution_options={_DURABLE: False})
+            if connection.dialect.name == "postgresql":
+                connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
         yield session
 
 

@@ -94,8 +94,13 @@ def _route(
     subscribing = member.desired is Desired.IN
     if not subscribing and member.synced is not Synced.IN:
         return
-    who = addressee(member, project_type, subscribing)
-    reason = identity.missing_identifier(project_type, identity.Identity(who.user_id, who.email))
+    if subscribing:  # `addressee`, without the synced identity a subscribe does not use
+        current = identity.identity(member.user_id, member.email)
+        who = identity.for_subscribe(project_type, current)
+    else:
+        who = addressee(member, project_type, subscribing)
+        current = identity.Identity(who.user_id, who.email)
+    reason = identity.missing_identifier(project_type, current)
     if reason:
         plan.unsendable.append((member.id, reason))
     elif subscribing:
@@ -122,12 +127,37 @@ def to_subscriber(who: identity.Addressee, data_fields: Mapping[str, Any] | None
 
 
 def _batches(direction: Direction, items: list[tuple[int, Subscriber]], batch_size: int) -> list[Batch]:
+    subscribing = direction is Direction.SUBSCRIBE
+
     def size(item: tuple[int, Subscriber]) -> int:
         subscriber = item[1]
-        form = subscriber.to_json() if direction is Direction.SUBSCRIBE else subscriber.identity_json()
-        return json_size(form)
+        plain = plain_size(subscriber, subscribing)
+        if plain is not None:
+            return plain
+        return json_size(subscriber.to_json() if subscribing else subscriber.identity_json())
 
     return [
         Batch(direction, tuple(i for i, _ in chunk), tuple(s for _, s in chunk))
         for chunk in chunk_by_limits(items, max_items=batch_size, size_of=size)
     ]
+
+
+def plain_size(subscriber: Subscriber, subscribing: bool) -> int | None:
+    """`json_size` of a subscriber's wire form, counted without serialising it, when it has no
+    data fields and its identifiers need no escaping (printable ASCII without quotes or
+    backslashes: one byte per character); None otherwise. This is almost every member of a large
+    sync, and the sizing is then a few length additions instead of a JSON encoding."""
+    if subscriber.data_fields:
+        return None
+    email, user_id = subscriber.email or "", subscriber.user_id or ""
+    if not (_verbatim(email) and _verbatim(user_id)):
+        return None
+    # {"email":"E","userId":"U","preferUserId":true}: braces, keys, quotes and commas.
+    parts = [10 + len(email)] if email else []
+    parts += [11 + len(user_id)] if user_id else []
+    parts += [19] if subscribing and subscriber.prefer_user_id else []
+    return 2 + sum(parts) + len(parts) - 1
+
+
+def _verbatim(value: str) -> bool:
+    return value.isascii() and value.isprintable() and '"' not in value and "\\" not in value

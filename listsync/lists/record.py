@@ -87,14 +87,13 @@ def record_success(
         fail_count=result.fail_count,
         elapsed_ms=result.elapsed_ms,
     )
-    with transaction(ctx.factory) as session:
+    with transaction(ctx.factory, durable=False) as session:
         ledger.finish_request(
             session, request_id, record, now, answer.refused, common=(ItemOutcome.OK.value, None)
         )
-        outcomes.lock_members(session, request_id)
         if subscribing:
-            exceptions = outcomes.subscribe_exceptions(session, request_id, confirmed)
-            outcomes.confirm_subscribed(session, request_id, confirmed, now)
+            done = outcomes.confirm_subscribed(session, request_id, confirmed, now)
+            exceptions = [i for i in batch.member_ids if i not in done]
         else:
             exceptions = [i for i, (outcome, _) in answer.refused.items() if outcome not in confirmed]
             outcomes.confirm_unsubscribed(session, request_id, confirmed, now)
@@ -152,7 +151,7 @@ def record_failure(
     record = ledger.RequestRecord(
         status=m.RequestStatus.FAILED, http_status=status, iterable_code=code, error=reason
     )
-    with transaction(ctx.factory) as session:
+    with transaction(ctx.factory, durable=False) as session:
         ledger.finish_request(session, request_id, record, now, {}, common=("error", reason))
         outcomes.lock_members(session, request_id)
         if keep_pending:
@@ -203,7 +202,7 @@ def record_unsendable(ctx: SyncContext, unsendable: Sequence[tuple[int, str]], r
     if not unsendable or ctx.client.is_dry_run:
         return
     project_type = ctx.settings.iterable.project_type
-    with transaction(ctx.factory) as session:
+    with transaction(ctx.factory, durable=False) as session:
         states = memberships.member_states(session, [member_id for member_id, _ in unsendable])
         reasons = dict(unsendable)
         updated = {

@@ -90,44 +90,53 @@ class Wire:
             self._land(block=True)
 
     def _pump(self) -> None:
-        """Launch queued batches while there is room; wait for an answer when there is none."""
+        """Launch queued batches while there is room, as many at once as there is room for;
+        wait for an answer when there is none."""
         while self.queue and not self.halted:
-            if len(self.flights) >= self.limit:
+            room = self.limit - len(self.flights)
+            if room <= 0:
                 self._land(block=True)
                 continue
-            if self.ctx.should_stop() or not self._launch(self.queue[0]):
+            batches = [self.queue[i] for i in range(min(room, len(self.queue)))]
+            if self.ctx.should_stop() or not self._launch(batches):
                 self.halted = True
                 return
-            self.queue.popleft()
+            for _ in batches:
+                self.queue.popleft()
         self._land(block=False)
 
-    def _launch(self, batch: planner.Batch) -> bool:
-        """Renew the lease, write the request to the ledger (one transaction) and hand it to a
-        worker; False, with nothing written or sent, when another replica holds the audience."""
+    def _launch(self, batches: list[planner.Batch]) -> bool:
+        """Renew the lease, write the requests to the ledger (one durable transaction: the one
+        wait for the disk per group of requests) and hand them to workers; False, with nothing
+        written or sent, when another replica holds the audience."""
         if self.ctx.client.is_dry_run:
             if not lease_renewed(self.ctx, self.audience):
                 return False
-            call(self.ctx, self.list_id, batch, self.settings)
-            self.report.requests += 1
+            for batch in batches:
+                call(self.ctx, self.list_id, batch, self.settings)
+            self.report.requests += len(batches)
             return True
-        sent = [(s.email or None, s.user_id or None) for s in batch.subscribers]
         with transaction(self.ctx.factory) as session:
             if not lease_renewed(self.ctx, self.audience, session):
                 return False
-            request_id = ledger.begin_request(
-                session,
-                run_id=self.report.run_id,
-                audience_id=self.audience.id,
-                endpoint=f"lists/{batch.direction.value}",
-                member_ids=batch.member_ids,
-                owner=self.ctx.owner,
-                now=self.ctx.clock(),
-                sent=sent,
-            )
-        self.report.requests += 1
-        answer = self.pool.submit(call, self.ctx, self.list_id, batch, self.settings)
-        self.flights.append(_Flight(request_id, batch, answer))
+            request_ids = [self._begin(session, batch) for batch in batches]
+        for request_id, batch in zip(request_ids, batches, strict=True):
+            self.report.requests += 1
+            answer = self.pool.submit(call, self.ctx, self.list_id, batch, self.settings)
+            self.flights.append(_Flight(request_id, batch, answer))
         return True
+
+    def _begin(self, session: Session, batch: planner.Batch) -> int:
+        return ledger.begin_request(
+            session,
+            run_id=self.report.run_id,
+            audience_id=self.audience.id,
+            endpoint=f"lists/{batch.direction.value}",
+            member_ids=batch.member_ids,
+            owner=self.ctx.owner,
+            now=self.ctx.clock(),
+            sent=[(s.email or None, s.user_id or None) for s in batch.subscribers],
+        )
 
     def _land(self, *, block: bool) -> None:
         """Record every answered request (waiting for one first when `block`), in launch order."""

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from listsync.config import SyncSettings
 from listsync.domain import Direction
-from listsync.iterable.payloads import BulkResult, ItemOutcome, Subscriber
+from listsync.iterable.payloads import BulkResult, ItemOutcome, Subscriber, json_size
 from listsync.lists import planner, record
 from listsync.lists.wire import halves
 
@@ -46,3 +46,22 @@ def test_max_in_flight_default_and_bounds() -> None:
     for bad in (0, 65):
         with pytest.raises(ValidationError):
             SyncSettings(max_in_flight=bad)
+
+
+@pytest.mark.parametrize("subscribing", [True, False])
+@pytest.mark.parametrize("prefer_user_id", [True, False])
+@pytest.mark.parametrize("email", [None, "a@b.co", 'q"uote@x.com', "back\\slash@x.com", "ümlaut@x.com", "tab\t@x.com"])
+@pytest.mark.parametrize("user_id", [None, "u-1", "ユーザー", "x\ny"])
+def test_plain_size_is_the_wire_size_or_none(
+    email: str | None, user_id: str | None, prefer_user_id: bool, subscribing: bool
+) -> None:
+    if not email and not user_id:
+        return
+    subscriber = Subscriber(email=email, user_id=user_id, prefer_user_id=prefer_user_id)
+    form = subscriber.to_json() if subscribing else subscriber.identity_json()
+    plain = planner.plain_size(subscriber, subscribing)
+    assert plain is None or plain == json_size(form)
+    verbatim = all(v is None or (v.isascii() and v.isprintable() and '"' not in v and "\\" not in v)
+                   for v in (email, user_id))
+    assert (plain is not None) == verbatim
+    assert planner.plain_size(Subscriber(email="a@b.co", data_fields={"k": 1}), subscribing) is None
