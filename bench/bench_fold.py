@@ -24,10 +24,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 from sqlalchemy import func, select, text, update
 
-from bench.run import emulator_process
+from bench import wire
+from bench.harness import emulator
 from listsync.db import models as m
 from listsync.db import session as dbs
 from listsync.ingest import accept, extract
@@ -116,18 +116,8 @@ def measure(url: str, members: int, changes: float) -> dict[str, Any]:
 
 def bare_wire(members: int) -> float:
     """Seconds to post the fewest subscribe calls for `members` back to back on one connection."""
-    with emulator_process() as base, httpx.Client(base_url=base, headers={"Api-Key": "bench"}) as http:
-        list_id = http.post("/api/lists", json={"name": "wire"}).json()["listId"]
-        bodies = [
-            {"listId": list_id, "subscribers": [
-                {"email": f"user{i}@example.com", "userId": f"user-{i}"} for i in range(lo, min(members, lo + 1000))
-            ]}
-            for lo in range(0, members, 1000)
-        ]
-        started = time.perf_counter()
-        for body in bodies:
-            http.post("/api/lists/subscribe", json=body).raise_for_status()
-        return time.perf_counter() - started
+    with emulator() as base:
+        return float(wire.bare_wire(base, members)["seconds"])
 
 
 @contextmanager

@@ -138,6 +138,16 @@ def unapplied_events(session: Session, limit: int) -> list[StoredEvent]:
     return [StoredEvent(*row) for row in session.execute(stmt)]
 
 
+def events_by_id(session: Session, ids: Sequence[int]) -> dict[int, StoredEvent]:
+    """These inbox events (already locked by the caller's batch), by id."""
+    inbox = m.table(m.InboxEvent)
+    found: dict[int, StoredEvent] = {}
+    for keys in key_filters(session, inbox.c.id, list(ids)):
+        stmt = select(*(inbox.c[name] for name in _STORED_COLUMNS)).where(keys)
+        found.update((row.id, StoredEvent(*row)) for row in session.execute(stmt))
+    return found
+
+
 def mark_applied(session: Session, ids: Sequence[int], now: datetime) -> None:
     inbox = m.table(m.InboxEvent)
     for keys in key_filters(session, inbox.c.id, list(ids)):

@@ -101,10 +101,19 @@ def write_members(
 ) -> None:
     """Delete `removed`, insert `created` ((audience_id, member), in that order) and update
     `changed` by id; a member whose attempts were reset is due at once."""
+    delete_members(session, removed)
+    insert_members(session, created, now)
+    update_members(session, changed, now)
+
+
+def delete_members(session: Session, removed: Iterable[int]) -> None:
     gone = sorted(removed)
     if gone:
         session.execute(delete(m.Membership).where(m.Membership.id.in_(gone)))
-    insert_members(session, created, now)
+
+
+def update_members(session: Session, changed: Mapping[int, Member], now: datetime) -> None:
+    """Update members by id; a member whose attempts were reset is due at once."""
     updates = []
     for member_id, member in changed.items():
         reset = {"next_attempt_at": None} if member.attempts == 0 else {}

@@ -2,11 +2,13 @@
 
 Folding a batch delta by delta in Python (`identity.resolve`, `membership.apply_delta`) costs far
 more than the database work it leads to. Most deltas, though, have the outcome that any reader of
-`identity` and `membership` can state without running them:
+`identity` and `membership` can state without running them, and the database applies those to a
+whole batch in a few statements (`db.fold_stage` reads the deltas out of the stored events,
+`db.fold.classify` picks them, `db.fold.insert_new` and `db.fold.update_matched` apply them):
 
 * **insert**: no membership of the audience shares the delta's userId or email. `identity.resolve`
-  over no candidates is `Match()` (no target), so the fold creates `membership.new_member(delta)`;
-  the set-based fold inserts exactly that row (built by `new_member` itself).
+  over no candidates is `Match()` (no target), so the fold creates `membership.new_member(delta)`:
+  pending when it wants in (nothing was ever sent), synced when it wants out.
 * **update**: exactly one membership of the audience shares the delta's userId or email, and its
   userId and email are the delta's own. For every project type `resolve` then targets that row and
   absorbs nothing (the by-userId rules find it as the one row of that userId, or as the one
@@ -15,91 +17,62 @@ more than the database work it leads to. Most deltas, though, have the outcome t
   `adopt_identity` changes nothing and the outcome is `membership.apply_delta` on the stored row.
   With identifiers unchanged that is: nothing unless the delta is newer by (timestamp, messageId);
   else the delta's desired state, time, messageId and (when it has any) data fields, and the state
-  `membership.settle` gives, unless the desired state is unchanged and the member failed. The
-  database applies it in one statement per batch (`db.fold.update_from_deltas`, which spells that
-  rule in SQL; tests/integration/test_fold_paths.py folds random streams both ways).
+  `membership.settle` gives, unless the desired state is unchanged and the member failed.
 * Only deltas that are **alone** in their batch take either path: no other delta of the batch for
-  the same audience names their userId or their email. Whatever another delta does (create, rename,
-  absorb, split) touches only rows sharing its own identifiers, so a lone delta's row is touched by
-  no one else, and the order in which the two paths run cannot matter.
+  the same audience, and no event that Python reads (an email change, an oddly spelled flag),
+  names their userId or their email. Whatever the others do (create, rename, absorb, split, move
+  an email) touches only rows sharing their own identifiers (an email change: its userId's rows,
+  and its new email), so a lone delta's row is touched by no one else, and when the two paths
+  run cannot matter; only the order of new rows does, and both kinds are inserted together in
+  batch order.
 
 Everything else (identity merges, a member first seen by email getting its userId, an email that
-moves, several deltas for one member in a batch) goes through the rules in `apply`, one by one.
+moves, several deltas for one member in a batch) is folded by the rules (`lists.rules_fold`), one
+by one in batch order. tests/integration/test_fold_paths.py folds random streams both ways.
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Protocol
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from listsync.domain import MembershipDelta
-from listsync.lists import membership as rules
 
 FoldItem = tuple[int, MembershipDelta, dict[str, Any] | None]  # (audience_id, delta, data fields)
 
-
-class StoredKey(Protocol):
-    """What the classifier needs of a stored membership: its identifiers and its event time."""
-
-    id: int
-    audience_id: int
-    user_id: str
-    email: str
-    desired_at: datetime
-    desired_message_id: str
+# What a quoted label of an SQLite JSON path can hold (the staged SQL builds paths from names).
+_PATH_SAFE = re.compile(r"[A-Za-z0-9_ .:-]+")
 
 
 @dataclass
-class Split:
-    """A batch's deltas by path, each with its position in the batch (the order new rows get)."""
+class FoldCounts:
+    """How a batch's deltas (known desired state) were folded."""
 
-    inserts: list[tuple[int, FoldItem]] = field(default_factory=list)
-    updates: list[tuple[int, FoldItem]] = field(default_factory=list)  # (member id, item)
-    by_rules: list[tuple[int, FoldItem]] = field(default_factory=list)
-    unchanged: int = 0
+    inserted: int = 0  # set-based: new members
+    updated: int = 0  # set-based: one stored member with the delta's identifiers (when newer)
+    by_rules: int = 0
 
-
-def _keys(audience_id: int, delta: MembershipDelta) -> list[tuple[str, int, str]]:
-    keys = []
-    if delta.user_id:
-        keys.append(("u", audience_id, delta.user_id))
-    if delta.email:
-        keys.append(("e", audience_id, delta.email))
-    return keys
+    def add(self, other: FoldCounts) -> None:
+        self.inserted += other.inserted
+        self.updated += other.updated
+        self.by_rules += other.by_rules
 
 
-def split(items: Sequence[FoldItem], stored: Iterable[StoredKey]) -> Split:
-    """Sort the batch's (known-desired) deltas into insert / update / by-rules, given the stored
-    memberships that share a userId or an email with any of them. Deltas that an update would
-    not change (older or replayed) are dropped and counted in `unchanged`."""
-    rows: dict[int, StoredKey] = {}
-    index: dict[tuple[str, int, str], set[int]] = defaultdict(set)
-    for row in stored:
-        rows[row.id] = row
-        if row.user_id:
-            index[("u", row.audience_id, row.user_id)].add(row.id)
-        if row.email:
-            index[("e", row.audience_id, row.email)].add(row.id)
-    seen = Counter(key for audience_id, delta, _ in items for key in _keys(audience_id, delta))
-    result = Split()
-    for position, item in enumerate(items):
-        audience_id, delta, _ = item
-        keys = _keys(audience_id, delta)
-        if any(seen[key] > 1 for key in keys):
-            result.by_rules.append((position, item))
-            continue
-        found = set().union(*(index.get(key, set()) for key in keys))
-        if not found:
-            result.inserts.append((position, item))
-            continue
-        row = rows[next(iter(found))]
-        if len(found) > 1 or (row.user_id, row.email) != (delta.user_id or "", delta.email or ""):
-            result.by_rules.append((position, item))
-        elif rules.newer_than(delta, row.desired_at, row.desired_message_id):
-            result.updates.append((row.id, item))
-        else:
-            result.unchanged += 1
-    return result
+def path_safe(name: str) -> bool:
+    return _PATH_SAFE.fullmatch(name) is not None
+
+
+def by_field_names(
+    keys: Iterable[str], names_of: Callable[[str], Sequence[str]]
+) -> dict[tuple[str, ...], list[str]]:
+    """Audience keys grouped by their configured data-field names (each name once, in order);
+    keys without any are left out."""
+    groups: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    for key in keys:
+        names = tuple(dict.fromkeys(names_of(key)))
+        if names:
+            groups[names].append(key)
+    return dict(groups)
