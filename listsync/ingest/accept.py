@@ -88,11 +88,19 @@ def check_items(items: Iterable[extract.BodyItem], *, now: datetime) -> Checked:
     return Checked(events, rejections)
 
 
-def store_checked(session: Session, checked: Checked, *, source: str, now: datetime) -> IngestCounts:
-    """Append checked events to the inbox and dead-letter the rejections, in `session`."""
+def store_checked(
+    session: Session, checked: Checked, *, source: str, now: datetime, isolate: bool = True
+) -> IngestCounts:
+    """Append checked events to the inbox and dead-letter the rejections, in `session`.
+
+    `isolate`: should the database refuse an event, store the others and dead-letter it (in
+    savepoints); False lets the refusal raise, for a caller that runs the work again isolated."""
     events = checked.events
     unique = _unique_by_message_id(events)
-    new, refused = _store_isolated(session, unique, source=source, now=now)
+    if isolate:
+        new, refused = _store_isolated(session, unique, source=source, now=now)
+    else:
+        new, refused = _store(session, unique, source=source, now=now), []
     rejections = checked.rejections + refused
     inbox.store_rejections(session, rejections, source=source, now=now)
     counts = IngestCounts(
