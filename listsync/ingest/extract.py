@@ -123,6 +123,16 @@ def parse_lines(lines: Sequence[bytes]) -> list[BodyItem]:
 
 def parse_line(line: bytes | str, *, digits_checked: bool = False) -> BodyItem:
     """Parse one line of a JSON-lines file (`listsync ingest`); the type comes from the event."""
+    if isinstance(line, bytes) and digits_checked:
+        # The usual line: orjson reads the bytes (checking UTF-8 itself); anything it refuses
+        # takes the path below, which names the problem.
+        try:
+            decoded = json_text.fast_loads(line, digits_checked=True)
+        except ValueError:
+            pass
+        else:
+            if isinstance(decoded, dict):
+                return RawEvent(decoded, len(line), None if b"\\" in line else line)
     if isinstance(line, bytes):
         try:
             text = line.decode("utf-8")
