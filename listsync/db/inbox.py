@@ -16,17 +16,16 @@ from sqlalchemy.orm import Session
 
 from listsync.db import models as m
 from listsync.db.session import insert_for, is_postgres, key_filters, rows_affected
-from listsync.domain import InboundEvent
+from listsync.ingest.fast_path import InboxRow
 from listsync.json_text import dumps as json_text
 
 
 def store_events(
     session: Session,
-    events: Sequence[InboundEvent],
+    events: Sequence[InboxRow],
     *,
     source: str,
     now: datetime,
-    audience_flags: Sequence[bool],
     rules: str | None = None,
 ) -> int:
     """Append events to the inbox; a messageId already there is skipped. Returns how many were new.
@@ -60,11 +59,11 @@ def store_events(
             stamp(e.timestamp),
             received,
             source,
-            json_text(e.raw),
-            flag,
+            json_text(e.payload),
+            e.is_audience,
             rules,
         )
-        for e, flag in zip(events, audience_flags, strict=True)
+        for e in events
     ]
     # DO NOTHING skips messageIds already stored (also by a concurrent writer); the rowcount counts
     # only what this transaction really inserted.

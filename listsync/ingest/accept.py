@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session
 
 from listsync import metrics
 from listsync.db import inbox
 from listsync.db.session import describe_refusal, refused_by_data
-from listsync.domain import InboundEvent, Rejection
-from listsync.ingest import audience, extract, stored, validate
+from listsync.domain import Rejection
+from listsync.ingest import extract, stored, validate
+from listsync.ingest.fast_path import InboxRow, accepted_row, row_of
 from listsync.ingest.scrub import kept_payload, scrub_text
 
 
@@ -55,33 +56,51 @@ def accept_items(
 
 @dataclass
 class Checked:
-    """Items validated and ready to store: the events, and (reason, kept payload) rejections."""
+    """Items validated and ready to store: the events' inbox rows, and (reason, kept payload)
+    rejections."""
 
-    events: list[InboundEvent]
+    events: list[InboxRow]
     rejections: list[tuple[str, str]]
 
 
 def check_items(items: Iterable[extract.BodyItem], *, now: datetime) -> Checked:
-    """Validate items without the database (the receiver does it outside the shared commit)."""
-    events: list[InboundEvent] = []
+    """Validate items without the database (the receiver does it outside the shared commit).
+
+    An event of the usual shape is proved acceptable by `fast_path`; the others, and whatever it
+    cannot vouch for, by `validate_event`, which also says why one is rejected."""
+    if now.tzinfo is None:
+        raise ValueError("received_at must be timezone-aware")
+    received_at = now.astimezone(UTC)
+    events: list[InboxRow] = []
     rejections: list[tuple[str, str]] = []
     for item in items:
         if isinstance(item, extract.RejectedItem):
             rejections.append((item.rejection.reason, scrub_text(item.payload)))
             continue
-        checked = validate.validate_event(item.raw, received_at=now, encoded_size=item.size)
-        if isinstance(checked, Rejection):
-            rejections.append((checked.reason, kept_payload(item.raw)))
-        else:
-            events.append(checked)
+        row = accepted_row(item.raw, item.size, item.text, received_at)
+        if row is None:
+            checked = validate.validate_event(item.raw, received_at=received_at, encoded_size=item.size)
+            if isinstance(checked, Rejection):
+                rejections.append((checked.reason, kept_payload(item.raw)))
+                continue
+            row = row_of(checked)
+        events.append(row)
     return Checked(events, rejections)
 
 
-def store_checked(session: Session, checked: Checked, *, source: str, now: datetime) -> IngestCounts:
-    """Append checked events to the inbox and dead-letter the rejections, in `session`."""
+def store_checked(
+    session: Session, checked: Checked, *, source: str, now: datetime, isolate: bool = True
+) -> IngestCounts:
+    """Append checked events to the inbox and dead-letter the rejections, in `session`.
+
+    `isolate`: should the database refuse an event, store the others and dead-letter it (in
+    savepoints); False lets the refusal raise, for a caller that runs the work again isolated."""
     events = checked.events
     unique = _unique_by_message_id(events)
-    new, refused = _store_isolated(session, unique, source=source, now=now)
+    if isolate:
+        new, refused = _store_isolated(session, unique, source=source, now=now)
+    else:
+        new, refused = _store(session, unique, source=source, now=now), []
     rejections = checked.rejections + refused
     inbox.store_rejections(session, rejections, source=source, now=now)
     counts = IngestCounts(
@@ -92,7 +111,7 @@ def store_checked(session: Session, checked: Checked, *, source: str, now: datet
 
 
 def _store_isolated(
-    session: Session, events: Sequence[InboundEvent], *, source: str, now: datetime
+    session: Session, events: Sequence[InboxRow], *, source: str, now: datetime
 ) -> tuple[int, list[tuple[str, str]]]:
     """Store the events in one statement; should the database refuse one, store them one by one so
     that only the refused events become rejections. Returns (new events, rejections)."""
@@ -111,16 +130,15 @@ def _store_isolated(
         except Exception as exc:
             if not refused_by_data(exc):
                 raise
-            refused.append((f"storage_refused: {describe_refusal(exc)}", kept_payload(event.raw)))
+            refused.append((f"storage_refused: {describe_refusal(exc)}", kept_payload(event.payload)))
     return new, refused
 
 
-def _store(session: Session, events: Sequence[InboundEvent], *, source: str, now: datetime) -> int:
-    flags = [audience.is_audience_event(e) for e in events]
-    return inbox.store_events(session, events, source=source, now=now, audience_flags=flags, rules=stored.RULES)
+def _store(session: Session, events: Sequence[InboxRow], *, source: str, now: datetime) -> int:
+    return inbox.store_events(session, events, source=source, now=now, rules=stored.RULES)
 
 
-def _unique_by_message_id(events: Sequence[InboundEvent]) -> list[InboundEvent]:
+def _unique_by_message_id(events: Sequence[InboxRow]) -> list[InboxRow]:
     seen: set[str] = set()
     unique = []
     for event in events:

@@ -29,9 +29,14 @@ def is_audience_event(event: InboundEvent) -> bool:
 
     Ordinary boolean traits (`newsletter: true`) never make an identify an audience event.
     """
-    if event.type == "identify":
-        return personas(event).get("computation_class") == "audience"
-    return event.type == "track" and event.event in (AUDIENCE_ENTERED, AUDIENCE_EXITED)
+    return is_audience_of(event.type, event.event, personas(event))
+
+
+def is_audience_of(kind: str, event_name: Any, personas: Mapping[str, Any]) -> bool:
+    """`is_audience_event` from an event's type, track name and context.personas."""
+    if kind == "identify":
+        return personas.get("computation_class") == "audience"
+    return kind == "track" and event_name in (AUDIENCE_ENTERED, AUDIENCE_EXITED)
 
 
 def extract_deltas(event: InboundEvent) -> list[MembershipDelta]:
@@ -71,14 +76,24 @@ def extract_email_change(event: InboundEvent) -> EmailChange | None:
 
 
 def personas(event: InboundEvent) -> Mapping[str, Any]:
-    personas = event.context.get("personas")
+    return personas_of(event.context)
+
+
+def personas_of(context: Mapping[str, Any]) -> Mapping[str, Any]:
+    """context.personas, {} when it is not an object."""
+    personas = context.get("personas")
     return personas if isinstance(personas, dict) else {}
 
 
 def audience_key(event: InboundEvent) -> str | None:
-    candidates = [personas(event).get("computation_key")]
-    if event.type == "track":
-        candidates.insert(0, event.properties.get("audience_key"))
+    return audience_key_of(event.type, event.properties, personas(event))
+
+
+def audience_key_of(kind: str, properties: Mapping[str, Any], personas: Mapping[str, Any]) -> str | None:
+    """`audience_key` from an event's type, properties and context.personas."""
+    candidates = [personas.get("computation_key")]
+    if kind == "track":
+        candidates.insert(0, properties.get("audience_key"))
     return next((c for c in candidates if isinstance(c, str) and c), None)
 
 

@@ -55,10 +55,14 @@ class RawEvent:
     Attributes:
         raw: the event, with its path type and the batch's context/integrations applied.
         size: bytes of the item as sent (before merging), checked against MAX_EVENT_BYTES.
+        text: JSON text of `raw` for the fast path (`fast_path.accepted_row`): orjson's encoding
+            of it, or the line orjson parsed it from when that has no backslash; None when the
+            stdlib parsed it (non-finite numbers may hide) or merging changed it.
     """
 
     raw: dict[str, Any]
     size: int | None
+    text: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -82,14 +86,15 @@ class InvalidEvent(Exception):
 # Bodies
 
 
-def _decoded(body: bytes) -> Any:
-    """The JSON value of a request body, or the Rejection of a body too large or not JSON."""
+def _decoded(body: bytes) -> tuple[Any, bool]:
+    """The JSON value of a request body, or the Rejection of a body too large or not JSON; and
+    whether orjson parsed it."""
     if len(body) > MAX_BATCH_BYTES:
-        return Rejection(f"body_too_large: {len(body)} bytes > {MAX_BATCH_BYTES}")
+        return Rejection(f"body_too_large: {len(body)} bytes > {MAX_BATCH_BYTES}"), False
     try:
-        return _loads(body)
+        return _loads_with(body)
     except ValueError as exc:
-        return Rejection(f"malformed_json: {exc}")
+        return Rejection(f"malformed_json: {exc}"), False
 
 
 def parse_body(body: bytes, *, path_type: str | None) -> Rejection | list[BodyItem]:
@@ -100,13 +105,13 @@ def parse_body(body: bytes, *, path_type: str | None) -> Rejection | list[BodyIt
     """
     if path_type is not None and path_type not in SEGMENT_TYPES:
         raise ValueError(f"not a Segment endpoint type: {path_type!r}")
-    decoded = _decoded(body)
+    decoded, by_orjson = _decoded(body)
     if isinstance(decoded, Rejection):
         return decoded
     if not isinstance(decoded, dict):
         return Rejection(f"not_an_object: body must be a JSON object, got {json_type(decoded)}")
     if path_type is None:
-        return _split_batch(decoded)
+        return _split_batch(decoded, by_orjson)
     return [_single_item(decoded, len(body), path_type)]
 
 
@@ -118,6 +123,16 @@ def parse_lines(lines: Sequence[bytes]) -> list[BodyItem]:
 
 def parse_line(line: bytes | str, *, digits_checked: bool = False) -> BodyItem:
     """Parse one line of a JSON-lines file (`listsync ingest`); the type comes from the event."""
+    if isinstance(line, bytes) and digits_checked:
+        # The usual line: orjson reads the bytes (checking UTF-8 itself); anything it refuses
+        # takes the path below, which names the problem.
+        try:
+            decoded = json_text.fast_loads(line, digits_checked=True)
+        except ValueError:
+            pass
+        else:
+            if isinstance(decoded, dict):
+                return RawEvent(decoded, len(line), None if b"\\" in line else line)
     if isinstance(line, bytes):
         try:
             text = line.decode("utf-8")
@@ -128,13 +143,15 @@ def parse_line(line: bytes | str, *, digits_checked: bool = False) -> BodyItem:
     else:
         text = line
     try:
-        decoded = _loads(text, digits_checked=digits_checked)
+        decoded, by_orjson = _loads_with(text, digits_checked=digits_checked)
     except ValueError as exc:
         return RejectedItem(Rejection(f"malformed_json: {exc}"), text)
     if not isinstance(decoded, dict):
         reason = f"not_an_object: event must be a JSON object, got {json_type(decoded)}"
         return RejectedItem(Rejection(reason), json_text.stdlib_dump(redact_value(decoded)))
-    return RawEvent(decoded, len(line) if isinstance(line, bytes) else len(text.encode("utf-8", "replace")))
+    if isinstance(line, bytes):
+        return RawEvent(decoded, len(line), line if by_orjson and b"\\" not in line else None)
+    return RawEvent(decoded, len(text.encode("utf-8", "replace")))
 
 
 def parse_webhook_body(body: bytes) -> Rejection | list[BodyItem]:
@@ -144,18 +161,26 @@ def parse_webhook_body(body: bytes) -> Rejection | list[BodyItem]:
     (Actions) with batching on). Array items are checked one by one, as in a batch; there is no
     shared context to merge. An empty array is an empty list.
     """
-    decoded = _decoded(body)
+    decoded, by_orjson = _decoded(body)
     if isinstance(decoded, Rejection):
         return decoded
     if isinstance(decoded, dict):
         return [RawEvent(decoded, len(body))]
     if isinstance(decoded, list):
-        return [_batch_item(item, {}) for item in decoded]
+        return [_batch_item(item, {}, by_orjson) for item in decoded]
     got = json_type(decoded)
     return Rejection(f"not_an_object: body must be a JSON object or an array of objects, got {got}")
 
 
-def _loads(body: bytes | str, *, digits_checked: bool = False) -> Any:
+def _loads_with(body: bytes | str, *, digits_checked: bool = False) -> tuple[Any, bool]:
+    """`_loads`, and whether orjson parsed the text (the stdlib did otherwise)."""
+    try:
+        return json_text.fast_loads(body, digits_checked=digits_checked), True
+    except ValueError:
+        return _loads(body, fast=False), False
+
+
+def _loads(body: bytes | str, *, digits_checked: bool = False, fast: bool = True) -> Any:
     """json.loads, but NaN/Infinity count as malformed, and runaway nesting is cut, not fatal.
 
     orjson parses what it can parse exactly as the stdlib would (`json_text.fast_loads`); the
@@ -167,10 +192,11 @@ def _loads(body: bytes | str, *, digits_checked: bool = False) -> Any:
     text is parsed again with every subtree deeper than `_CUT_DEPTH` replaced by a marker that
     `_check_values` refuses: the deep event is rejected alone, the others are kept.
     """
-    try:
-        return json_text.fast_loads(body, digits_checked=digits_checked)
-    except ValueError:
-        pass
+    if fast:
+        try:
+            return json_text.fast_loads(body, digits_checked=digits_checked)
+        except ValueError:
+            pass
     try:
         return json.loads(body, parse_constant=_refuse_constant)
     except RecursionError:
@@ -220,7 +246,7 @@ def _single_item(event: dict[str, Any], size: int, path_type: str) -> BodyItem:
     return RawEvent({**event, "type": path_type}, size)
 
 
-def _split_batch(body: dict[str, Any]) -> Rejection | list[BodyItem]:
+def _split_batch(body: dict[str, Any], by_orjson: bool) -> Rejection | list[BodyItem]:
     batch = body.get("batch")
     if not isinstance(batch, list):
         got = "nothing" if batch is None else json_type(batch)
@@ -231,14 +257,18 @@ def _split_batch(body: dict[str, Any]) -> Rejection | list[BodyItem]:
         if value is not None and not isinstance(value, dict):
             return Rejection(f"wrong_type: batch {key} must be an object, got {json_type(value)}")
         shared[key] = value or {}
-    return [_batch_item(item, shared) for item in batch]
+    return [_batch_item(item, shared, by_orjson) for item in batch]
 
 
-def _batch_item(item: Any, shared: Mapping[str, Mapping[str, Any]]) -> BodyItem:
+def _batch_item(item: Any, shared: Mapping[str, Mapping[str, Any]], by_orjson: bool) -> BodyItem:
     if not isinstance(item, dict):
         reason = f"not_an_object: batch item must be an object, got {json_type(item)}"
         return RejectedItem(Rejection(reason), json_text.stdlib_dump(redact_value(item)))
-    return RawEvent(_merge_shared(item, shared), json_text.encoded_size(item, exact_above=MAX_EVENT_BYTES // 2))
+    encoded = json_text.dumps_bytes(item)
+    if encoded is None or len(encoded) > MAX_EVENT_BYTES // 2:  # near the limit: the stdlib's size
+        return RawEvent(_merge_shared(item, shared), json_text.encoded_size(item, exact_above=MAX_EVENT_BYTES // 2))
+    merged = _merge_shared(item, shared)
+    return RawEvent(merged, len(encoded), encoded if by_orjson and merged is item else None)
 
 
 def _merge_shared(item: dict[str, Any], shared: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

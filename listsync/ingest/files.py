@@ -20,6 +20,7 @@ Drop folder rules:
 
 from __future__ import annotations
 
+import gc
 import gzip
 import itertools
 import logging
@@ -107,13 +108,32 @@ def ingest_stream(
     if hasattr(lines, "readline"):
         lines = bounded_lines(cast(IO[bytes], lines))
     total = IngestCounts()
-    for batch in _batched(lines, chunk):
-        items = _parse_lines(batch)
-        if not items:
-            continue
-        with transaction(factory) as session:
-            total.add(accept_items(session, items, source=source, now=now_fn()))
+    with _rare_collections():
+        for batch in _batched(lines, chunk):
+            items = _parse_lines(batch)
+            if not items:
+                continue
+            with transaction(factory) as session:
+                total.add(accept_items(session, items, source=source, now=now_fn()))
     return total
+
+
+@contextmanager
+def _rare_collections() -> Iterator[None]:
+    """Run the cyclic garbage collector rarely while a stream is stored.
+
+    Parsed events hold no reference cycles, but a chunk allocates so many objects that the
+    collector would run hundreds of times per chunk, each time promoting the chunk's events and,
+    at the oldest generation, walking every object the process holds (a quarter of the CPU).
+    What was loaded before is frozen out of the collections; thresholds are restored after."""
+    thresholds = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 1000)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
 
 
 def _parse_lines(lines: Iterable[bytes | _LongLine]) -> list[extract.BodyItem]:

@@ -10,6 +10,11 @@ Isolation: a job that raises is rolled back to its savepoint and its caller gets
 the others' work commits. Should the commit itself fail (or the transaction be unusable), nothing
 of the group is stored and each job is run again alone, so one request's failure never becomes
 another's.
+
+A job may also bring a `shared` form of its work, run without a savepoint (savepoints cost more
+than a request's insert): should any shared form raise, the whole group is rolled back and every
+job runs again alone, its plain work in its own transaction. The receiver's shared form skips
+the savepoints of its own refusal handling too (`accept.store_checked(isolate=False)`).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ IDLE_SECONDS = 2.0
 class _Job:
     work: Callable[[Session], Any]
     weight: int
+    shared: Callable[[Session], Any] | None = None
     future: Future[Any] = field(default_factory=Future)
 
 
@@ -53,9 +59,13 @@ class GroupCommitter:
         self._lock = threading.Lock()
         self._writer: threading.Thread | None = None
 
-    def run(self, work: Callable[[Session], T], *, weight: int = 1) -> T:
-        """`work(session)`'s result once the transaction it ran in has committed (or its error)."""
-        job = _Job(work, max(weight, 1))
+    def run(
+        self, work: Callable[[Session], T], *, weight: int = 1, shared: Callable[[Session], T] | None = None
+    ) -> T:
+        """`work(session)`'s result once the transaction it ran in has committed (or its error).
+
+        `shared`: the same work without savepoints, for a group's shared transaction (see above)."""
+        job = _Job(work, max(weight, 1), shared)
         self._jobs.put(job)
         self._ensure_writer()
         return job.future.result()  # type: ignore[no-any-return]
@@ -96,12 +106,16 @@ class GroupCommitter:
 
     def _commit(self, group: list[_Job]) -> None:
         outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+        alone = len(group) == 1
         try:
             with transaction(self._factory) as session:
                 for job in group:
-                    outcomes.append(_run_in_savepoint(session, job))
+                    if job.shared is not None and not alone:  # an error sends the group job by job
+                        outcomes.append((job, job.shared(session), None))
+                    else:
+                        outcomes.append(_run_in_savepoint(session, job))
         except Exception as exc:
-            if len(group) == 1:
+            if alone:
                 group[0].future.set_exception(exc)
                 return
             logger.info(

@@ -14,7 +14,7 @@ from typing import Any
 from listsync.domain import InboundEvent
 from listsync.ingest.validate import OBJECT_FIELDS
 
-_RULE_MODULES = ("validate.py", "extract.py", "audience.py", "stored.py", "../json_text.py")
+_RULE_MODULES = ("validate.py", "fast_path.py", "extract.py", "audience.py", "stored.py", "../json_text.py")
 
 
 def _rules_fingerprint() -> str:

@@ -73,12 +73,12 @@ def _validated(raw: Mapping[str, Any], received_at: datetime, encoded_size: int 
     if user_id is None and anonymous_id is None:
         raise InvalidEvent("missing_identifier: event has neither userId nor anonymousId")
     _check_type_specific(raw, kind)
-    email, email_problem = _email(objects)
+    email, email_problem = event_email(objects)
     stored = _without_write_keys(raw, nested=nested_write_key)
     event = InboundEvent(
         type=kind,
         message_id=_message_id(raw),
-        timestamp=_timestamp(raw, received_at),
+        timestamp=event_timestamp(raw, received_at),
         user_id=user_id,
         anonymous_id=anonymous_id,
         email=email,
@@ -110,10 +110,12 @@ def _check_values(raw: Mapping[str, Any]) -> bool:
 # A key that `_is_write_key` may call a write key: the letters of "writekey" in order, anything but
 # other letters and digits between them (JSON escapes included). Broader than the rule, never
 # narrower: a match only sends the event down `_walk_values`, which applies the rule itself.
+# Two characters outside ASCII fold to letters of it: lower() makes U+0130 (İ) "i" and a mark, and
+# U+212A (the Kelvin sign) "k"; in UTF-8 they are letters too.
 _SEPARATORS = rb'(?:\\u[0-9a-f]{4}|\\.|[^a-z0-9"\\])*'
+_LETTERS = (b"r", b"(?:i|\xc4\xb0)", b"t", b"e", b"(?:k|\xe2\x84\xaa)", b"e", b"y")
 _NESTED_WRITE_KEY = re.compile(
-    b'"w' + b"".join(_SEPARATORS + letter for letter in (b"r", b"i", b"t", b"e", b"k", b"e", b"y")) + _SEPARATORS + rb'"\s*:',
-    re.IGNORECASE,
+    b'"w' + b"".join(_SEPARATORS + letter for letter in _LETTERS) + _SEPARATORS + rb'"\s*:', re.IGNORECASE
 )
 _TOO_DEEP_BYTES = TOO_DEEP_MARK.encode("utf-8")
 
@@ -128,7 +130,7 @@ def _plainly_fine(raw: Mapping[str, Any]) -> bool:
         return False
     if b"null" in encoded and not _finite(raw):
         return False
-    return _plainly_fine_bytes(encoded, 0)
+    return plainly_fine_bytes(encoded, 0)
 
 
 def _plainly_fine_text(text: str, enclosing: int) -> bool:
@@ -138,10 +140,14 @@ def _plainly_fine_text(text: str, enclosing: int) -> bool:
         encoded = text.encode("utf-8")
     except UnicodeEncodeError:
         return False
-    return _plainly_fine_bytes(encoded, enclosing)
+    return plainly_fine_bytes(encoded, enclosing)
 
 
-def _plainly_fine_bytes(encoded: bytes, enclosing: int) -> bool:
+def plainly_fine_bytes(encoded: bytes, enclosing: int) -> bool:
+    """True when the JSON text `encoded` of a value nested `enclosing` levels deep shows none of
+    the problems `_walk_values` looks for, a write key at any depth included. The text must be
+    orjson's encoding of the value, or text orjson parsed that has no backslash (then no escape
+    hides a NUL or a letter of a key, and orjson refused lone surrogates and non-finite numbers)."""
     if b"\\u0000" in encoded or encoded.count(b"{") + encoded.count(b"[") > MAX_DEPTH - enclosing:
         return False
     if _TOO_DEEP_BYTES in encoded:
@@ -302,7 +308,7 @@ def _message_id(raw: Mapping[str, Any]) -> str:
     return f"ls-{digest[:32]}"
 
 
-def _timestamp(raw: Mapping[str, Any], received_at: datetime) -> datetime:
+def event_timestamp(raw: Mapping[str, Any], received_at: datetime) -> datetime:
     for name in ("timestamp", "originalTimestamp"):
         value = raw.get(name)
         if value is not None:
@@ -325,7 +331,7 @@ def _parse_time(name: str, value: Any) -> datetime:
         raise InvalidEvent(f"invalid_timestamp: {name} {value[:40]!r} is out of range in UTC") from None
 
 
-def _email(objects: Mapping[str, Mapping[str, Any]]) -> tuple[str | None, str | None]:
+def event_email(objects: Mapping[str, Mapping[str, Any]]) -> tuple[str | None, str | None]:
     """(normalised email, None) or (None, why the given email is unusable)."""
     context_traits = objects["context"].get("traits")
     sources = [

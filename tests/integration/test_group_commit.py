@@ -52,10 +52,12 @@ def stored_ids(factory: sessionmaker[Session]) -> set[str]:
         return set(session.scalars(select(m.InboxEvent.message_id)))
 
 
-def run_behind_blocker(
-    committer: GroupCommitter, jobs: dict[str, Callable[[Session], Any]]
-) -> dict[str, Any]:
+Work = Callable[[Session], Any]
+
+
+def run_behind_blocker(committer: GroupCommitter, jobs: dict[str, Work | tuple[Work, Work]]) -> dict[str, Any]:
     """Run `jobs` from one thread each while the writer is busy, so they queue and form one group.
+    A job is its work, or its work and its shared form.
 
     Returns each job's result, or the exception it raised."""
     release, entered = threading.Event(), threading.Event()
@@ -66,9 +68,10 @@ def run_behind_blocker(
 
     outcomes: dict[str, Any] = {}
 
-    def call(name: str, work: Callable[[Session], Any]) -> None:
+    def call(name: str, job: Work | tuple[Work, Work]) -> None:
+        work, shared = job if isinstance(job, tuple) else (job, None)
         try:
-            outcomes[name] = committer.run(work)
+            outcomes[name] = committer.run(work, shared=shared)
         except Exception as exc:
             outcomes[name] = exc
 
@@ -140,3 +143,20 @@ def test_a_group_whose_commit_fails_is_retried_request_by_request(factory: sessi
     assert isinstance(outcomes["poison"], RuntimeError)
     assert outcomes["ok"].accepted == 1
     assert stored_ids(factory) == {"ok-0"}
+
+
+
+def test_a_shared_form_that_fails_sends_the_group_request_by_request(factory: sessionmaker[Session]) -> None:
+    """Shared forms run without savepoints; one raising rolls the group back and each job runs alone."""
+    committer = GroupCommitter(factory)
+    seen: list[Session] = []
+    first, second = store_job("one", 2, seen), store_job("two", 1, seen)
+
+    def refused(session: Session) -> None:
+        second(session)
+        raise RuntimeError("the database refused an event")
+
+    outcomes = run_behind_blocker(committer, {"one": (first, first), "two": (second, refused)})
+    assert outcomes["one"].accepted == 2 and outcomes["two"].accepted == 1
+    assert len(seen) == 4 and seen[0] is seen[1] and seen[2] is not seen[3]  # shared, then alone
+    assert stored_ids(factory) == {"one-0", "one-1", "two-0"}
