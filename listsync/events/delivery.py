@@ -34,7 +34,7 @@ from listsync.domain import PendingDelivery
 from listsync.engine import StopRun, repeat_passes, still_ours, stop_refused
 from listsync.errors import AuthError, IterableError, PermanentError
 from listsync.events import actions
-from listsync.events.route import route_all
+from listsync.events.route import RouteCounts, Router
 from listsync.iterable.payloads import BulkResult, chunk_by_limits, json_size
 from listsync.lists import identity
 from listsync.lists.membership import retry_delay
@@ -77,12 +77,17 @@ def deliver_pending(ctx: context.SyncContext, *, now_fn: Callable[[], datetime] 
         logger.info("another replica is delivering events", extra={"event": "delivery_lease_busy"})
         return report
     try:
-        routed = route_all(ctx, settings.compiled(), clock)
-        report.routed, report.skipped, report.failed = routed.routed, routed.skipped, routed.failed
-        if ctx.client.is_dry_run:
-            _log_dry_run(ctx)
-            return report
-        _send_all(ctx, report, clock)
+        router = Router(ctx, settings.compiled(), clock)
+        routed = RouteCounts()
+        try:
+            if ctx.client.is_dry_run:
+                while router.route_batch(routed):
+                    pass
+                _log_dry_run(ctx)
+                return report
+            _send_all(ctx, report, clock, lambda: router.route_batch(routed))
+        finally:
+            report.routed, report.skipped, report.failed = routed.routed, routed.skipped, report.failed + routed.failed
         report.retrying = _count_pending(ctx)
     finally:
         _release_lease(ctx, clock())
@@ -94,12 +99,15 @@ def wire_body(body: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in body.items() if key not in _DIRECTIVE_KEYS}
 
 
-def _send_all(ctx: context.SyncContext, report: DeliveryReport, clock: Callable[[], datetime]) -> None:
-    """Passes over the pending rows until one sends nothing or nothing is due."""
+def _send_all(
+    ctx: context.SyncContext, report: DeliveryReport, clock: Callable[[], datetime], route: Callable[[], bool]
+) -> None:
+    """Passes over the pending rows until one sends nothing or nothing is due. The first pass
+    routes the inbox as it goes (`route`: one batch, False once none is left)."""
 
     def one_pass() -> bool:
         before = report.requests
-        _Sender(ctx, report, clock).run()
+        _Sender(ctx, report, clock, route).run()
         if report.requests == before or ctx.should_stop():
             return False
         with transaction(ctx.factory) as session:
@@ -111,8 +119,15 @@ def _send_all(ctx: context.SyncContext, report: DeliveryReport, clock: Callable[
 class _Sender:
     """One pass: pages of pending rows in id order, blocked users skipped, bulk rows batched."""
 
-    def __init__(self, ctx: context.SyncContext, report: DeliveryReport, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        ctx: context.SyncContext,
+        report: DeliveryReport,
+        clock: Callable[[], datetime],
+        route: Callable[[], bool],
+    ) -> None:
         self.ctx = ctx
+        self.route = route
         self.client = ctx.client
         self.project_type = ctx.settings.iterable.project_type
         self.report = report
@@ -130,13 +145,20 @@ class _Sender:
         self.pool = ThreadPoolExecutor(max_workers=len(actions.BULK_ENDPOINTS) * 2, thread_name_prefix="listsync-bulk")
 
     def run(self) -> None:
+        """Route a batch, send the page of rows it made, and so on: routing the next batch is done
+        while the last page's bulk calls are on the wire (they wait for their rate limit in the
+        pool). Rows routed later have higher ids, so pages stay in id order."""
         after = 0
+        routing = True
         try:
             while not self.ctx.should_stop():
+                routing = routing and self.route()
                 with transaction(self.ctx.factory) as session:
                     rows = deliveries.pending_page(session, after, PAGE_SIZE)
                     # What this pass delivered or moved is newer than the rows recorded so far.
                     self.known_emails = {**deliveries.delivered_emails(session, rows), **self.known_emails}
+                if not rows and routing:
+                    continue  # that batch made nothing to send
                 if not rows:
                     for key in list(self.batches):
                         self._flush(key)
