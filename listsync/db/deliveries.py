@@ -14,7 +14,7 @@ from listsync.db import models as m
 from listsync.db.inbox import stamp_for
 from listsync.db.session import is_postgres, key_filters
 from listsync.domain import PendingDelivery
-from listsync.json_text import fast_loads
+from listsync.json_text import fast_loads, has_long_digits
 
 
 class Unrouted(NamedTuple):
@@ -37,20 +37,29 @@ _UNROUTED = (
 
 def unrouted(session: Session, limit: int) -> list[Unrouted]:
     """The next `limit` unrouted inbox events in id order (locked, skipping locked ones, on
-    PostgreSQL). Read by the driver and each payload decoded once here (orjson where it gives the
-    stdlib's result): SQLAlchemy's per-row JSON and datetime processing cost more than the query."""
+    PostgreSQL). Read by the driver, each payload decoded once here: SQLAlchemy's per-row JSON and
+    datetime processing cost more than the query."""
     postgres = is_postgres(session)
     sql = _UNROUTED.format(payload="payload::text" if postgres else "payload", limit=int(limit))
     rows = session.connection().exec_driver_sql(sql + (" FOR UPDATE SKIP LOCKED" if postgres else "")).all()
+    payloads = decode_all([row[4] for row in rows])
     stamp = _stamp_reader(postgres)
     return [
-        Unrouted(row[0], row[1], row[2], row[3], _decode(row[4]), stamp(row[5]), bool(row[6])) for row in rows
+        Unrouted(row[0], row[1], row[2], row[3], payload, stamp(row[5]), bool(row[6]))
+        for row, payload in zip(rows, payloads, strict=True)
     ]
 
 
-def _decode(text: str) -> Any:
+def decode_all(texts: Sequence[str | None]) -> list[Any]:
+    """JSON texts (or NULLs) decoded, by orjson when it gives the stdlib's result (one check of the
+    digits for the whole batch: a run that could be an integer beyond 64 bits goes to the stdlib)."""
+    checked = not has_long_digits("\n".join(text for text in texts if text is not None))
+    return [None if text is None else _decode(text, checked) for text in texts]
+
+
+def _decode(text: str, digits_checked: bool) -> Any:
     try:
-        return fast_loads(text)
+        return fast_loads(text, digits_checked=digits_checked)
     except ValueError:
         return json.loads(text)
 
@@ -99,15 +108,23 @@ def mark_routed(session: Session, ids: Sequence[int], now: datetime) -> None:
         session.execute(update(m.InboxEvent).where(m.InboxEvent.id.in_(ids)).values(routed_at=now))
 
 
+_PENDING_PAGE = (
+    "SELECT id, endpoint, {body}, user_key, user_id, email, attempts, next_attempt_at FROM event_deliveries "
+    "WHERE state = 'pending' AND id > {after} ORDER BY id LIMIT {limit}"
+)
+
+
 def pending_page(session: Session, after: int, limit: int) -> list[PendingDelivery]:
-    d = m.EventDelivery
-    stmt = (
-        select(d.id, d.endpoint, d.body, d.user_key, d.user_id, d.email, d.attempts, d.next_attempt_at)
-        .where(d.state == m.DeliveryState.PENDING, d.id > after)
-        .order_by(d.id)
-        .limit(limit)
-    )
-    return [PendingDelivery(*row) for row in session.execute(stmt)]
+    """The next `limit` pending deliveries after id `after`, read by the driver (as `unrouted`)."""
+    postgres = is_postgres(session)
+    sql = _PENDING_PAGE.format(body="body::text" if postgres else "body", after=int(after), limit=int(limit))
+    rows = session.connection().exec_driver_sql(sql).all()
+    bodies = decode_all([row[2] for row in rows])
+    stamp = _stamp_reader(postgres)
+    return [
+        PendingDelivery(row[0], row[1], body, row[3], row[4], row[5], row[6], None if row[7] is None else stamp(row[7]))
+        for row, body in zip(rows, bodies, strict=True)
+    ]
 
 
 def delivered_emails(session: Session, rows: Sequence[PendingDelivery]) -> dict[str, str]:

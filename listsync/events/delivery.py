@@ -35,7 +35,15 @@ from listsync.engine import StopRun, repeat_passes, still_ours, stop_refused
 from listsync.errors import AuthError, IterableError, PermanentError
 from listsync.events import actions
 from listsync.events.route import RouteCounts, Router
-from listsync.iterable.payloads import BulkResult, chunk_by_limits, json_size
+from listsync.iterable.payloads import (
+    ENVELOPE_BYTES,
+    MAX_BATCH_ITEMS,
+    MAX_BODY_BYTES,
+    BulkResult,
+    chunk_by_limits,
+    json_size,
+)
+from listsync.json_text import dumps_bytes
 from listsync.lists import identity
 from listsync.lists.membership import retry_delay
 
@@ -96,6 +104,8 @@ def deliver_pending(ctx: context.SyncContext, *, now_fn: Callable[[], datetime] 
 
 def wire_body(body: dict[str, Any]) -> dict[str, Any]:
     """The stored body as Iterable gets it, without listsync's own directives."""
+    if "newEmail" not in body and "updateOnly" not in body:
+        return body
     return {key: value for key, value in body.items() if key not in _DIRECTIVE_KEYS}
 
 
@@ -302,7 +312,7 @@ class _Sender:
     def _flush(self, key: tuple[str, bool]) -> None:
         rows = self.batches.pop(key, [])
         self.open_users.pop(key, None)
-        for chunk in chunk_by_limits(rows, size_of=lambda row: json_size(wire_body(row.body))):
+        for chunk in _bulk_chunks(rows):
             self._settle(key)
             # A user blocked by an earlier chunk's failure keeps its later rows back (per-user order).
             ready = [row for row in chunk if row.user_key not in self.blocked]
@@ -375,14 +385,26 @@ class _Sender:
         self.blocked.add(row.user_key)
 
     def _record(self) -> None:
+        """Write the outcomes so far and renew the lease, in one transaction: the outcomes are of
+        calls this replica made while it held the lease, so they stand even if it is lost now."""
         with transaction(self.ctx.factory) as session:
             deliveries.mark_delivered(session, self.delivered, self.clock())
             deliveries.record_outcomes(session, self.outcomes)
-        self.outcomes, self.delivered = [], []
-        with transaction(self.ctx.factory) as session:
             renewed = leases.try_lease(session, LEASE_NAME, self.ctx.owner, self.clock(), _lease_ttl(self.ctx))
+        self.outcomes, self.delivered = [], []
         if not still_ours(renewed, "event delivery"):
             raise StopRun
+
+
+def _bulk_chunks(rows: list[PendingDelivery]) -> list[list[PendingDelivery]]:
+    """The rows of one bulk key in calls that fit Iterable's limits. Measuring every item exactly
+    (the stdlib's encoding) is needed only near the byte limit: when orjson's size of all of them,
+    doubled (the stdlib never spells a number twice as long), leaves room, one call takes them."""
+    if len(rows) <= MAX_BATCH_ITEMS:
+        fast = dumps_bytes([wire_body(row.body) for row in rows])
+        if fast is not None and 2 * len(fast) + ENVELOPE_BYTES <= MAX_BODY_BYTES:
+            return [rows] if rows else []
+    return chunk_by_limits(rows, size_of=lambda row: json_size(wire_body(row.body)))
 
 
 def _outcome(
