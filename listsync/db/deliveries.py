@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -18,15 +18,20 @@ from listsync.json_text import fast_loads, has_long_digits
 
 
 class Unrouted(NamedTuple):
-    """An inbox event not routed yet, as routing reads it."""
+    """An inbox event not routed yet, as routing reads it. `stored_timestamp` is the driver's value,
+    read as a datetime only when asked (`timestamp`): most payloads carry their own."""
 
     id: int
     message_id: str
     type: str
     event: str | None
     payload: dict[str, Any]
-    timestamp: datetime
+    stored_timestamp: Any
     is_audience: bool
+
+    @property
+    def timestamp(self) -> datetime:
+        return read_stamp(self.stored_timestamp)
 
 
 _UNROUTED = (
@@ -43,9 +48,8 @@ def unrouted(session: Session, limit: int) -> list[Unrouted]:
     sql = _UNROUTED.format(payload="payload::text" if postgres else "payload", limit=int(limit))
     rows = session.connection().exec_driver_sql(sql + (" FOR UPDATE SKIP LOCKED" if postgres else "")).all()
     payloads = decode_all([row[4] for row in rows])
-    stamp = _stamp_reader(postgres)
     return [
-        Unrouted(row[0], row[1], row[2], row[3], payload, stamp(row[5]), bool(row[6]))
+        Unrouted(row[0], row[1], row[2], row[3], payload, row[5], bool(row[6]))
         for row, payload in zip(rows, payloads, strict=True)
     ]
 
@@ -64,11 +68,12 @@ def _decode(text: str, digits_checked: bool) -> Any:
         return json.loads(text)
 
 
-def _stamp_reader(postgres: bool) -> Callable[[Any], datetime]:
-    """A `UTCDateTime` column's value as the driver returns it -> an aware UTC datetime."""
-    if postgres:
-        return lambda value: value.astimezone(UTC)
-    return lambda value: datetime.fromisoformat(value).replace(tzinfo=UTC)
+def read_stamp(value: Any) -> datetime:
+    """A `UTCDateTime` column's value as the driver returns it (a datetime from psycopg, SQLite's
+    text) -> an aware UTC datetime."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC)
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 
 DELIVERY_COLUMNS = (
@@ -120,9 +125,8 @@ def pending_page(session: Session, after: int, limit: int) -> list[PendingDelive
     sql = _PENDING_PAGE.format(body="body::text" if postgres else "body", after=int(after), limit=int(limit))
     rows = session.connection().exec_driver_sql(sql).all()
     bodies = decode_all([row[2] for row in rows])
-    stamp = _stamp_reader(postgres)
     return [
-        PendingDelivery(row[0], row[1], body, row[3], row[4], row[5], row[6], None if row[7] is None else stamp(row[7]))
+        PendingDelivery(row[0], row[1], body, row[3], row[4], row[5], row[6], None if row[7] is None else read_stamp(row[7]))
         for row, body in zip(rows, bodies, strict=True)
     ]
 

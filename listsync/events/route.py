@@ -84,7 +84,7 @@ class Router:
         return not self.done
 
     def _route(self, row: deliveries_db.Unrouted, now: datetime) -> list[tuple[Any, ...]]:
-        event = event_view(row.payload, row.message_id, row.timestamp)
+        event = event_view(row)
         out = []
         for mapping in self.mappings:
             if row.is_audience and not mapping.audiences or not mapping.test(event):
@@ -95,13 +95,13 @@ class Router:
         return out
 
 
-def event_view(payload: dict[str, Any], message_id: str, timestamp: datetime) -> dict[str, Any]:
+def event_view(row: deliveries_db.Unrouted) -> dict[str, Any]:
     """The event as mappings see it: the stored payload, with the messageId and timestamp that
     validation settled on when the sender left them out (so `$.messageId` always resolves)."""
-    view = dict(payload)
-    view.setdefault("messageId", message_id)
+    view = dict(row.payload)
+    view.setdefault("messageId", row.message_id)
     if not view.get("timestamp"):
-        view["timestamp"] = timestamp.isoformat()
+        view["timestamp"] = row.timestamp.isoformat()
     return view
 
 
