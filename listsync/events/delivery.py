@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from listsync import context
 from listsync.db import deliveries, leases
 from listsync.db import models as m
@@ -52,6 +54,8 @@ logger = logging.getLogger(__name__)
 PAGE_SIZE = 1000
 MAX_PASSES = 50
 LEASE_NAME = "event_deliveries"
+# Routes one inbox batch in the given transaction; False once none is left.
+Route = Callable[[Session], bool]
 UPSERT_ENDPOINTS = frozenset({"users/update", "users/bulkUpdate"})
 # Kept in a delivery's stored body beside the request, never sent in it.
 _DIRECTIVE_KEYS = ("newEmail", "updateOnly")
@@ -93,7 +97,7 @@ def deliver_pending(ctx: context.SyncContext, *, now_fn: Callable[[], datetime] 
                     pass
                 _log_dry_run(ctx)
                 return report
-            _send_all(ctx, report, clock, lambda: router.route_batch(routed))
+            _send_all(ctx, report, clock, lambda session: router.route_in(session, routed))
         finally:
             report.routed, report.skipped, report.failed = routed.routed, routed.skipped, report.failed + routed.failed
         report.retrying = _count_pending(ctx)
@@ -110,10 +114,10 @@ def wire_body(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _send_all(
-    ctx: context.SyncContext, report: DeliveryReport, clock: Callable[[], datetime], route: Callable[[], bool]
+    ctx: context.SyncContext, report: DeliveryReport, clock: Callable[[], datetime], route: Route
 ) -> None:
     """Passes over the pending rows until one sends nothing or nothing is due. The first pass
-    routes the inbox as it goes (`route`: one batch, False once none is left)."""
+    routes the inbox as it goes (`route`: one batch in the given transaction, False once none is left)."""
 
     def one_pass() -> bool:
         before = report.requests
@@ -134,7 +138,7 @@ class _Sender:
         ctx: context.SyncContext,
         report: DeliveryReport,
         clock: Callable[[], datetime],
-        route: Callable[[], bool],
+        route: Route,
     ) -> None:
         self.ctx = ctx
         self.route = route
@@ -155,18 +159,25 @@ class _Sender:
         self.pool = ThreadPoolExecutor(max_workers=len(actions.BULK_ENDPOINTS) * 2, thread_name_prefix="listsync-bulk")
 
     def run(self) -> None:
-        """Route a batch, send the page of rows it made, and so on: routing the next batch is done
-        while the last page's bulk calls are on the wire (they wait for their rate limit in the
-        pool). Rows routed later have higher ids, so pages stay in id order."""
+        """Per page, one transaction records the last page's outcomes, renews the lease, routes the
+        next inbox batch and reads the next page of pending rows (one commit per page); the page is
+        then sent while routing goes on: its bulk calls wait for their rate limit in the pool.
+        Rows routed later have higher ids, so pages stay in id order."""
         after = 0
         routing = True
         try:
             while not self.ctx.should_stop():
-                routing = routing and self.route()
+                rows: list[PendingDelivery] = []
                 with transaction(self.ctx.factory) as session:
-                    rows = deliveries.pending_page(session, after, PAGE_SIZE)
-                    # What this pass delivered or moved is newer than the rows recorded so far.
-                    self.known_emails = {**deliveries.delivered_emails(session, rows), **self.known_emails}
+                    ours = self._record_in(session)
+                    if ours:
+                        routing = routing and self.route(session)
+                        rows = deliveries.pending_page(session, after, PAGE_SIZE)
+                        # What this pass delivered or moved is newer than the rows recorded so far.
+                        self.known_emails = {**deliveries.delivered_emails(session, rows), **self.known_emails}
+                self.outcomes, self.delivered = [], []  # committed
+                if not still_ours(ours, "event delivery"):
+                    raise StopRun
                 if not rows and routing:
                     continue  # that batch made nothing to send
                 if not rows:
@@ -174,10 +185,7 @@ class _Sender:
                         self._flush(key)
                     return
                 after = rows[-1].id
-                try:
-                    self._page(rows)
-                finally:
-                    self._record()
+                self._page(rows)
         finally:
             self._settle_all()
 
@@ -385,15 +393,19 @@ class _Sender:
         self.blocked.add(row.user_key)
 
     def _record(self) -> None:
-        """Write the outcomes so far and renew the lease, in one transaction: the outcomes are of
-        calls this replica made while it held the lease, so they stand even if it is lost now."""
         with transaction(self.ctx.factory) as session:
-            deliveries.mark_delivered(session, self.delivered, self.clock())
-            deliveries.record_outcomes(session, self.outcomes)
-            renewed = leases.try_lease(session, LEASE_NAME, self.ctx.owner, self.clock(), _lease_ttl(self.ctx))
-        self.outcomes, self.delivered = [], []
+            renewed = self._record_in(session)
+        self.outcomes, self.delivered = [], []  # committed
         if not still_ours(renewed, "event delivery"):
             raise StopRun
+
+    def _record_in(self, session: Session) -> bool:
+        """Write the outcomes so far and renew the lease; False if the lease is lost. The outcomes
+        are of calls this replica made while it held the lease, so they stand either way. The
+        caller clears them once the transaction has committed (writing them again is harmless)."""
+        deliveries.mark_delivered(session, self.delivered, self.clock())
+        deliveries.record_outcomes(session, self.outcomes)
+        return leases.try_lease(session, LEASE_NAME, self.ctx.owner, self.clock(), _lease_ttl(self.ctx))
 
 
 def _bulk_chunks(rows: list[PendingDelivery]) -> list[list[PendingDelivery]]:

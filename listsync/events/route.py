@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from listsync import context
 from listsync.db import deliveries as deliveries_db
 from listsync.db import models as m
@@ -68,15 +70,22 @@ class Router:
         self.done = False
 
     def route_batch(self, report: RouteCounts) -> bool:
-        """Route up to ROUTE_BATCH events; False once the inbox has none left."""
+        """Route up to ROUTE_BATCH events in a transaction of their own; False once none is left."""
         if self.done:
             return False
         with transaction(self.ctx.factory) as session:
-            rows = deliveries_db.unrouted(session, ROUTE_BATCH)
-            now = self.clock()
-            made = [d for row in rows for d in self._route(row, now)]
-            deliveries_db.insert_deliveries(session, made)
-            deliveries_db.mark_routed(session, [row.id for row in rows], now)
+            return self.route_in(session, report)
+
+    def route_in(self, session: Session, report: RouteCounts) -> bool:
+        """Route up to ROUTE_BATCH events in the caller's transaction (the rows and the inbox marks
+        commit together, or neither); False once none is left."""
+        if self.done:
+            return False
+        rows = deliveries_db.unrouted(session, ROUTE_BATCH)
+        now = self.clock()
+        made = [d for row in rows for d in self._route(row, now)]
+        deliveries_db.insert_deliveries(session, made)
+        deliveries_db.mark_routed(session, [row.id for row in rows], now)
         report.routed += len(rows)
         report.skipped += sum(d[_STATE] == _SKIPPED for d in made)
         report.failed += sum(d[_STATE] == _FAILED for d in made)
