@@ -46,12 +46,23 @@ def unrouted(session: Session, limit: int) -> list[Unrouted]:
     datetime processing cost more than the query."""
     postgres = is_postgres(session)
     sql = _UNROUTED.format(payload="payload::text" if postgres else "payload", limit=int(limit))
-    rows = session.connection().exec_driver_sql(sql + (" FOR UPDATE SKIP LOCKED" if postgres else "")).all()
+    rows = _fetch_all(session, sql + (" FOR UPDATE SKIP LOCKED" if postgres else ""))
     payloads = decode_all([row[4] for row in rows])
     return [
         Unrouted(row[0], row[1], row[2], row[3], payload, row[5], bool(row[6]))
         for row, payload in zip(rows, payloads, strict=True)
     ]
+
+
+def _fetch_all(session: Session, sql: str) -> list[tuple[Any, ...]]:
+    """The rows of one query as the driver's tuples, on the session's connection (so in its
+    transaction), without SQLAlchemy's Row objects: these pages are read a thousand rows at a time."""
+    cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(sql)
+        return list(cursor.fetchall())
+    finally:
+        cursor.close()
 
 
 def decode_all(texts: Sequence[str | None]) -> list[Any]:
@@ -123,7 +134,7 @@ def pending_page(session: Session, after: int, limit: int) -> list[PendingDelive
     """The next `limit` pending deliveries after id `after`, read by the driver (as `unrouted`)."""
     postgres = is_postgres(session)
     sql = _PENDING_PAGE.format(body="body::text" if postgres else "body", after=int(after), limit=int(limit))
-    rows = session.connection().exec_driver_sql(sql).all()
+    rows = _fetch_all(session, sql)
     bodies = decode_all([row[2] for row in rows])
     return [
         PendingDelivery(row[0], row[1], body, row[3], row[4], row[5], row[6], None if row[7] is None else read_stamp(row[7]))
