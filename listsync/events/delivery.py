@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -36,6 +35,7 @@ from listsync.domain import PendingDelivery
 from listsync.engine import StopRun, repeat_passes, still_ours, stop_refused
 from listsync.errors import AuthError, IterableError, PermanentError
 from listsync.events import actions
+from listsync.events.bulk_calls import BulkCalls, Call
 from listsync.events.route import RouteCounts, Router
 from listsync.iterable.payloads import (
     ENVELOPE_BYTES,
@@ -52,6 +52,8 @@ from listsync.lists.membership import retry_delay
 logger = logging.getLogger(__name__)
 
 PAGE_SIZE = 1000
+# Bulk calls a key may have queued ahead of the wire while routing goes on (about 1 MB each).
+MAX_QUEUED_CALLS = 20
 MAX_PASSES = 50
 LEASE_NAME = "event_deliveries"
 # Routes one inbox batch in the given transaction; False once none is left.
@@ -154,9 +156,7 @@ class _Sender:
         self.renamed: set[int] = set()  # rows whose stored email changed before sending
         # Which users each bulk key holds, open or on the wire (per-user order across endpoints).
         self.open_users: dict[tuple[str, bool], set[str]] = defaultdict(set)
-        self.flying_users: dict[tuple[str, bool], set[str]] = {}
-        self.in_flight: dict[tuple[str, bool], tuple[Future[BulkResult], list[PendingDelivery]]] = {}
-        self.pool = ThreadPoolExecutor(max_workers=len(actions.BULK_ENDPOINTS) * 2, thread_name_prefix="listsync-bulk")
+        self.calls = BulkCalls(self._bulk_call)  # queued or on the wire, per bulk key
 
     def run(self) -> None:
         """Per page, one transaction records the last page's outcomes, renews the lease, routes the
@@ -167,6 +167,7 @@ class _Sender:
         routing = True
         try:
             while not self.ctx.should_stop():
+                self._settle_answered()
                 rows: list[PendingDelivery] = []
                 with transaction(self.ctx.factory) as session:
                     ours = self._record_in(session)
@@ -186,6 +187,9 @@ class _Sender:
                     return
                 after = rows[-1].id
                 self._page(rows)
+        except BaseException:
+            self.calls.halt()  # what is queued and not on the wire yet stays pending
+            raise
         finally:
             self._settle_all()
 
@@ -193,12 +197,13 @@ class _Sender:
         """Record every call still on the wire, each on its own: one that raises (a refused key)
         does not leave the others' answers unread. The first error is raised after recording."""
         errors: list[BaseException] = []
-        for key in list(self.in_flight):
-            try:
-                self._settle(key)
-            except BaseException as exc:
-                errors.append(exc)
-        self.pool.shutdown(wait=True)
+        for key in self.calls.busy_keys():
+            while self.calls.queued(key):
+                try:
+                    self._settle_next(key)
+                except BaseException as exc:
+                    errors.append(exc)
+        self.calls.close()
         self._record()
         if errors:
             raise errors[0]
@@ -222,6 +227,8 @@ class _Sender:
         if row.endpoint in actions.BULK_ENDPOINTS:
             key = (row.endpoint, row.body.get("updateOnly") is True)
             self._flush_user(row.user_key, keep=key)  # its earlier updateOnly/plain batch goes first
+            if self.calls.holds(key, row.user_key):
+                self._settle(key)  # its earlier call of this key is answered before it joins another
             if row.user_key in self.blocked:
                 return
             self.batches[key].append(row)
@@ -240,12 +247,12 @@ class _Sender:
         while a user's profile update and event are independent in Iterable, as in Segment's
         destination, and keeping them apart keeps both endpoints' calls full."""
 
-        def holds(key: tuple[str, bool], users: set[str]) -> bool:
-            return user_key in users and (keep is None or (key[0] == keep[0] and key != keep))
+        def counts(key: tuple[str, bool]) -> bool:
+            return keep is None or (key[0] == keep[0] and key != keep)
 
-        for key in [k for k, users in self.open_users.items() if holds(k, users)]:
+        for key in [k for k, users in self.open_users.items() if user_key in users and counts(k)]:
             self._flush(key)
-        for key in [k for k, users in self.flying_users.items() if holds(k, users)]:
+        for key in [k for k in self.calls.busy_keys() if self.calls.holds(k, user_key) and counts(k)]:
             self._settle(key)
 
     def _single(self, row: PendingDelivery) -> None:
@@ -320,37 +327,55 @@ class _Sender:
     def _flush(self, key: tuple[str, bool]) -> None:
         rows = self.batches.pop(key, [])
         self.open_users.pop(key, None)
-        for chunk in _bulk_chunks(rows):
-            self._settle(key)
+        for index, chunk in enumerate(_bulk_chunks(rows)):
+            if index:
+                self._settle(key)  # a user split across two calls: the first is answered first
             # A user blocked by an earlier chunk's failure keeps its later rows back (per-user order).
             ready = [row for row in chunk if row.user_key not in self.blocked]
             if ready:
                 self._send_bulk(key, ready)
 
     def _send_bulk(self, key: tuple[str, bool], rows: Sequence[PendingDelivery]) -> None:
-        """Put one bulk call on the wire. Each (endpoint, updateOnly) has at most one call in flight,
-        so one endpoint's calls are answered in order; different endpoints, each paced by its own
-        rate limit, are on the wire side by side."""
-        endpoint, update_only = key
-        items = [wire_body(row.body) for row in rows]
+        """Queue one bulk call. Each (endpoint, updateOnly) sends its calls one after another from
+        its own thread, so one key's calls are answered in order; different keys, each paced by
+        its endpoint's rate limit, are on the wire side by side. Routing goes on meanwhile, up to
+        MAX_QUEUED_CALLS calls ahead of the wire."""
         self.report.requests += 1
+        self.calls.submit(key, rows, [wire_body(row.body) for row in rows])
+        while self.calls.queued(key) > MAX_QUEUED_CALLS:
+            self._settle_next(key)
+
+    def _bulk_call(self, key: tuple[str, bool], items: list[dict[str, Any]]) -> BulkResult:
+        endpoint, update_only = key
         if endpoint == "users/bulkUpdate":
-            future = self.pool.submit(self.client.bulk_update_users, items, update_only=update_only)
-        else:
-            future = self.pool.submit(self.client.track_bulk, items)
-        self.in_flight[key] = (future, list(rows))
-        self.flying_users[key] = {row.user_key for row in rows}
+            return self.client.bulk_update_users(items, update_only=update_only)
+        return self.client.track_bulk(items)
 
     def _settle(self, key: tuple[str, bool]) -> None:
-        """Wait for the key's call in flight, if any, and record what it means for its rows."""
-        sent = self.in_flight.pop(key, None)
-        self.flying_users.pop(key, None)
-        if sent is None:
+        """Wait for every call of the key and record what each means for its rows."""
+        while self.calls.queued(key):
+            self._settle_next(key)
+
+    def _settle_answered(self) -> None:
+        """Record the calls answered so far, without waiting, so their outcomes go out with the page."""
+        for key in self.calls.busy_keys():
+            while (call := self.calls.pop_done(key)) is not None:
+                self._read(call)
+
+    def _settle_next(self, key: tuple[str, bool]) -> None:
+        call = self.calls.pop(key)
+        if call is not None:
+            self._read(call)
+
+    def _read(self, call: Call) -> None:
+        result: list[BulkResult | None] = []
+        if not self._attempt(call.rows, lambda: result.append(call.future.result()), settle=False):
             return
-        future, rows = sent
-        result: list[BulkResult] = []
-        if self._attempt(rows, lambda: result.append(future.result()), settle=False):
-            self._settle_bulk(rows, result[0])
+        answer = result[0]
+        if answer is None:
+            self.blocked.update(call.users)  # never sent: pending still, nothing of theirs overtakes it
+            return
+        self._settle_bulk(call.rows, answer)
 
     def _settle_bulk(self, rows: Sequence[PendingDelivery], result: BulkResult) -> None:
         for row in rows:
