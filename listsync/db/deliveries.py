@@ -2,44 +2,121 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
 
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from listsync.db import models as m
-from listsync.db.session import chunks, insert_for, is_postgres, key_filters
+from listsync.db.inbox import stamp_for
+from listsync.db.session import is_postgres, key_filters
 from listsync.domain import PendingDelivery
+from listsync.json_text import fast_loads, has_long_digits
 
 
-def unrouted(session: Session, limit: int) -> list[Any]:
-    inbox = m.table(m.InboxEvent)
-    stmt = (
-        select(
-            inbox.c.id, inbox.c.message_id, inbox.c.type, inbox.c.event, inbox.c.payload,
-            inbox.c.timestamp, inbox.c.is_audience,
-        )
-        .where(inbox.c.routed_at.is_(None))
-        .order_by(inbox.c.id)
-        .limit(limit)
-    )
-    if is_postgres(session):
-        stmt = stmt.with_for_update(skip_locked=True)
-    return list(session.execute(stmt))
+class Unrouted(NamedTuple):
+    """An inbox event not routed yet, as routing reads it. `stored_timestamp` is the driver's value,
+    read as a datetime only when asked (`timestamp`): most payloads carry their own."""
+
+    id: int
+    message_id: str
+    type: str
+    event: str | None
+    payload: dict[str, Any]
+    stored_timestamp: Any
+    is_audience: bool
+
+    @property
+    def timestamp(self) -> datetime:
+        return read_stamp(self.stored_timestamp)
 
 
-def insert_deliveries(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+_UNROUTED = (
+    "SELECT id, message_id, type, event, {payload}, timestamp, is_audience FROM inbox "
+    "WHERE routed_at IS NULL ORDER BY id LIMIT {limit}"
+)
+
+
+def unrouted(session: Session, limit: int) -> list[Unrouted]:
+    """The next `limit` unrouted inbox events in id order (locked, skipping locked ones, on
+    PostgreSQL). Read by the driver, each payload decoded once here: SQLAlchemy's per-row JSON and
+    datetime processing cost more than the query."""
+    postgres = is_postgres(session)
+    sql = _UNROUTED.format(payload="payload::text" if postgres else "payload", limit=int(limit))
+    rows = _fetch_all(session, sql + (" FOR UPDATE SKIP LOCKED" if postgres else ""))
+    payloads = decode_all([row[4] for row in rows])
+    return [
+        Unrouted(row[0], row[1], row[2], row[3], payload, row[5], bool(row[6]))
+        for row, payload in zip(rows, payloads, strict=True)
+    ]
+
+
+def _fetch_all(session: Session, sql: str) -> list[tuple[Any, ...]]:
+    """The rows of one query as the driver's tuples, on the session's connection (so in its
+    transaction), without SQLAlchemy's Row objects: these pages are read a thousand rows at a time."""
+    cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(sql)
+        return list(cursor.fetchall())
+    finally:
+        cursor.close()
+
+
+def decode_all(texts: Sequence[str | None]) -> list[Any]:
+    """JSON texts (or NULLs) decoded, by orjson when it gives the stdlib's result (one check of the
+    digits for the whole batch: a run that could be an integer beyond 64 bits goes to the stdlib)."""
+    checked = not has_long_digits("\n".join(text for text in texts if text is not None))
+    return [None if text is None else _decode(text, checked) for text in texts]
+
+
+def _decode(text: str, digits_checked: bool) -> Any:
+    try:
+        return fast_loads(text, digits_checked=digits_checked)
+    except ValueError:
+        return json.loads(text)
+
+
+def read_stamp(value: Any) -> datetime:
+    """A `UTCDateTime` column's value as the driver returns it (a datetime from psycopg, SQLite's
+    text) -> an aware UTC datetime."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC)
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+DELIVERY_COLUMNS = (
+    "inbox_id", "message_id", "event_type", "event_name", "mapping", "action", "state", "last_error",
+    "endpoint", "body", "user_key", "user_id", "email", "iterable_id", "attempts", "created_at", "updated_at",
+)
+_BODY = DELIVERY_COLUMNS.index("body")
+_INSERT = "INSERT INTO event_deliveries ({names}) VALUES ({marks}) ON CONFLICT (inbox_id, mapping) DO NOTHING"
+
+
+def insert_deliveries(session: Session, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Append delivery rows: tuples in DELIVERY_COLUMNS order, enums as their values, the body as
+    JSON text, the last two (created_at, updated_at) aware datetimes. One prepared statement run by the driver's
+    executemany. A (event, mapping) pair already there was routed by a run that crashed before
+    marking the inbox row; the first row stands."""
     if not rows:
         return
-    table = m.table(m.EventDelivery)
-    insert = insert_for(session, table)
-    # A (event, mapping) pair already there was routed by a run that crashed before marking the
-    # inbox row; the first row stands.
-    stmt = insert.on_conflict_do_nothing(index_elements=["inbox_id", "mapping"])
-    for chunk in chunks(rows, 500):
-        session.execute(stmt, list(chunk))
+    postgres = is_postgres(session)
+    to_stored = stamp_for(postgres)
+    marks = ["%s" if postgres else "?"] * len(DELIVERY_COLUMNS)
+    if postgres:
+        marks[_BODY] = "%s::jsonb"
+    sql = _INSERT.format(names=", ".join(DELIVERY_COLUMNS), marks=", ".join(marks))
+    stored: dict[datetime, Any] = {}  # one routing batch shares its timestamp
+
+    def stamp(value: datetime) -> Any:
+        if value not in stored:
+            stored[value] = to_stored(value)
+        return stored[value]
+
+    values = [(*row[:-2], stamp(row[-2]), stamp(row[-1])) for row in rows]
+    session.connection().exec_driver_sql(sql, values)
 
 
 def mark_routed(session: Session, ids: Sequence[int], now: datetime) -> None:
@@ -47,15 +124,22 @@ def mark_routed(session: Session, ids: Sequence[int], now: datetime) -> None:
         session.execute(update(m.InboxEvent).where(m.InboxEvent.id.in_(ids)).values(routed_at=now))
 
 
+_PENDING_PAGE = (
+    "SELECT id, endpoint, {body}, user_key, user_id, email, attempts, next_attempt_at FROM event_deliveries "
+    "WHERE state = 'pending' AND id > {after} ORDER BY id LIMIT {limit}"
+)
+
+
 def pending_page(session: Session, after: int, limit: int) -> list[PendingDelivery]:
-    d = m.EventDelivery
-    stmt = (
-        select(d.id, d.endpoint, d.body, d.user_key, d.user_id, d.email, d.attempts, d.next_attempt_at)
-        .where(d.state == m.DeliveryState.PENDING, d.id > after)
-        .order_by(d.id)
-        .limit(limit)
-    )
-    return [PendingDelivery(*row) for row in session.execute(stmt)]
+    """The next `limit` pending deliveries after id `after`, read by the driver (as `unrouted`)."""
+    postgres = is_postgres(session)
+    sql = _PENDING_PAGE.format(body="body::text" if postgres else "body", after=int(after), limit=int(limit))
+    rows = _fetch_all(session, sql)
+    bodies = decode_all([row[2] for row in rows])
+    return [
+        PendingDelivery(row[0], row[1], body, row[3], row[4], row[5], row[6], None if row[7] is None else read_stamp(row[7]))
+        for row, body in zip(rows, bodies, strict=True)
+    ]
 
 
 def delivered_emails(session: Session, rows: Sequence[PendingDelivery]) -> dict[str, str]:

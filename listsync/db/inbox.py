@@ -38,7 +38,7 @@ def store_events(
     if not events:
         return 0
     postgres = is_postgres(session)
-    to_stored = _stamp_for(postgres)
+    to_stored = stamp_for(postgres)
     stamps: dict[datetime, Any] = {}  # events of one batch often share a timestamp
 
     def stamp(value: datetime) -> Any:
@@ -84,7 +84,7 @@ _INSERT_PG = (
 )
 
 
-def _stamp_for(postgres: bool) -> Callable[[datetime], Any]:
+def stamp_for(postgres: bool) -> Callable[[datetime], Any]:
     """A UTC datetime as the driver takes it for a `UTCDateTime` column (see models.UTCDateTime)."""
     if postgres:
         return lambda value: value.astimezone(UTC)

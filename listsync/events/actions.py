@@ -27,7 +27,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from listsync.domain import ActionKind, ProjectType
@@ -56,9 +56,10 @@ class PageSettings:
     track_named_pages: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass
 class Request:
-    """One delivery: the endpoint and body (for bulk endpoints, the body is one item)."""
+    """One delivery: the endpoint and body (for bulk endpoints, the body is one item). Not frozen:
+    `build` sets body_json once the body is checked (dataclasses.replace costs more than the check)."""
 
     endpoint: str
     body: dict[str, Any]
@@ -67,6 +68,7 @@ class Request:
     iterable_id: str | None = None
     new_email: str | None = None  # explicit newEmail: the profile's email is changed to it
     update_only: bool = False  # users/bulkUpdate's updateOnly (Iterable enables it per project)
+    body_json: str | None = field(default=None, compare=False)  # `body` as JSON text, once checked
 
 
 @dataclass(frozen=True)
@@ -341,9 +343,7 @@ def build(
         if refused is not None:
             return refused
         request = _build(mapping, event, fields, pages)
-        if request is not None:
-            _check_sendable(request)
-        return request
+        return None if request is None else _check_sendable(request)
     except _Invalid as exc:
         return Skip(str(exc), failed=True)
     except (ValueError, TypeError, LookupError, ArithmeticError, RecursionError) as exc:
@@ -354,15 +354,17 @@ def build(
 MAX_ITERABLE_ID_LENGTH = 512  # event_deliveries.event_id
 
 
-def _check_sendable(request: Request) -> None:
+def _check_sendable(request: Request) -> Request:
     """What the body builder produced can go on the wire: JSON without non-finite numbers, an id
-    the ledger can hold."""
+    the ledger can hold. The request comes back with the JSON text, so routing stores it as is."""
     try:
-        json.dumps(request.body, allow_nan=False)
+        text = json.dumps(request.body, allow_nan=False)
     except ValueError:
         raise _Invalid("invalid_field: a number in the request is not finite (JSON cannot carry it)") from None
     if request.iterable_id is not None and len(request.iterable_id) > MAX_ITERABLE_ID_LENGTH:
         raise _Invalid(f"invalid_field: the event id is longer than {MAX_ITERABLE_ID_LENGTH} characters")
+    request.body_json = text
+    return request
 
 
 def _identifiers(mapping: ActionMapping, fields: Mapping[str, Any]) -> tuple[str | None, str | None]:

@@ -21,10 +21,11 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+
+from sqlalchemy.orm import Session
 
 from listsync import context
 from listsync.db import deliveries, leases
@@ -34,16 +35,29 @@ from listsync.domain import PendingDelivery
 from listsync.engine import StopRun, repeat_passes, still_ours, stop_refused
 from listsync.errors import AuthError, IterableError, PermanentError
 from listsync.events import actions
-from listsync.events.route import route_all
-from listsync.iterable.payloads import BulkResult, chunk_by_limits, json_size
+from listsync.events.bulk_calls import BulkCalls, Call
+from listsync.events.route import RouteCounts, Router
+from listsync.iterable.payloads import (
+    ENVELOPE_BYTES,
+    MAX_BATCH_ITEMS,
+    MAX_BODY_BYTES,
+    BulkResult,
+    chunk_by_limits,
+    json_size,
+)
+from listsync.json_text import dumps_bytes
 from listsync.lists import identity
 from listsync.lists.membership import retry_delay
 
 logger = logging.getLogger(__name__)
 
 PAGE_SIZE = 1000
+# Bulk calls a key may have queued ahead of the wire while routing goes on (about 1 MB each).
+MAX_QUEUED_CALLS = 20
 MAX_PASSES = 50
 LEASE_NAME = "event_deliveries"
+# Routes one inbox batch in the given transaction; False once none is left.
+Route = Callable[[Session], bool]
 UPSERT_ENDPOINTS = frozenset({"users/update", "users/bulkUpdate"})
 # Kept in a delivery's stored body beside the request, never sent in it.
 _DIRECTIVE_KEYS = ("newEmail", "updateOnly")
@@ -77,12 +91,17 @@ def deliver_pending(ctx: context.SyncContext, *, now_fn: Callable[[], datetime] 
         logger.info("another replica is delivering events", extra={"event": "delivery_lease_busy"})
         return report
     try:
-        routed = route_all(ctx, settings.compiled(), clock)
-        report.routed, report.skipped, report.failed = routed.routed, routed.skipped, routed.failed
-        if ctx.client.is_dry_run:
-            _log_dry_run(ctx)
-            return report
-        _send_all(ctx, report, clock)
+        router = Router(ctx, settings.compiled(), clock)
+        routed = RouteCounts()
+        try:
+            if ctx.client.is_dry_run:
+                while router.route_batch(routed):
+                    pass
+                _log_dry_run(ctx)
+                return report
+            _send_all(ctx, report, clock, lambda session: router.route_in(session, routed))
+        finally:
+            report.routed, report.skipped, report.failed = routed.routed, routed.skipped, report.failed + routed.failed
         report.retrying = _count_pending(ctx)
     finally:
         _release_lease(ctx, clock())
@@ -91,15 +110,20 @@ def deliver_pending(ctx: context.SyncContext, *, now_fn: Callable[[], datetime] 
 
 def wire_body(body: dict[str, Any]) -> dict[str, Any]:
     """The stored body as Iterable gets it, without listsync's own directives."""
+    if "newEmail" not in body and "updateOnly" not in body:
+        return body
     return {key: value for key, value in body.items() if key not in _DIRECTIVE_KEYS}
 
 
-def _send_all(ctx: context.SyncContext, report: DeliveryReport, clock: Callable[[], datetime]) -> None:
-    """Passes over the pending rows until one sends nothing or nothing is due."""
+def _send_all(
+    ctx: context.SyncContext, report: DeliveryReport, clock: Callable[[], datetime], route: Route
+) -> None:
+    """Passes over the pending rows until one sends nothing or nothing is due. The first pass
+    routes the inbox as it goes (`route`: one batch in the given transaction, False once none is left)."""
 
     def one_pass() -> bool:
         before = report.requests
-        _Sender(ctx, report, clock).run()
+        _Sender(ctx, report, clock, route).run()
         if report.requests == before or ctx.should_stop():
             return False
         with transaction(ctx.factory) as session:
@@ -111,8 +135,15 @@ def _send_all(ctx: context.SyncContext, report: DeliveryReport, clock: Callable[
 class _Sender:
     """One pass: pages of pending rows in id order, blocked users skipped, bulk rows batched."""
 
-    def __init__(self, ctx: context.SyncContext, report: DeliveryReport, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        ctx: context.SyncContext,
+        report: DeliveryReport,
+        clock: Callable[[], datetime],
+        route: Route,
+    ) -> None:
         self.ctx = ctx
+        self.route = route
         self.client = ctx.client
         self.project_type = ctx.settings.iterable.project_type
         self.report = report
@@ -125,27 +156,40 @@ class _Sender:
         self.renamed: set[int] = set()  # rows whose stored email changed before sending
         # Which users each bulk key holds, open or on the wire (per-user order across endpoints).
         self.open_users: dict[tuple[str, bool], set[str]] = defaultdict(set)
-        self.flying_users: dict[tuple[str, bool], set[str]] = {}
-        self.in_flight: dict[tuple[str, bool], tuple[Future[BulkResult], list[PendingDelivery]]] = {}
-        self.pool = ThreadPoolExecutor(max_workers=len(actions.BULK_ENDPOINTS) * 2, thread_name_prefix="listsync-bulk")
+        self.calls = BulkCalls(self._bulk_call)  # queued or on the wire, per bulk key
 
     def run(self) -> None:
+        """Per page, one transaction records the last page's outcomes, renews the lease, routes the
+        next inbox batch and reads the next page of pending rows (one commit per page); the page is
+        then sent while routing goes on: its bulk calls wait for their rate limit in the pool.
+        Rows routed later have higher ids, so pages stay in id order."""
         after = 0
+        routing = True
         try:
             while not self.ctx.should_stop():
+                self._settle_answered()
+                rows: list[PendingDelivery] = []
                 with transaction(self.ctx.factory) as session:
-                    rows = deliveries.pending_page(session, after, PAGE_SIZE)
-                    # What this pass delivered or moved is newer than the rows recorded so far.
-                    self.known_emails = {**deliveries.delivered_emails(session, rows), **self.known_emails}
+                    ours = self._record_in(session)
+                    if ours:
+                        routing = routing and self.route(session)
+                        rows = deliveries.pending_page(session, after, PAGE_SIZE)
+                        # What this pass delivered or moved is newer than the rows recorded so far.
+                        self.known_emails = {**deliveries.delivered_emails(session, rows), **self.known_emails}
+                self.outcomes, self.delivered = [], []  # committed
+                if not still_ours(ours, "event delivery"):
+                    raise StopRun
+                if not rows and routing:
+                    continue  # that batch made nothing to send
                 if not rows:
                     for key in list(self.batches):
                         self._flush(key)
                     return
                 after = rows[-1].id
-                try:
-                    self._page(rows)
-                finally:
-                    self._record()
+                self._page(rows)
+        except BaseException:
+            self.calls.halt()  # what is queued and not on the wire yet stays pending
+            raise
         finally:
             self._settle_all()
 
@@ -153,12 +197,13 @@ class _Sender:
         """Record every call still on the wire, each on its own: one that raises (a refused key)
         does not leave the others' answers unread. The first error is raised after recording."""
         errors: list[BaseException] = []
-        for key in list(self.in_flight):
-            try:
-                self._settle(key)
-            except BaseException as exc:
-                errors.append(exc)
-        self.pool.shutdown(wait=True)
+        for key in self.calls.busy_keys():
+            while self.calls.queued(key):
+                try:
+                    self._settle_next(key)
+                except BaseException as exc:
+                    errors.append(exc)
+        self.calls.close()
         self._record()
         if errors:
             raise errors[0]
@@ -182,6 +227,8 @@ class _Sender:
         if row.endpoint in actions.BULK_ENDPOINTS:
             key = (row.endpoint, row.body.get("updateOnly") is True)
             self._flush_user(row.user_key, keep=key)  # its earlier updateOnly/plain batch goes first
+            if self.calls.holds(key, row.user_key):
+                self._settle(key)  # its earlier call of this key is answered before it joins another
             if row.user_key in self.blocked:
                 return
             self.batches[key].append(row)
@@ -200,12 +247,12 @@ class _Sender:
         while a user's profile update and event are independent in Iterable, as in Segment's
         destination, and keeping them apart keeps both endpoints' calls full."""
 
-        def holds(key: tuple[str, bool], users: set[str]) -> bool:
-            return user_key in users and (keep is None or (key[0] == keep[0] and key != keep))
+        def counts(key: tuple[str, bool]) -> bool:
+            return keep is None or (key[0] == keep[0] and key != keep)
 
-        for key in [k for k, users in self.open_users.items() if holds(k, users)]:
+        for key in [k for k, users in self.open_users.items() if user_key in users and counts(k)]:
             self._flush(key)
-        for key in [k for k, users in self.flying_users.items() if holds(k, users)]:
+        for key in [k for k in self.calls.busy_keys() if self.calls.holds(k, user_key) and counts(k)]:
             self._settle(key)
 
     def _single(self, row: PendingDelivery) -> None:
@@ -280,37 +327,55 @@ class _Sender:
     def _flush(self, key: tuple[str, bool]) -> None:
         rows = self.batches.pop(key, [])
         self.open_users.pop(key, None)
-        for chunk in chunk_by_limits(rows, size_of=lambda row: json_size(wire_body(row.body))):
-            self._settle(key)
+        for index, chunk in enumerate(_bulk_chunks(rows)):
+            if index:
+                self._settle(key)  # a user split across two calls: the first is answered first
             # A user blocked by an earlier chunk's failure keeps its later rows back (per-user order).
             ready = [row for row in chunk if row.user_key not in self.blocked]
             if ready:
                 self._send_bulk(key, ready)
 
     def _send_bulk(self, key: tuple[str, bool], rows: Sequence[PendingDelivery]) -> None:
-        """Put one bulk call on the wire. Each (endpoint, updateOnly) has at most one call in flight,
-        so one endpoint's calls are answered in order; different endpoints, each paced by its own
-        rate limit, are on the wire side by side."""
-        endpoint, update_only = key
-        items = [wire_body(row.body) for row in rows]
+        """Queue one bulk call. Each (endpoint, updateOnly) sends its calls one after another from
+        its own thread, so one key's calls are answered in order; different keys, each paced by
+        its endpoint's rate limit, are on the wire side by side. Routing goes on meanwhile, up to
+        MAX_QUEUED_CALLS calls ahead of the wire."""
         self.report.requests += 1
+        self.calls.submit(key, rows, [wire_body(row.body) for row in rows])
+        while self.calls.queued(key) > MAX_QUEUED_CALLS:
+            self._settle_next(key)
+
+    def _bulk_call(self, key: tuple[str, bool], items: list[dict[str, Any]]) -> BulkResult:
+        endpoint, update_only = key
         if endpoint == "users/bulkUpdate":
-            future = self.pool.submit(self.client.bulk_update_users, items, update_only=update_only)
-        else:
-            future = self.pool.submit(self.client.track_bulk, items)
-        self.in_flight[key] = (future, list(rows))
-        self.flying_users[key] = {row.user_key for row in rows}
+            return self.client.bulk_update_users(items, update_only=update_only)
+        return self.client.track_bulk(items)
 
     def _settle(self, key: tuple[str, bool]) -> None:
-        """Wait for the key's call in flight, if any, and record what it means for its rows."""
-        sent = self.in_flight.pop(key, None)
-        self.flying_users.pop(key, None)
-        if sent is None:
+        """Wait for every call of the key and record what each means for its rows."""
+        while self.calls.queued(key):
+            self._settle_next(key)
+
+    def _settle_answered(self) -> None:
+        """Record the calls answered so far, without waiting, so their outcomes go out with the page."""
+        for key in self.calls.busy_keys():
+            while (call := self.calls.pop_done(key)) is not None:
+                self._read(call)
+
+    def _settle_next(self, key: tuple[str, bool]) -> None:
+        call = self.calls.pop(key)
+        if call is not None:
+            self._read(call)
+
+    def _read(self, call: Call) -> None:
+        result: list[BulkResult | None] = []
+        if not self._attempt(call.rows, lambda: result.append(call.future.result()), settle=False):
             return
-        future, rows = sent
-        result: list[BulkResult] = []
-        if self._attempt(rows, lambda: result.append(future.result()), settle=False):
-            self._settle_bulk(rows, result[0])
+        answer = result[0]
+        if answer is None:
+            self.blocked.update(call.users)  # never sent: pending still, nothing of theirs overtakes it
+            return
+        self._settle_bulk(call.rows, answer)
 
     def _settle_bulk(self, rows: Sequence[PendingDelivery], result: BulkResult) -> None:
         for row in rows:
@@ -354,13 +419,29 @@ class _Sender:
 
     def _record(self) -> None:
         with transaction(self.ctx.factory) as session:
-            deliveries.mark_delivered(session, self.delivered, self.clock())
-            deliveries.record_outcomes(session, self.outcomes)
-        self.outcomes, self.delivered = [], []
-        with transaction(self.ctx.factory) as session:
-            renewed = leases.try_lease(session, LEASE_NAME, self.ctx.owner, self.clock(), _lease_ttl(self.ctx))
+            renewed = self._record_in(session)
+        self.outcomes, self.delivered = [], []  # committed
         if not still_ours(renewed, "event delivery"):
             raise StopRun
+
+    def _record_in(self, session: Session) -> bool:
+        """Write the outcomes so far and renew the lease; False if the lease is lost. The outcomes
+        are of calls this replica made while it held the lease, so they stand either way. The
+        caller clears them once the transaction has committed (writing them again is harmless)."""
+        deliveries.mark_delivered(session, self.delivered, self.clock())
+        deliveries.record_outcomes(session, self.outcomes)
+        return leases.try_lease(session, LEASE_NAME, self.ctx.owner, self.clock(), _lease_ttl(self.ctx))
+
+
+def _bulk_chunks(rows: list[PendingDelivery]) -> list[list[PendingDelivery]]:
+    """The rows of one bulk key in calls that fit Iterable's limits. Measuring every item exactly
+    (the stdlib's encoding) is needed only near the byte limit: when orjson's size of all of them,
+    doubled (the stdlib never spells a number twice as long), leaves room, one call takes them."""
+    if len(rows) <= MAX_BATCH_ITEMS:
+        fast = dumps_bytes([wire_body(row.body) for row in rows])
+        if fast is not None and 2 * len(fast) + ENVELOPE_BYTES <= MAX_BODY_BYTES:
+            return [rows] if rows else []
+    return chunk_by_limits(rows, size_of=lambda row: json_size(wire_body(row.body)))
 
 
 def _outcome(

@@ -101,7 +101,9 @@ def lookup(event: Any, steps: Sequence[str | int]) -> Any:
     """The value at `steps` inside nested objects and arrays; None when any step is missing."""
     current = event
     for step in steps:
-        if isinstance(step, int) and isinstance(current, list) and -len(current) <= step < len(current):
+        if type(current) is dict and type(step) is str:  # the common case, without ABC checks
+            current = current.get(step)
+        elif isinstance(step, int) and isinstance(current, list) and -len(current) <= step < len(current):
             current = current[step]
         elif isinstance(step, str) and isinstance(current, Mapping):
             current = current.get(step)

@@ -14,7 +14,7 @@ from typing import Any
 from listsync.domain import ActionKind
 from listsync.errors import MappingError
 from listsync.events.fields import Event, Path, Value, compile_value, if_exists, path
-from listsync.events.triggers import Condition, parse_condition
+from listsync.events.triggers import Condition, Test, compile_test, parse_condition
 
 MAX_MAPPINGS = 50
 
@@ -142,11 +142,15 @@ class ActionMapping:
     batch: bool = False
     audiences: bool = True
     classic_pages: bool = False
+    test: Test = field(init=False, repr=False, compare=False)  # the condition, compiled once
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "test", compile_test(self.condition))
 
     def matches(self, event: Event, *, is_audience: bool) -> bool:
         if is_audience and not self.audiences:
             return False
-        return self.condition.matches(event)
+        return self.test(event)
 
     def resolve(self, event: Event) -> dict[str, Any]:
         """The action's fields for this event; fields that resolve to nothing (or "") are left out,

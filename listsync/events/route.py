@@ -5,11 +5,14 @@ is routed exactly once."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+from sqlalchemy.orm import Session
 
 from listsync import context
 from listsync.db import deliveries as deliveries_db
@@ -44,70 +47,99 @@ def route_all(
     ctx: context.SyncContext, mappings: Sequence[ActionMapping], clock: Callable[[], datetime]
 ) -> RouteCounts:
     report = RouteCounts()
-    settings = ctx.settings.actions
-    pages = actions.PageSettings(
-        settings.map_all_pages, settings.track_all_pages, settings.track_categorized_pages, settings.track_named_pages
-    )
-    while True:
-        with transaction(ctx.factory) as session:
-            rows = deliveries_db.unrouted(session, ROUTE_BATCH)
-            deliveries = [d for row in rows for d in _route(row, mappings, pages, ctx, clock())]
-            deliveries_db.insert_deliveries(session, deliveries)
-            deliveries_db.mark_routed(session, [row.id for row in rows], clock())
+    router = Router(ctx, mappings, clock)
+    while router.route_batch(report):
+        pass
+    return report
+
+
+class Router:
+    """Routes the inbox one batch (one transaction) at a time, so delivery can send what one batch
+    made while it routes the next."""
+
+    def __init__(
+        self, ctx: context.SyncContext, mappings: Sequence[ActionMapping], clock: Callable[[], datetime]
+    ) -> None:
+        settings = ctx.settings.actions
+        self.ctx, self.mappings, self.clock = ctx, mappings, clock
+        self.project_type = ctx.settings.iterable.project_type
+        self.pages = actions.PageSettings(
+            settings.map_all_pages, settings.track_all_pages, settings.track_categorized_pages,
+            settings.track_named_pages,
+        )
+        self.done = False
+
+    def route_batch(self, report: RouteCounts) -> bool:
+        """Route up to ROUTE_BATCH events in a transaction of their own; False once none is left."""
+        if self.done:
+            return False
+        with transaction(self.ctx.factory) as session:
+            return self.route_in(session, report)
+
+    def route_in(self, session: Session, report: RouteCounts) -> bool:
+        """Route up to ROUTE_BATCH events in the caller's transaction (the rows and the inbox marks
+        commit together, or neither); False once none is left."""
+        if self.done:
+            return False
+        rows = deliveries_db.unrouted(session, ROUTE_BATCH)
+        now = self.clock()
+        made = [d for row in rows for d in self._route(row, now)]
+        deliveries_db.insert_deliveries(session, made)
+        deliveries_db.mark_routed(session, [row.id for row in rows], now)
         report.routed += len(rows)
-        report.skipped += sum(d["state"] is m.DeliveryState.SKIPPED for d in deliveries)
-        report.failed += sum(d["state"] is m.DeliveryState.FAILED for d in deliveries)
-        if len(rows) < ROUTE_BATCH:
-            return report
+        report.skipped += sum(d[_STATE] == _SKIPPED for d in made)
+        report.failed += sum(d[_STATE] == _FAILED for d in made)
+        self.done = len(rows) < ROUTE_BATCH
+        return not self.done
+
+    def _route(self, row: deliveries_db.Unrouted, now: datetime) -> list[tuple[Any, ...]]:
+        event = event_view(row)
+        out = []
+        for mapping in self.mappings:
+            if row.is_audience and not mapping.audiences or not mapping.test(event):
+                continue
+            built = actions.build(mapping, event, project_type=self.project_type, pages=self.pages)
+            if built is not None:
+                out.append(_delivery_row(row, mapping, built, now))
+        return out
 
 
-def event_view(payload: dict[str, Any], message_id: str, timestamp: datetime) -> dict[str, Any]:
+def event_view(row: deliveries_db.Unrouted) -> dict[str, Any]:
     """The event as mappings see it: the stored payload, with the messageId and timestamp that
     validation settled on when the sender left them out (so `$.messageId` always resolves)."""
-    view = dict(payload)
-    view.setdefault("messageId", message_id)
+    view = dict(row.payload)
+    view.setdefault("messageId", row.message_id)
     if not view.get("timestamp"):
-        view["timestamp"] = timestamp.isoformat()
+        view["timestamp"] = row.timestamp.isoformat()
     return view
 
 
-def _route(
-    row: Any, mappings: Sequence[ActionMapping], pages: actions.PageSettings, ctx: context.SyncContext, now: datetime
-) -> list[dict[str, Any]]:
-    event = event_view(row.payload, row.message_id, row.timestamp)
-    out = []
-    for mapping in mappings:
-        if not mapping.matches(event, is_audience=row.is_audience):
-            continue
-        built = actions.build(mapping, event, project_type=ctx.settings.iterable.project_type, pages=pages)
-        if built is not None:
-            out.append(_delivery_row(row, mapping, built, now))
-    return out
+_STATE = deliveries_db.DELIVERY_COLUMNS.index("state")
+_PENDING, _SKIPPED, _FAILED = (m.DeliveryState.PENDING.value, m.DeliveryState.SKIPPED.value,
+                               m.DeliveryState.FAILED.value)
 
 
 def _delivery_row(
-    row: Any, mapping: ActionMapping, built: actions.Request | actions.Skip, now: datetime
-) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "inbox_id": row.id,
-        "message_id": row.message_id,
-        "event_type": row.type,
-        "event_name": row.event or row.payload.get("name"),
-        "mapping": mapping.name,
-        "action": mapping.action,
-        "attempts": 0,
-        "created_at": now,
-        "updated_at": now,
-    }
+    row: deliveries_db.Unrouted, mapping: ActionMapping, built: actions.Request | actions.Skip, now: datetime
+) -> tuple[Any, ...]:
+    """One row in deliveries_db.DELIVERY_COLUMNS order."""
+    head = (row.id, row.message_id, row.type, row.event or row.payload.get("name"), mapping.name,
+            mapping.action.value)
     if isinstance(built, actions.Skip):
-        state = m.DeliveryState.FAILED if built.failed else m.DeliveryState.SKIPPED
-        return {**values, "state": state, "last_error": built.reason, "user_key": "", "endpoint": None,
-                "body": None, "user_id": None, "email": None, "iterable_id": None}
+        state = _FAILED if built.failed else _SKIPPED
+        return (*head, state, built.reason, None, None, "", None, None, None, 0, now, now)
+    return (*head, _PENDING, None, built.endpoint, _stored_body(built), built.user_id or built.email or "",
+            built.user_id, built.email, built.iterable_id, 0, now, now)
+
+
+def _stored_body(built: actions.Request) -> str:
+    """The body as JSON text, with listsync's directives beside the request (newEmail, updateOnly:
+    taken out again before sending)."""
+    if built.body_json is not None and not built.new_email and not built.update_only:
+        return built.body_json
     body = dict(built.body)
     if built.new_email:
-        body["newEmail"] = built.new_email  # kept with the body; taken out again before sending
+        body["newEmail"] = built.new_email
     if built.update_only:
         body["updateOnly"] = True
-    return {**values, "state": m.DeliveryState.PENDING, "last_error": None, "endpoint": built.endpoint,
-            "body": body, "user_key": built.user_id or built.email or "", "user_id": built.user_id,
-            "email": built.email, "iterable_id": built.iterable_id}
+    return json.dumps(body, allow_nan=False)
