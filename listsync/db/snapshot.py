@@ -1,19 +1,22 @@
 """The SQL source's snapshot: a query result loaded into a temporary table of the listsync
 database, diffed against the memberships there, and the synthetic events of the difference
 appended to the inbox. Set-based on purpose: neither the snapshot nor the members are ever held in
-Python memory, and a poll costs a few index probes per row whatever the state holds.
+Python memory, a poll costs a few index probes per row whatever the state holds, and the events
+of the rows that enter are built in SQL (`store_entering`), so a row costs Python nothing after
+it was read.
 
 Every function takes the one `Connection` the temporary tables live on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
     Column,
+    ColumnElement,
     Connection,
     MetaData,
     String,
@@ -21,20 +24,25 @@ from sqlalchemy import (
     Text,
     and_,
     bindparam,
+    case,
     cast,
     delete,
     exists,
+    func,
     literal,
+    null,
     or_,
     select,
     text,
     true,
+    update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
 from listsync.db import models as m
-from listsync.db.session import insert_for, is_postgres
+from listsync.db.session import insert_for, is_postgres, rows_affected
 from listsync.domain import Desired
+from listsync.ingest import sql_rows
 
 # Temporary, so they exist only on the connection of one poll and never in a migration.
 _metadata = MetaData()
@@ -43,17 +51,27 @@ SNAPSHOT = Table(
     "listsync_sql_snapshot",
     _metadata,
     Column("seq", m.BigId, primary_key=True, autoincrement=False),
-    # The audience's id when it already exists, else 0 (no membership has it: every row enters).
+    # The audience's id when it exists (see `resolve_audiences`), else 0: no membership has it.
     Column("audience_id", m.BigId, nullable=False),
     Column("audience_key", String(255), nullable=False),
     Column("user_id", String(255), nullable=False),
     Column("email", String(320), nullable=False),
-    Column("traits", Text, nullable=False),
+    # The traits as the leading members of the event's properties (see sql_rows.SnapshotRow).
+    Column("properties", Text, nullable=False),
+    Column("message_id", String(255)),  # only when it is not the readable one
     prefixes=["TEMPORARY"],
 )
 
-# The events of one page of the difference, staged so that one INSERT ... SELECT stores them all
-# and says how many were new.
+# The rows of one page of the snapshot that enter, so that their count and the events' are known.
+ENTERING = Table(
+    "listsync_sql_entering",
+    _metadata,
+    Column("seq", m.BigId, primary_key=True, autoincrement=False),
+    prefixes=["TEMPORARY"],
+)
+
+# The events of one page of the exits, staged so that one INSERT ... SELECT stores them all and
+# says how many were new.
 STAGED = Table(
     "listsync_sql_events",
     _metadata,
@@ -72,8 +90,23 @@ _SNAPSHOT_INDEXES = (
     f"CREATE INDEX ix_listsync_sql_snapshot_email ON {SNAPSHOT.name} (audience_id, email)",
 )
 
-SNAPSHOT_COLUMNS = tuple(c.name for c in SNAPSHOT.columns)
-STAGED_COLUMNS = tuple(c.name for c in STAGED.columns)
+# An INSERT's rowcount is kept only when asked for (psycopg's would be dropped).
+_COUNTED = {"preserve_rowcount": True}
+
+_INBOX_COLUMNS = [
+    "message_id",
+    "type",
+    "event",
+    "user_id",
+    "anonymous_id",
+    "email",
+    "timestamp",
+    "received_at",
+    "source",
+    "payload",
+    "is_audience",
+    "rules",
+]
 
 
 def create(conn: Connection) -> None:
@@ -112,9 +145,11 @@ def load(conn: Connection, table: Table, rows: Sequence[tuple[Any, ...]]) -> Non
     conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) VALUES ({marks})", list(rows))
 
 
-def index_snapshot(conn: Connection) -> None:
+def index_snapshot(conn: Connection, *, for_exits: bool) -> None:
+    """Statistics for the planner, and the indexes the exits probe when there are exits to find
+    (`for_exits`; the enters probe the memberships' own indexes)."""
     with conn.begin():
-        for ddl in _SNAPSHOT_INDEXES:
+        for ddl in _SNAPSHOT_INDEXES if for_exits else ():
             conn.execute(text(ddl))
         if is_postgres(conn):  # autovacuum never analyzes temporary tables: the planner would guess
             conn.execute(text(f"ANALYZE {SNAPSHOT.name}"))
@@ -143,21 +178,138 @@ def _same_member_rules(t: Any, member: Any, by_user_id: bool) -> list[Any]:
     ]
 
 
-def entering_page(conn: Connection, after: int, limit: int, by_user_id: bool) -> list[Any]:
-    """Snapshot rows (seq > `after`, in seq order) whose member is not desired-in."""
-    member = m.table(m.Membership)
+def resolve_audiences(conn: Connection, ids: Mapping[str, int]) -> None:
+    """Give the rows of audiences that did not exist when they were loaded (id 0) the ids they
+    have now (another writer may have created one during the load): `ids` maps only those.
+    The caller holds the transaction."""
+    if ids:
+        t = SNAPSHOT.c
+        stmt = (
+            update(SNAPSHOT)
+            .where(t.audience_id == 0, t.audience_key == bindparam("key"))
+            .values(audience_id=bindparam("id"))
+        )
+        conn.execute(stmt, [{"key": key, "id": audience_id} for key, audience_id in ids.items()])
+
+
+def store_entering(
+    conn: Connection,
+    seqs: tuple[int, int],
+    parts: Sequence[str],
+    *,
+    check_members: bool,
+    by_user_id: bool,
+    snapshot_id: str,
+    event: str,
+    source: str,
+    now: datetime,
+    rules: str,
+) -> tuple[int, int]:
+    """Append to the inbox the `event` of each snapshot row (seq after seqs[0], up to seqs[1])
+    whose member is not desired-in, built in SQL from `parts` (sql_rows.event_parts); a
+    messageId already there is skipped. Returns (rows that enter, events that were new).
+    `check_members` False: no row's audience has members (every row enters). The caller holds
+    the transaction."""
     t = SNAPSHOT.c
-    not_in = [
-        ~exists().where(member.c.audience_id == t.audience_id, member.c.desired == Desired.IN, rule)
-        for rule in _same_member_rules(t, member, by_user_id)
-    ]
-    page = (
-        select(t.seq, t.audience_key, t.user_id, t.email, t.traits)
-        .where(t.seq > after, *not_in)
-        .order_by(t.seq)
-        .limit(limit)
+    page = select(t.seq).where(t.seq > seqs[0], t.seq <= seqs[1])
+    if check_members:
+        member = m.table(m.Membership)
+        page = page.where(
+            *(
+                ~exists().where(member.c.audience_id == t.audience_id, member.c.desired == Desired.IN, rule)
+                for rule in _same_member_rules(t, member, by_user_id)
+            )
+        )
+    entered = rows_affected(
+        conn.execute(ENTERING.insert().from_select(["seq"], page), execution_options=_COUNTED)
     )
-    return list(conn.execute(page).all())
+    if not entered:
+        return 0, 0
+    message_id = func.coalesce(
+        t.message_id,
+        literal(sql_rows.SQL_MESSAGE_PREFIX, Text)
+        + t.audience_key
+        + ":"
+        + t.user_id
+        + ":"
+        + t.email
+        + literal(f":{snapshot_id}", Text),
+    )
+    payload = _filled(conn, parts, message_id)
+    stamp = literal(now, m.UTCDateTime())
+    events = (
+        select(
+            message_id,
+            literal("track"),
+            literal(event),
+            func.nullif(t.user_id, ""),
+            case((t.user_id == "", literal(sql_rows.ANONYMOUS_PREFIX, Text) + t.email), else_=null()),
+            func.nullif(t.email, ""),
+            stamp,
+            stamp,
+            literal(source),
+            cast(payload, JSONB) if is_postgres(conn) else payload,
+            literal(True),
+            literal(rules),
+        )
+        .select_from(ENTERING.join(SNAPSHOT, SNAPSHOT.c.seq == ENTERING.c.seq))
+        .where(true())  # SQLite: INSERT ... SELECT ... ON CONFLICT needs a WHERE to parse
+        .order_by(ENTERING.c.seq)
+    )
+    inbox = m.table(m.InboxEvent)
+    stmt = (
+        insert_for(conn, inbox)
+        .from_select(_INBOX_COLUMNS, events)
+        .on_conflict_do_nothing(index_elements=["message_id"])
+    )
+    new = rows_affected(conn.execute(stmt, execution_options=_COUNTED))
+    conn.execute(delete(ENTERING))
+    return entered, new
+
+
+def _filled(conn: Connection, parts: Sequence[str], message_id: ColumnElement[Any]) -> ColumnElement[Any]:
+    """sql_rows.EVENT_SHAPE's parts (see `event_parts`) as one SQL text expression over a
+    snapshot row: its holes filled from the row's columns, as the Python `sql_rows.Events`
+    fills them."""
+    t = SNAPSHOT.c
+    quoted = _json_string(conn)
+    holes: dict[str, ColumnElement[Any]] = {
+        sql_rows.MESSAGE_ID: quoted(message_id),
+        sql_rows.PROPERTIES: t.properties,
+        sql_rows.KEY: quoted(t.audience_key),
+        sql_rows.FLAG: literal("true", Text),
+        sql_rows.EMAIL: case(
+            (t.email != "", literal(sql_rows.EMAIL_FIELD, Text) + quoted(t.email)), else_=literal("", Text)
+        ),
+        sql_rows.WHO: case(
+            (t.user_id != "", literal(sql_rows.USER_ID_FIELD, Text) + quoted(t.user_id)),
+            else_=literal(sql_rows.ANONYMOUS_ID_FIELD, Text)
+            + quoted(literal(sql_rows.ANONYMOUS_PREFIX, Text) + t.email),
+        ),
+    }
+    pieces: list[ColumnElement[Any]] = []
+    text_run = ""
+    for part in parts:
+        if part not in sql_rows.HOLES:
+            text_run += part
+            continue
+        if text_run:
+            pieces.append(literal(text_run, Text))
+            text_run = ""
+        pieces.append(holes[part])
+    if text_run:
+        pieces.append(literal(text_run, Text))
+    expression = pieces[0]
+    for piece in pieces[1:]:
+        expression = expression + piece
+    return expression
+
+
+def _json_string(conn: Connection) -> Any:
+    """A text expression as a JSON string, in the database's own function."""
+    if is_postgres(conn):
+        return lambda value: cast(func.to_json(cast(value, Text)), Text)
+    return lambda value: func.json_quote(value, type_=Text)
 
 
 def exiting_page(
@@ -186,11 +338,11 @@ def exiting_page(
 
 
 def store_events(
-    conn: Connection, rows: Sequence[tuple[Any, ...]], *, event: str, source: str, now: datetime
+    conn: Connection, rows: Sequence[tuple[Any, ...]], *, event: str, source: str, now: datetime, rules: str
 ) -> int:
     """Append built track events (tuples in STAGED's column order, the payload as JSON text) to
-    the inbox; a messageId already there is skipped. Returns how many were new. The caller holds
-    the transaction."""
+    the inbox; a messageId already there is skipped. Returns how many were new. `rules`: the
+    fingerprint of the validation rules that accepted them. The caller holds the transaction."""
     if not rows:
         return 0
     load(conn, STAGED, rows)
@@ -209,23 +361,11 @@ def store_events(
         literal(source),
         cast(s.payload, JSONB) if is_postgres(conn) else s.payload,
         literal(True),
+        literal(rules),
     ).where(true())  # SQLite: INSERT ... SELECT ... ON CONFLICT needs a WHERE to parse
-    columns = [
-        "message_id",
-        "type",
-        "event",
-        "user_id",
-        "anonymous_id",
-        "email",
-        "timestamp",
-        "received_at",
-        "source",
-        "payload",
-        "is_audience",
-    ]
     stmt = (
         insert_for(conn, inbox)
-        .from_select(columns, staged)
+        .from_select(_INBOX_COLUMNS, staged)
         .on_conflict_do_nothing(index_elements=["message_id"])
     )
     # RETURNING counts what was inserted on both databases (psycopg reports no rowcount here).

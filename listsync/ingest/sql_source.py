@@ -3,17 +3,15 @@ into Engage-style audience events, by a diff against the stored memberships that
 listsync database against a temporary table (`listsync.db.snapshot`), so neither the snapshot nor
 the stored members are ever held in Python memory. See `poll_sql`.
 
-Each row is validated once, where it enters the snapshot (`validate.validate_member`: the rules
-`validate_event` applies, field by field); the events built from validated rows are stored in
-bulk without being validated again.
+Each row is read and validated once, where it enters the snapshot (`sql_rows.RowReader`); the
+events of the rows that enter are built in SQL from the snapshot, those of the members that exit
+in Python (`sql_rows.Events`), and both are stored with the rules that accepted them, so the fold
+does not validate them again.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,9 +25,10 @@ from listsync.config import Settings
 from listsync.db import snapshot
 from listsync.db.session import transaction
 from listsync.domain import ProjectType, Rejection
-from listsync.ingest import extract, validate
+from listsync.ingest import stored
 from listsync.ingest.accept import IngestCounts
 from listsync.ingest.audience import AUDIENCE_ENTERED, AUDIENCE_EXITED
+from listsync.ingest.sql_rows import SQL_MESSAGE_PREFIX, Events, RowReader, event_parts
 from listsync.lists.apply import apply_inbox
 
 logger = logging.getLogger(__name__)
@@ -38,26 +37,6 @@ NowFn = Callable[[], datetime]
 
 
 SQL_SOURCE = "sql"
-
-
-SQL_MESSAGE_PREFIX = "sql:"
-
-
-SQL_IDENTITY_COLUMNS = ("audience_key", "user_id", "email")
-
-
-_MAX_MESSAGE_ID = 255  # inbox.message_id is VARCHAR(255)
-
-# What an event adds to its traits' JSON, beyond 6 bytes (the longest JSON escape) per character
-# of the audience key (4 times in it), the email (twice), the userId and the messageId: the fixed
-# keys and names, the timestamp. A row whose bound exceeds MAX_EVENT_BYTES is checked exactly.
-_EVENT_OVERHEAD = 512
-
-_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
-
-# Traits as the snapshot keeps them and events carry them (`validate_member`'s traits_json).
-_ENCODE = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
-_STRING = json.encoder.encode_basestring  # a str as JSON text, at C speed
 
 
 @dataclass
@@ -123,13 +102,12 @@ def poll_sql(
         with _bind_of(factory).connect() as conn:
             try:
                 snapshot.create(conn)
-                known = snapshot.audience_ids(conn)
-                events = _Events(now, counts.snapshot_id)
-                present = _load_snapshot(conn, source, query, events, chunk, counts, known)
-                snapshot.index_snapshot(conn)
-                _emit_enters(conn, events, chunk, counts, by_user_id)
-                ids = sorted(known[key] for key in present if key in known)
-                _emit_exits(conn, ids, events, chunk, counts, by_user_id)
+                events = Events(now, counts.snapshot_id)
+                present, last = _load_snapshot(conn, source, query, events, chunk, counts)
+                ids = _audiences(conn, present)
+                snapshot.index_snapshot(conn, for_exits=bool(ids))
+                _emit_enters(conn, events, (chunk, last), counts, by_user_id, check_members=bool(ids))
+                _emit_exits(conn, sorted(ids.values()), events, chunk, counts, by_user_id)
                 counts.held = snapshot.held_audiences(conn, sorted(present), SQL_MESSAGE_PREFIX)
             finally:
                 with conn.begin():
@@ -155,21 +133,17 @@ def _bind_of(factory: sessionmaker[Session]) -> Engine:
 
 
 def _load_snapshot(
-    conn: Connection,
-    source: Engine,
-    query: str,
-    events: _Events,
-    chunk: int,
-    counts: SqlSyncCounts,
-    known: Mapping[str, int],
-) -> set[str]:
+    conn: Connection, source: Engine, query: str, events: Events, chunk: int, counts: SqlSyncCounts
+) -> tuple[dict[str, int], int]:
     """Stream the query's rows, validated and normalised, into the snapshot table; returns the
-    audience keys they name."""
-    present: set[str] = set()
+    audience keys they name, with the ids they had when the load began (0: none yet), and the
+    last seq."""
+    known = snapshot.audience_ids(conn)
+    present: dict[str, int] = {}
     seq = 0
     with source.connect() as src:
         result = src.execution_options(stream_results=True, yield_per=chunk).execute(text(query))
-        reader = _RowReader(list(result.keys()), events)
+        reader = RowReader(list(result.keys()), events)
         for partition in _partitions(result, chunk):
             rows = []
             for row in partition:
@@ -177,13 +151,29 @@ def _load_snapshot(
                 if isinstance(member, Rejection):
                     _invalid(counts, member.reason)
                     continue
+                key = member[0]
+                audience_id = present.get(key)
+                if audience_id is None:
+                    audience_id = present[key] = known.get(key, 0)
                 seq += 1
-                rows.append((seq, known.get(member[0], 0), *member))
-                present.add(member[0])
+                rows.append((seq, audience_id, *member))
             counts.rows += len(partition)
             with conn.begin():
                 snapshot.load(conn, snapshot.SNAPSHOT, rows)
-    return present
+    return present, seq
+
+
+def _audiences(conn: Connection, present: Mapping[str, int]) -> dict[str, int]:
+    """The ids of the present audiences that exist now. Those created by another writer during
+    the load give their ids to their snapshot rows (loaded with 0)."""
+    new = [key for key, audience_id in present.items() if not audience_id]
+    if not new:
+        return dict(present)
+    now_known = snapshot.audience_ids(conn)
+    created = {key: now_known[key] for key in new if key in now_known}
+    with conn.begin():
+        snapshot.resolve_audiences(conn, created)
+    return {key: audience_id for key, audience_id in present.items() if audience_id} | created
 
 
 def _partitions(result: CursorResult[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -193,81 +183,6 @@ def _partitions(result: CursorResult[Any], size: int) -> Iterator[Sequence[Any]]
     cursor = result.cursor
     while rows := cursor.fetchmany(size):
         yield rows
-
-
-def _check_columns(columns: Sequence[str]) -> None:
-    if "audience_key" not in columns or not {"user_id", "email"} & set(columns):
-        raise ValueError(
-            "the SQL source query must return an audience_key column and a user_id and/or email "
-            f"column; it returned {', '.join(columns) or 'no columns'}"
-        )
-
-
-class _RowReader:
-    """Source rows -> (audience_key, user_id, email, traits JSON) snapshot values, normalised as
-    the receiver would normalise the event, or the Rejection the receiver would give it; so a
-    member's key here is the key its membership row gets when the event is applied, and the diff
-    compares like with like."""
-
-    def __init__(self, columns: Sequence[str], events: _Events) -> None:
-        _check_columns(columns)
-        where = {name: i for i, name in enumerate(columns)}  # a repeated name: the last one counts
-        self._audience = where["audience_key"]
-        self._user_id = where.get("user_id")
-        self._email = where.get("email")
-        self._traits = [(name, i) for name, i in where.items() if name not in SQL_IDENTITY_COLUMNS]
-        self._events = events
-
-    def member(self, row: Sequence[Any]) -> tuple[str, str, str, str] | Rejection:
-        audience = row[self._audience]
-        user_id = None if self._user_id is None else _text(row[self._user_id])
-        email = None if self._email is None else _text(row[self._email])
-        traits = {name: _json_value(row[i]) for name, i in self._traits}
-        if isinstance(audience, str):
-            traits.pop(audience, None)  # the event's own flag of that name overrides it
-        encoded = _encode_traits(traits)
-        checked = validate.validate_member(audience, user_id, email, traits, traits_json=encoded)
-        if isinstance(checked, Rejection):
-            return checked
-        if encoded is None or checked.traits is not traits:  # write keys were dropped
-            encoded = _ENCODE(checked.traits)
-        if _size_bound(audience, checked, encoded) > extract.MAX_EVENT_BYTES:
-            event = json.loads(self._events.entered(audience, checked.user_id, checked.email, encoded)[-1])
-            exact = validate.validate_event(event, received_at=self._events.now)
-            if isinstance(exact, Rejection):
-                return exact
-        return audience, checked.user_id or "", checked.email or "", encoded
-
-
-def _text(value: Any) -> Any:
-    """An identifier column as text: integer and UUID columns are common keys and read as their
-    text; anything else (a boolean, a float) is passed on as it is, for validation to refuse as
-    the receiver refuses it."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, int | uuid.UUID) and not isinstance(value, bool):
-        return str(value)
-    return value
-
-
-def _json_value(value: Any) -> Any:
-    """A column's value as JSON carries it (Decimal, dates and the like become strings)."""
-    if type(value) in _JSON_SCALARS:
-        return value
-    return json.loads(json.dumps(value, default=str))
-
-
-def _encode_traits(traits: Mapping[str, Any]) -> str | None:
-    try:
-        return _ENCODE(traits)
-    except ValueError:  # a non-finite number: validate_member says where
-        return None
-
-
-def _size_bound(audience: str, member: validate.CheckedMember, traits_json: str) -> int:
-    """More bytes than the largest event built for this member can take (see _EVENT_OVERHEAD)."""
-    chars = 4 * len(audience) + 2 * len(member.email or "") + len(member.user_id or "") + _MAX_MESSAGE_ID
-    return len(traits_json.encode("utf-8")) + 6 * chars + _EVENT_OVERHEAD
 
 
 def _invalid(counts: SqlSyncCounts, reason: str) -> None:
@@ -281,27 +196,40 @@ def _invalid(counts: SqlSyncCounts, reason: str) -> None:
 
 
 def _emit_enters(
-    conn: Connection, events: _Events, chunk: int, counts: SqlSyncCounts, by_user_id: bool
+    conn: Connection,
+    events: Events,
+    pages: tuple[int, int],
+    counts: SqlSyncCounts,
+    by_user_id: bool,
+    *,
+    check_members: bool,
 ) -> None:
-    """Snapshot rows whose member is not desired-in, page by page (keyset on seq)."""
-    after = 0
-    while True:
+    """The events of the snapshot rows whose member is not desired-in, built and stored in SQL,
+    a page of `pages[0]` rows (in seq order, up to the last, pages[1]) per transaction."""
+    parts = event_parts(AUDIENCE_ENTERED, events.now)
+    size, last = pages
+    for after in range(0, last, size):
         with conn.begin():
-            rows = snapshot.entering_page(conn, after, chunk, by_user_id)
-            built = [
-                events.entered(r.audience_key, r.user_id or None, r.email or None, r.traits) for r in rows
-            ]
-            _store(conn, built, AUDIENCE_ENTERED, events.now, counts)
-        if not rows:
-            return
-        counts.entered += len(rows)
-        after = rows[-1].seq
+            entered, new = snapshot.store_entering(
+                conn,
+                (after, after + size),
+                parts,
+                check_members=check_members,
+                by_user_id=by_user_id,
+                snapshot_id=events.snapshot_id,
+                event=AUDIENCE_ENTERED,
+                source=SQL_SOURCE,
+                now=events.now,
+                rules=stored.RULES,
+            )
+        counts.entered += entered
+        counts.events.add(IngestCounts(accepted=new, duplicates=entered - new))
 
 
 def _emit_exits(
     conn: Connection,
     audiences: Sequence[int],
-    events: _Events,
+    events: Events,
     chunk: int,
     counts: SqlSyncCounts,
     by_user_id: bool,
@@ -312,68 +240,14 @@ def _emit_exits(
         with conn.begin():
             rows = snapshot.exiting_page(conn, audiences, after, chunk, by_user_id)
             built = [events.exited(r.audience_key, r.user_id or None, r.email or None) for r in rows]
-            _store(conn, built, AUDIENCE_EXITED, events.now, counts)
+            new = snapshot.store_events(
+                conn, built, event=AUDIENCE_EXITED, source=SQL_SOURCE, now=events.now, rules=stored.RULES
+            )
         if not rows:
             return
         counts.exited += len(rows)
+        counts.events.add(IngestCounts(accepted=new, duplicates=len(rows) - new))
         after = rows[-1].id
-
-
-def _store(
-    conn: Connection, built: Sequence[tuple[Any, ...]], name: str, now: datetime, counts: SqlSyncCounts
-) -> None:
-    new = snapshot.store_events(conn, built, event=name, source=SQL_SOURCE, now=now)
-    counts.events.add(IngestCounts(accepted=new, duplicates=len(built) - new))
-
-
-class _Events:
-    """The synthetic events of one poll (one timestamp, one snapshot id), each built as a row of
-    `snapshot.STAGED`: (messageId, userId, anonymousId, email, the event as JSON text).
-
-    An event is an Engage-style track: `Audience Entered` / `Audience Exited` with properties
-    {**traits, audience_key, <audience>: true/false, email} and the audience as the computation
-    key; userId, or for an email-only member the stable stand-in anonymousId `email:<email>`
-    (Segment requires one of the two). Built as text: the parts are JSON already (the traits as
-    the snapshot keeps them), and a member's traits never hold the audience's own name.
-    """
-
-    def __init__(self, now: datetime, snapshot_id: str) -> None:
-        self.now = now
-        self.snapshot_id = snapshot_id
-        self._timestamp = _STRING(now.isoformat())
-
-    def entered(
-        self, audience: str, user_id: str | None, email: str | None, traits_json: str
-    ) -> tuple[Any, ...]:
-        return self._event(AUDIENCE_ENTERED, "true", audience, user_id, email, traits_json[1:-1])
-
-    def exited(self, audience: str, user_id: str | None, email: str | None) -> tuple[Any, ...]:
-        return self._event(AUDIENCE_EXITED, "false", audience, user_id, email, "")
-
-    def _event(
-        self, name: str, flag: str, audience: str, user_id: str | None, email: str | None, traits: str
-    ) -> tuple[Any, ...]:
-        message_id = _message_id(audience, user_id, email, self.snapshot_id)
-        key = _STRING(audience)
-        properties = f'{traits},"audience_key":{key}' if traits else f'"audience_key":{key}'
-        properties += f",{key}:{flag}" + (f',"email":{_STRING(email)}' if email else "")
-        anonymous_id = None if user_id else f"email:{email}"
-        who = f'"userId":{_STRING(user_id)}' if user_id else f'"anonymousId":{_STRING(f"email:{email}")}'
-        payload = (
-            f'{{"type":"track","event":{_STRING(name)},"messageId":{_STRING(message_id)},'
-            f'"timestamp":{self._timestamp},"properties":{{{properties}}},"context":{{"personas":'
-            f'{{"computation_class":"audience","computation_key":{key}}},"library":{{"name":"listsync-sql"}}}},'
-            f"{who}}}"
-        )
-        return message_id, user_id, anonymous_id, email, payload
-
-
-def _message_id(audience: str, user_id: str | None, email: str | None, snapshot_id: str) -> str:
-    readable = f"{SQL_MESSAGE_PREFIX}{audience}:{user_id or ''}:{email or ''}:{snapshot_id}"
-    if len(readable) <= _MAX_MESSAGE_ID:
-        return readable
-    # Long audience keys and emails do not fit the column; a digest keeps it deterministic.
-    return SQL_MESSAGE_PREFIX + hashlib.sha256(readable.encode("utf-8")).hexdigest()
 
 
 def _log_sql_poll(counts: SqlSyncCounts) -> None:

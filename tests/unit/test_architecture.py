@@ -12,8 +12,9 @@ PURE = {
     "listsync.lists.membership", "listsync.lists.identity", "listsync.lists.planner", "listsync.lists.fast_fold",
     "listsync.events.fields", "listsync.events.triggers", "listsync.events.mapping", "listsync.events.actions",
     "listsync.iterable.payloads", "listsync.iterable.dates",
-    "listsync.ingest.extract", "listsync.ingest.validate", "listsync.ingest.fast_path", "listsync.ingest.audience", "listsync.ingest.stored",
-    "listsync.ingest.scrub", "listsync.ingest.webhook", "listsync.json_text", "listsync.web.html",
+    "listsync.ingest.extract", "listsync.ingest.validate", "listsync.ingest.fast_path", "listsync.ingest.audience",
+    "listsync.ingest.stored", "listsync.ingest.scrub", "listsync.ingest.webhook", "listsync.ingest.sql_rows",
+    "listsync.json_text", "listsync.web.html",
 }  # fmt: skip
 # Lower layers first; a module may import its own layer or lower ones. Longest prefix wins.
 LAYERS = [

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from listsync.domain import InboundEvent, Rejection
-from listsync.ingest import sql_source, validate
+from listsync.ingest import sql_rows, validate
 from listsync.ingest.audience import extract_deltas
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
@@ -56,12 +56,18 @@ ROWS: list[tuple[Any, str | None, str | None, dict[str, Any]]] = [
 ]
 
 
+def properties(traits_json: str) -> str:
+    """Traits' JSON as the leading members of an event's properties (sql_rows.SnapshotRow's)."""
+    inner = traits_json[1:-1]
+    return f"{inner}," if inner else ""
+
+
 def reference(audience: Any, user_id: str | None, email: str | None, traits: dict[str, Any]) -> Any:
     """validate_event's verdict on the Audience Entered track the SQL source would build."""
     if not isinstance(audience, str) or not audience:
         return "missing_audience_key"
     traits_json = json.dumps(traits, ensure_ascii=False, separators=(",", ":"))
-    built = sql_source._Events(NOW, "snap").entered(audience, user_id, email, traits_json)
+    built = sql_rows.Events(NOW, "snap").entered(audience, user_id, email, properties(traits_json))
     checked = validate.validate_event(json.loads(built[-1]), received_at=NOW)
     if isinstance(checked, Rejection):
         return checked.reason.split(":", 1)[0]
@@ -94,9 +100,7 @@ def test_validate_member_says_what_validate_event_says(row: tuple[Any, ...]) -> 
 def test_the_row_reader_keeps_what_the_receiver_would_accept(row: tuple[Any, ...]) -> None:
     audience, user_id, email, traits = row
     expected = reference(audience, user_id, email, traits)
-    reader = sql_source._RowReader(
-        ["audience_key", "user_id", "email", *traits], sql_source._Events(NOW, "snap")
-    )
+    reader = sql_rows.RowReader(["audience_key", "user_id", "email", *traits], sql_rows.Events(NOW, "snap"))
     member = reader.member((audience, user_id, email, *traits.values()))
     if isinstance(expected, str):
         assert isinstance(member, Rejection) and member.reason.startswith(expected + ":"), member
@@ -104,7 +108,7 @@ def test_the_row_reader_keeps_what_the_receiver_would_accept(row: tuple[Any, ...
     assert not isinstance(member, Rejection), member
     assert member[:3] == (audience, expected.user_id or "", expected.email or "")
     # The event built from the snapshot row is one validate_event accepts, with the same meaning.
-    built = sql_source._Events(NOW, "snap").entered(audience, expected.user_id, expected.email, member[3])
+    built = sql_rows.Events(NOW, "snap").entered(audience, expected.user_id, expected.email, member[3])
     event = validate.validate_event(json.loads(built[-1]), received_at=NOW)
     assert isinstance(event, InboundEvent), event
     assert built[:4] == (event.message_id, event.user_id, event.anonymous_id, event.email)
@@ -121,9 +125,29 @@ def test_the_row_reader_keeps_what_the_receiver_would_accept(row: tuple[Any, ...
     assert {k: v for k, v in ours.traits.items() if k != "email"} == kept
 
 
+def test_one_reader_reads_every_row_as_a_fresh_reader_would() -> None:
+    """The reader remembers the traits it encoded (per audience, by value and type, so 1, 1.0 and
+    True stay apart): rows that share them read exactly as each would alone, whatever their
+    identities; and a snapshot row's messageId is the one its events get."""
+    columns = ["audience_key", "user_id", "email", "plan", "n"]
+    events = sql_rows.Events(NOW, "snap")
+    identities = [("u1", None), (None, "a@example.com"), ("u\x00", None), ("u2", "x" * 250 + "@example.com")]
+    traits = [("pro", 1), ("pro", 1.0), ("pro", True), (None, {"a": [1]}), ("p\x00", 1), ("pro", float("nan"))]
+    rows = [(aud, *who, *values) for aud in ("gold", "plan") for who in identities for values in traits]
+    shared = sql_rows.RowReader(columns, events)
+    for row in rows + rows[::-1]:
+        got = shared.member(row)
+        assert got == sql_rows.RowReader(columns, events).member(row), row
+        if not isinstance(got, Rejection):
+            audience, user_id, email, properties, message_id = got
+            built = events.entered(audience, user_id or None, email or None, properties)
+            assert (message_id or f"sql:{audience}:{user_id}:{email}:snap") == built[0]
+            assert json.loads(built[-1])["properties"]["n"] == row[-1]
+
+
 def test_built_events_match_the_documented_shape() -> None:
-    events = sql_source._Events(NOW, "snap")
-    entered = json.loads(events.entered("gold", "u1", "a@example.com", '{"plan":"pro"}')[-1])
+    events = sql_rows.Events(NOW, "snap")
+    entered = json.loads(events.entered("gold", "u1", "a@example.com", '"plan":"pro",')[-1])
     assert entered == {
         "type": "track",
         "event": "Audience Entered",
@@ -146,12 +170,12 @@ def test_built_events_match_the_documented_shape() -> None:
     )
     assert exited["event"] == "Audience Exited" and exited["properties"]["gold"] is False
     assert exited["anonymousId"] == "email:a@example.com" and "userId" not in exited
-    long_key = events.entered("g" * 255, "u1", None, "{}")[0]
+    long_key = events.entered("g" * 255, "u1", None, "")[0]
     assert long_key.startswith("sql:") and len(long_key) == 4 + 64  # digest: fits the column
 
 
 def test_identifier_columns_of_other_types_are_refused_as_the_receiver_refuses_them() -> None:
-    reader = sql_source._RowReader(["audience_key", "user_id", "email"], sql_source._Events(NOW, "snap"))
+    reader = sql_rows.RowReader(["audience_key", "user_id", "email"], sql_rows.Events(NOW, "snap"))
     assert reader.member(("gold", 42, None))[:3] == ("gold", "42", "")  # an integer key column reads as text
     for odd, kind in ((True, "boolean"), (1.5, "number")):
         refused = reader.member(("gold", odd, None))
