@@ -36,7 +36,7 @@ _GROWN = text(
     "SELECT c.reltuples, s.n_mod_since_analyze FROM pg_class c"
     " JOIN pg_stat_user_tables s ON s.relid = c.oid WHERE c.oid = 'memberships'::regclass"
 )
-ANALYZE_AFTER = 5000  # changed rows since the last ANALYZE, at least
+ANALYZE_AFTER = 1000  # changed rows since the last ANALYZE, at least (below one batch of the fold)
 
 
 def keep_plans_fresh(session: Session) -> None:

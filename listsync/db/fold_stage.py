@@ -102,7 +102,13 @@ def stage_inbox(session: Session, limit: int, rules: str) -> int:
     open_stage(session)
     params = {"limit": limit, "rules": rules}
     if is_postgres(session):
-        return rows_affected(session.execute(_STAGE_PG, params))
+        staged = rows_affected(session.execute(_STAGE_PG, params))
+        # Autovacuum never analyzes a temporary table: without statistics the planner guesses its
+        # size and may join it to memberships and the inbox by scanning them whole.
+        session.execute(text("ANALYZE fold_stage"))
+        # A few index look-ups per staged row: compiling them (JIT) costs more than running them.
+        session.execute(text("SET LOCAL jit = off"))
+        return staged
     try:
         with session.begin_nested():
             return rows_affected(session.execute(_STAGE_SQLITE, params))

@@ -14,7 +14,7 @@ from sqlalchemy import func, insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from listsync.config import Settings
-from listsync.db import inbox
+from listsync.db import fold_stage
 from listsync.db import models as m
 from listsync.db.session import make_engine, session_factory, transaction
 from listsync.ingest import accept
@@ -94,7 +94,7 @@ def test_a_crash_during_apply_leaves_the_inbox_to_apply_again(
     def crash(*_args: Any, **_kwargs: Any) -> None:
         raise RuntimeError("simulated crash before mark_applied commits")
 
-    monkeypatch.setattr(inbox, "mark_applied", crash)
+    monkeypatch.setattr(fold_stage, "mark_applied", crash)  # the batch is marked from its staging table
     with pytest.raises(RuntimeError), transaction(factory) as session:
         apply_inbox(session, SETTINGS, NOW)
     monkeypatch.undo()
