@@ -51,7 +51,14 @@ def accept_items(
     session: Session, items: Iterable[extract.BodyItem], *, source: str, now: datetime
 ) -> IngestCounts:
     """Validate and store body items in `session`; rejected ones are dead-lettered and counted."""
-    return store_checked(session, check_items(items, now=now), source=source, now=now)
+    return counted(store_checked(session, check_items(items, now=now), source=source, now=now), source=source)
+
+
+def counted(counts: IngestCounts, *, source: str) -> IngestCounts:
+    """`counts` added to the Prometheus counters: once per stored body, so after its commit
+    where the work may run again (a group commit reruns its requests alone when one fails)."""
+    metrics.count_events(source.split(":")[0], counts.accepted, counts.duplicates, counts.rejected)
+    return counts
 
 
 @dataclass
@@ -91,7 +98,8 @@ def check_items(items: Iterable[extract.BodyItem], *, now: datetime) -> Checked:
 def store_checked(
     session: Session, checked: Checked, *, source: str, now: datetime, isolate: bool = True
 ) -> IngestCounts:
-    """Append checked events to the inbox and dead-letter the rejections, in `session`.
+    """Append checked events to the inbox and dead-letter the rejections, in `session` (not
+    counted in the metrics: see `counted`).
 
     `isolate`: should the database refuse an event, store the others and dead-letter it (in
     savepoints); False lets the refusal raise, for a caller that runs the work again isolated."""
@@ -103,11 +111,7 @@ def store_checked(
         new, refused = _store(session, unique, source=source, now=now), []
     rejections = checked.rejections + refused
     inbox.store_rejections(session, rejections, source=source, now=now)
-    counts = IngestCounts(
-        accepted=new, duplicates=len(events) - new - len(refused), rejected=len(rejections)
-    )
-    metrics.count_events(source.split(":")[0], counts.accepted, counts.duplicates, counts.rejected)
-    return counts
+    return IngestCounts(accepted=new, duplicates=len(events) - new - len(refused), rejected=len(rejections))
 
 
 def _store_isolated(

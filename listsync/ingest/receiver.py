@@ -242,11 +242,12 @@ def _store(committer: GroupCommitter, body: bytes, problem: Rejection | None, pa
 
 def _commit(committer: GroupCommitter, items: Sequence[extract.BodyItem], now: datetime) -> accept.IngestCounts:
     checked = accept.check_items(items, now=now)
-    return committer.run(
+    counts = committer.run(
         lambda session: accept.store_checked(session, checked, source=SOURCE, now=now),
         weight=len(items),
         shared=lambda session: accept.store_checked(session, checked, source=SOURCE, now=now, isolate=False),
     )
+    return accept.counted(counts, source=SOURCE)
 
 
 def _store_unprocessable(factory: sessionmaker[Session], body: bytes) -> Outcome:

@@ -111,8 +111,10 @@ def _check_values(raw: Mapping[str, Any]) -> bool:
 # other letters and digits between them (JSON escapes included). Broader than the rule, never
 # narrower: a match only sends the event down `_walk_values`, which applies the rule itself.
 # Two characters outside ASCII fold to letters of it: lower() makes U+0130 (İ) "i" and a mark, and
-# U+212A (the Kelvin sign) "k"; in UTF-8 they are letters too.
-_SEPARATORS = rb'(?:\\u[0-9a-f]{4}|\\.|[^a-z0-9"\\])*'
+# U+212A (the Kelvin sign) "k"; in UTF-8 they are letters too. Their lead bytes are never read as
+# separators: were they both, a run of them could be split every way and the search would take
+# minutes on a few kilobytes (every event passes here).
+_SEPARATORS = rb'(?:\\u[0-9a-f]{4}|\\.|\xc4(?!\xb0)|\xe2(?!\x84\xaa)|[^a-z0-9"\\\xc4\xe2])*'
 _LETTERS = (b"r", b"(?:i|\xc4\xb0)", b"t", b"e", b"(?:k|\xe2\x84\xaa)", b"e", b"y")
 _NESTED_WRITE_KEY = re.compile(
     b'"w' + b"".join(_SEPARATORS + letter for letter in _LETTERS) + _SEPARATORS + rb'"\s*:', re.IGNORECASE

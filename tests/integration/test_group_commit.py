@@ -14,9 +14,10 @@ import pytest
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from listsync import metrics
 from listsync.db import models as m
 from listsync.db.session import make_engine, session_factory
-from listsync.ingest import accept, extract
+from listsync.ingest import accept, extract, receiver
 from listsync.ingest.group_commit import GroupCommitter
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -160,3 +161,41 @@ def test_a_shared_form_that_fails_sends_the_group_request_by_request(factory: se
     assert outcomes["one"].accepted == 2 and outcomes["two"].accepted == 1
     assert len(seen) == 4 and seen[0] is seen[1] and seen[2] is not seen[3]  # shared, then alone
     assert stored_ids(factory) == {"one-0", "one-1", "two-0"}
+
+
+def test_a_request_run_again_alone_is_counted_once(factory: sessionmaker[Session]) -> None:
+    """The Prometheus counters are bumped after the commit, so a rolled-back shared run adds nothing."""
+    committer = GroupCommitter(factory)
+    accepted = metrics.EVENTS_RECEIVED.labels("receiver", "accepted")
+    before = accepted._value.get()
+    other = store_job("two", 1, [])
+
+    def refused(session: Session) -> None:
+        other(session)
+        raise RuntimeError("the database refused an event")
+
+    release, entered = threading.Event(), threading.Event()
+    answers: dict[str, Any] = {}
+
+    def blocker(_session: Session) -> None:
+        entered.set()
+        assert release.wait(30)
+
+    threads = [threading.Thread(target=committer.run, args=(blocker,))]
+    threads[0].start()
+    assert entered.wait(30)
+    threads += [
+        threading.Thread(target=lambda: answers.update(one=receiver._commit(committer, request_items("one", 3), NOW))),
+        threading.Thread(target=lambda: answers.update(two=committer.run(other, shared=refused))),
+    ]
+    for thread in threads[1:]:
+        thread.start()
+    for _ in range(6000):
+        if committer.queued() >= 2:
+            break
+        threading.Event().wait(0.01)
+    release.set()
+    for thread in threads:
+        thread.join(60)
+    assert answers["one"].accepted == 3 and answers["two"].accepted == 1
+    assert accepted._value.get() - before == 3  # the request's own 3, once; the other job is not the receiver's
