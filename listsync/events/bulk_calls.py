@@ -5,7 +5,8 @@ queue the next ones (up to a bound) instead of waiting for each answer. The send
 answers back in the same order (`pop`, `pop_done`) and records them.
 
 Which users each key has queued or on the wire is counted, so the sender can wait for a user's
-earlier call before their next row of the same endpoint goes into another call.
+earlier call before their next row of the same endpoint goes into another call. `wire_body` and
+`bulk_chunks` make a key's rows into the items and calls that go on the wire.
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from listsync.domain import PendingDelivery
-from listsync.iterable.payloads import BulkResult
+from listsync.iterable.payloads import (
+    ENVELOPE_BYTES,
+    MAX_BATCH_ITEMS,
+    MAX_BODY_BYTES,
+    BulkResult,
+    chunk_by_limits,
+    json_size,
+)
+from listsync.json_text import dumps_bytes
 
 Key = tuple[str, bool]  # (endpoint, updateOnly)
 Send = Callable[[Key, list[dict[str, Any]]], BulkResult]
@@ -90,3 +99,25 @@ class BulkCalls:
     def close(self) -> None:
         for pool in self._pools.values():
             pool.shutdown(wait=True)
+
+
+# Kept in a delivery's stored body beside the request, never sent in it.
+_DIRECTIVE_KEYS = ("newEmail", "updateOnly")
+
+
+def wire_body(body: dict[str, Any]) -> dict[str, Any]:
+    """The stored body as Iterable gets it, without listsync's own directives."""
+    if "newEmail" not in body and "updateOnly" not in body:
+        return body
+    return {key: value for key, value in body.items() if key not in _DIRECTIVE_KEYS}
+
+
+def bulk_chunks(rows: list[PendingDelivery]) -> list[list[PendingDelivery]]:
+    """The rows of one bulk key in calls that fit Iterable's limits. Measuring every item exactly
+    (the stdlib's encoding) is needed only near the byte limit: when orjson's size of all of them,
+    doubled (the stdlib never spells a number twice as long), leaves room, one call takes them."""
+    if len(rows) <= MAX_BATCH_ITEMS:
+        fast = dumps_bytes([wire_body(row.body) for row in rows])
+        if fast is not None and 2 * len(fast) + ENVELOPE_BYTES <= MAX_BODY_BYTES:
+            return [rows] if rows else []
+    return chunk_by_limits(rows, size_of=lambda row: json_size(wire_body(row.body)))

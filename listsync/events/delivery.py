@@ -35,17 +35,9 @@ from listsync.domain import PendingDelivery
 from listsync.engine import StopRun, repeat_passes, still_ours, stop_refused
 from listsync.errors import AuthError, IterableError, PermanentError
 from listsync.events import actions
-from listsync.events.bulk_calls import BulkCalls, Call
+from listsync.events.bulk_calls import BulkCalls, Call, bulk_chunks, wire_body
 from listsync.events.route import RouteCounts, Router
-from listsync.iterable.payloads import (
-    ENVELOPE_BYTES,
-    MAX_BATCH_ITEMS,
-    MAX_BODY_BYTES,
-    BulkResult,
-    chunk_by_limits,
-    json_size,
-)
-from listsync.json_text import dumps_bytes
+from listsync.iterable.payloads import BulkResult
 from listsync.lists import identity
 from listsync.lists.membership import retry_delay
 
@@ -59,8 +51,6 @@ LEASE_NAME = "event_deliveries"
 # Routes one inbox batch in the given transaction; False once none is left.
 Route = Callable[[Session], bool]
 UPSERT_ENDPOINTS = frozenset({"users/update", "users/bulkUpdate"})
-# Kept in a delivery's stored body beside the request, never sent in it.
-_DIRECTIVE_KEYS = ("newEmail", "updateOnly")
 # Iterable answers these from updateEmail when the old address is not (or no longer) there, or
 # when the new one already has a profile of its own (a list subscribe may have made it); the
 # update that follows creates or finds the user, so they are not failures of the event.
@@ -106,13 +96,6 @@ def deliver_pending(ctx: context.SyncContext, *, now_fn: Callable[[], datetime] 
     finally:
         _release_lease(ctx, clock())
     return report
-
-
-def wire_body(body: dict[str, Any]) -> dict[str, Any]:
-    """The stored body as Iterable gets it, without listsync's own directives."""
-    if "newEmail" not in body and "updateOnly" not in body:
-        return body
-    return {key: value for key, value in body.items() if key not in _DIRECTIVE_KEYS}
 
 
 def _send_all(
@@ -327,7 +310,7 @@ class _Sender:
     def _flush(self, key: tuple[str, bool]) -> None:
         rows = self.batches.pop(key, [])
         self.open_users.pop(key, None)
-        for index, chunk in enumerate(_bulk_chunks(rows)):
+        for index, chunk in enumerate(bulk_chunks(rows)):
             if index:
                 self._settle(key)  # a user split across two calls: the first is answered first
             # A user blocked by an earlier chunk's failure keeps its later rows back (per-user order).
@@ -431,17 +414,6 @@ class _Sender:
         deliveries.mark_delivered(session, self.delivered, self.clock())
         deliveries.record_outcomes(session, self.outcomes)
         return leases.try_lease(session, LEASE_NAME, self.ctx.owner, self.clock(), _lease_ttl(self.ctx))
-
-
-def _bulk_chunks(rows: list[PendingDelivery]) -> list[list[PendingDelivery]]:
-    """The rows of one bulk key in calls that fit Iterable's limits. Measuring every item exactly
-    (the stdlib's encoding) is needed only near the byte limit: when orjson's size of all of them,
-    doubled (the stdlib never spells a number twice as long), leaves room, one call takes them."""
-    if len(rows) <= MAX_BATCH_ITEMS:
-        fast = dumps_bytes([wire_body(row.body) for row in rows])
-        if fast is not None and 2 * len(fast) + ENVELOPE_BYTES <= MAX_BODY_BYTES:
-            return [rows] if rows else []
-    return chunk_by_limits(rows, size_of=lambda row: json_size(wire_body(row.body)))
 
 
 def _outcome(
