@@ -16,7 +16,6 @@ from typing import Any
 
 from sqlalchemy import (
     Column,
-    ColumnElement,
     Connection,
     MetaData,
     String,
@@ -40,6 +39,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 
 from listsync.db import models as m
+from listsync.db import sql_events
 from listsync.db.session import insert_for, is_postgres, rows_affected
 from listsync.domain import Desired
 from listsync.ingest import sql_rows
@@ -275,7 +275,7 @@ def store_entering(
         + t.email
         + literal(f":{snapshot_id}", Text),
     )
-    payload = _filled(conn, parts, message_id, key)
+    payload = sql_events.filled(conn, parts, t, message_id, key)
     stamp = literal(now, m.UTCDateTime())
     events = (
         select(
@@ -316,53 +316,6 @@ def store_entering(
     new = rows_affected(conn.execute(stmt, execution_options=_COUNTED))
     conn.execute(delete(ENTERING))
     return entered, new
-
-
-def _filled(
-    conn: Connection, parts: Sequence[str], message_id: ColumnElement[Any], key: ColumnElement[Any]
-) -> ColumnElement[Any]:
-    """sql_rows.EVENT_SHAPE's parts (see `event_parts`) as one SQL text expression over a
-    snapshot row (`key`: its audience's): its holes filled from the row's columns, as the
-    Python `sql_rows.Events` fills them."""
-    t = SNAPSHOT.c
-    quoted = _json_string(conn)
-    holes: dict[str, ColumnElement[Any]] = {
-        sql_rows.MESSAGE_ID: quoted(message_id),
-        sql_rows.PROPERTIES: t.properties,
-        sql_rows.KEY: quoted(key),
-        sql_rows.FLAG: literal("true", Text),
-        sql_rows.EMAIL: case(
-            (t.email != "", literal(sql_rows.EMAIL_FIELD, Text) + quoted(t.email)), else_=literal("", Text)
-        ),
-        sql_rows.WHO: case(
-            (t.user_id != "", literal(sql_rows.USER_ID_FIELD, Text) + quoted(t.user_id)),
-            else_=literal(sql_rows.ANONYMOUS_ID_FIELD, Text)
-            + quoted(literal(sql_rows.ANONYMOUS_PREFIX, Text) + t.email),
-        ),
-    }
-    pieces: list[ColumnElement[Any]] = []
-    text_run = ""
-    for part in parts:
-        if part not in sql_rows.HOLES:
-            text_run += part
-            continue
-        if text_run:
-            pieces.append(literal(text_run, Text))
-            text_run = ""
-        pieces.append(holes[part])
-    if text_run:
-        pieces.append(literal(text_run, Text))
-    expression = pieces[0]
-    for piece in pieces[1:]:
-        expression = expression + piece
-    return expression
-
-
-def _json_string(conn: Connection) -> Any:
-    """A text expression as a JSON string, in the database's own function."""
-    if is_postgres(conn):
-        return lambda value: cast(func.to_json(cast(value, Text)), Text)
-    return lambda value: func.json_quote(value, type_=Text)
 
 
 def find_exits(conn: Connection, audiences: Sequence[int], by_user_id: bool) -> int:
