@@ -76,12 +76,16 @@ CPU: dict[str, float] = {}
 
 
 def timed(fn: Callable[[], Any], name: str) -> tuple[float, Any]:
-    """Wall seconds and result of fn(); its CPU seconds in this process go to CPU[name] (on a
-    shared machine the wall time depends on the neighbours, the CPU time much less)."""
+    """Wall seconds and result of fn(); its CPU seconds in this process (all its threads; on
+    PostgreSQL the server's are not counted) go to CPU[name] (on a shared machine the wall time
+    depends on the neighbours, the CPU time much less). Printed as soon as measured, so a long
+    run that is stopped still says what it measured."""
     started, cpu = time.perf_counter(), time.process_time()
     result = fn()
     CPU[name] = round(time.process_time() - cpu, 2)
-    return time.perf_counter() - started, result
+    wall = time.perf_counter() - started
+    print(f"  {name.removesuffix('_cpu_s')}: {wall:.2f} s wall, {CPU[name]} s CPU", file=sys.stderr, flush=True)
+    return wall, result
 
 
 def fold(factory: Any, settings: Settings) -> int:

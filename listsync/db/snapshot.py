@@ -16,7 +16,6 @@ from typing import Any
 
 from sqlalchemy import (
     Column,
-    ColumnElement,
     Connection,
     MetaData,
     String,
@@ -40,6 +39,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 
 from listsync.db import models as m
+from listsync.db import sql_events
 from listsync.db.session import insert_for, is_postgres, rows_affected
 from listsync.domain import Desired
 from listsync.ingest import sql_rows
@@ -50,15 +50,34 @@ _metadata = MetaData()
 SNAPSHOT = Table(
     "listsync_sql_snapshot",
     _metadata,
-    Column("seq", m.BigId, primary_key=True, autoincrement=False),
-    # The audience's id when it exists (see `resolve_audiences`), else 0: no membership has it.
+    Column("seq", m.BigId, primary_key=True),  # numbered by the database, in load order
+    # The audience's id; an audience that did not exist when the poll began has a negative
+    # stand-in that no membership has (see `resolve_audiences`), and its key is in AUDIENCES.
     Column("audience_id", m.BigId, nullable=False),
-    Column("audience_key", String(255), nullable=False),
     Column("user_id", String(255), nullable=False),
     Column("email", String(320), nullable=False),
     # The traits as the leading members of the event's properties (see sql_rows.SnapshotRow).
     Column("properties", Text, nullable=False),
-    Column("message_id", String(255)),  # only when it is not the readable one
+    prefixes=["TEMPORARY"],
+)
+
+# The snapshot's audiences: few rows, so the snapshot's many carry only the id.
+AUDIENCES = Table(
+    "listsync_sql_audiences",
+    _metadata,
+    Column("audience_id", m.BigId, primary_key=True, autoincrement=False),
+    Column("audience_key", String(255), nullable=False),
+    prefixes=["TEMPORARY"],
+)
+
+# The messageIds of the members whose readable one would not fit (rare: long keys and emails).
+LONG_IDS = Table(
+    "listsync_sql_long_ids",
+    _metadata,
+    Column("audience_id", m.BigId, primary_key=True, autoincrement=False),
+    Column("user_id", String(255), primary_key=True),
+    Column("email", String(320), primary_key=True),
+    Column("message_id", String(255), nullable=False),
     prefixes=["TEMPORARY"],
 )
 
@@ -67,6 +86,17 @@ ENTERING = Table(
     "listsync_sql_entering",
     _metadata,
     Column("seq", m.BigId, primary_key=True, autoincrement=False),
+    prefixes=["TEMPORARY"],
+)
+
+# The members that exit, found in one pass (`find_exits`) and then turned into events page by page.
+EXITING = Table(
+    "listsync_sql_exiting",
+    _metadata,
+    Column("id", m.BigId, primary_key=True, autoincrement=False),
+    Column("audience_key", String(255), nullable=False),
+    Column("user_id", String(255), nullable=False),
+    Column("email", String(320), nullable=False),
     prefixes=["TEMPORARY"],
 )
 
@@ -129,20 +159,28 @@ def audience_ids(conn: Connection) -> dict[str, int]:
         }
 
 
-def load(conn: Connection, table: Table, rows: Sequence[tuple[Any, ...]]) -> None:
-    """Append rows (tuples in the table's column order) the fastest way the driver has: COPY on
-    PostgreSQL, one prepared executemany on SQLite. The caller holds the transaction."""
+def load(
+    conn: Connection, table: Table, rows: Sequence[tuple[Any, ...]], columns: Sequence[str] | None = None
+) -> None:
+    """Append rows (tuples of `columns`, by default all the table's in order) the fastest way the
+    driver has: COPY on PostgreSQL, one prepared executemany on SQLite. The caller holds the
+    transaction."""
     if not rows:
         return
-    names = ", ".join(c.name for c in table.columns)
+    names = ", ".join(columns or [c.name for c in table.columns])
     if is_postgres(conn):
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         with cursor, cursor.copy(f"COPY {table.name} ({names}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
         return
-    marks = ", ".join("?" for _ in table.columns)
+    marks = ", ".join("?" for _ in rows[0])
     conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) VALUES ({marks})", list(rows))
+
+
+def last_seq(conn: Connection) -> int:
+    """The snapshot's last seq (0: empty). The caller holds the transaction."""
+    return int(conn.scalar(select(func.max(SNAPSHOT.c.seq))) or 0)
 
 
 def index_snapshot(conn: Connection, *, for_exits: bool) -> None:
@@ -178,23 +216,24 @@ def _same_member_rules(t: Any, member: Any, by_user_id: bool) -> list[Any]:
     ]
 
 
-def resolve_audiences(conn: Connection, ids: Mapping[str, int]) -> None:
-    """Give the rows of audiences that did not exist when they were loaded (id 0) the ids they
-    have now (another writer may have created one during the load): `ids` maps only those.
-    The caller holds the transaction."""
-    if ids:
-        t = SNAPSHOT.c
+def resolve_audiences(conn: Connection, created: Mapping[int, int]) -> None:
+    """Give the rows of the audiences another writer created during the load the ids they have
+    now: `created` maps stand-ins to ids. The caller holds the transaction."""
+    for table in (SNAPSHOT, LONG_IDS, AUDIENCES) if created else ():
         stmt = (
-            update(SNAPSHOT)
-            .where(t.audience_id == 0, t.audience_key == bindparam("key"))
-            .values(audience_id=bindparam("id"))
+            update(table).where(table.c.audience_id == bindparam("old")).values(audience_id=bindparam("new"))
         )
-        conn.execute(stmt, [{"key": key, "id": audience_id} for key, audience_id in ids.items()])
+        conn.execute(stmt, [{"old": old, "new": new} for old, new in created.items()])
+
+
+def store_audiences(conn: Connection, ids: Mapping[str, int]) -> None:
+    """The snapshot's audiences, key -> id (or stand-in). The caller holds the transaction."""
+    load(conn, AUDIENCES, [(audience_id, key) for key, audience_id in ids.items()])
 
 
 def store_entering(
     conn: Connection,
-    seqs: tuple[int, int],
+    after: int,
     parts: Sequence[str],
     *,
     check_members: bool,
@@ -205,13 +244,13 @@ def store_entering(
     now: datetime,
     rules: str,
 ) -> tuple[int, int]:
-    """Append to the inbox the `event` of each snapshot row (seq after seqs[0], up to seqs[1])
-    whose member is not desired-in, built in SQL from `parts` (sql_rows.event_parts); a
+    """Append to the inbox the `event` of each snapshot row after seq `after` whose member is
+    not desired-in, built in SQL from `parts` (sql_rows.event_parts); a
     messageId already there is skipped. Returns (rows that enter, events that were new).
     `check_members` False: no row's audience has members (every row enters). The caller holds
     the transaction."""
     t = SNAPSHOT.c
-    page = select(t.seq).where(t.seq > seqs[0], t.seq <= seqs[1])
+    page = select(t.seq).where(t.seq > after)
     if check_members:
         member = m.table(m.Membership)
         page = page.where(
@@ -225,17 +264,18 @@ def store_entering(
     )
     if not entered:
         return 0, 0
+    key, long_id = AUDIENCES.c.audience_key, LONG_IDS.c
     message_id = func.coalesce(
-        t.message_id,
+        long_id.message_id,
         literal(sql_rows.SQL_MESSAGE_PREFIX, Text)
-        + t.audience_key
+        + key
         + ":"
         + t.user_id
         + ":"
         + t.email
         + literal(f":{snapshot_id}", Text),
     )
-    payload = _filled(conn, parts, message_id)
+    payload = sql_events.filled(conn, parts, t, message_id, key)
     stamp = literal(now, m.UTCDateTime())
     events = (
         select(
@@ -252,7 +292,18 @@ def store_entering(
             literal(True),
             literal(rules),
         )
-        .select_from(ENTERING.join(SNAPSHOT, SNAPSHOT.c.seq == ENTERING.c.seq))
+        .select_from(
+            ENTERING.join(SNAPSHOT, t.seq == ENTERING.c.seq)
+            .join(AUDIENCES, AUDIENCES.c.audience_id == t.audience_id)
+            .outerjoin(
+                LONG_IDS,
+                and_(
+                    long_id.audience_id == t.audience_id,
+                    long_id.user_id == t.user_id,
+                    long_id.email == t.email,
+                ),
+            )
+        )
         .where(true())  # SQLite: INSERT ... SELECT ... ON CONFLICT needs a WHERE to parse
         .order_by(ENTERING.c.seq)
     )
@@ -267,57 +318,11 @@ def store_entering(
     return entered, new
 
 
-def _filled(conn: Connection, parts: Sequence[str], message_id: ColumnElement[Any]) -> ColumnElement[Any]:
-    """sql_rows.EVENT_SHAPE's parts (see `event_parts`) as one SQL text expression over a
-    snapshot row: its holes filled from the row's columns, as the Python `sql_rows.Events`
-    fills them."""
-    t = SNAPSHOT.c
-    quoted = _json_string(conn)
-    holes: dict[str, ColumnElement[Any]] = {
-        sql_rows.MESSAGE_ID: quoted(message_id),
-        sql_rows.PROPERTIES: t.properties,
-        sql_rows.KEY: quoted(t.audience_key),
-        sql_rows.FLAG: literal("true", Text),
-        sql_rows.EMAIL: case(
-            (t.email != "", literal(sql_rows.EMAIL_FIELD, Text) + quoted(t.email)), else_=literal("", Text)
-        ),
-        sql_rows.WHO: case(
-            (t.user_id != "", literal(sql_rows.USER_ID_FIELD, Text) + quoted(t.user_id)),
-            else_=literal(sql_rows.ANONYMOUS_ID_FIELD, Text)
-            + quoted(literal(sql_rows.ANONYMOUS_PREFIX, Text) + t.email),
-        ),
-    }
-    pieces: list[ColumnElement[Any]] = []
-    text_run = ""
-    for part in parts:
-        if part not in sql_rows.HOLES:
-            text_run += part
-            continue
-        if text_run:
-            pieces.append(literal(text_run, Text))
-            text_run = ""
-        pieces.append(holes[part])
-    if text_run:
-        pieces.append(literal(text_run, Text))
-    expression = pieces[0]
-    for piece in pieces[1:]:
-        expression = expression + piece
-    return expression
-
-
-def _json_string(conn: Connection) -> Any:
-    """A text expression as a JSON string, in the database's own function."""
-    if is_postgres(conn):
-        return lambda value: cast(func.to_json(cast(value, Text)), Text)
-    return lambda value: func.json_quote(value, type_=Text)
-
-
-def exiting_page(
-    conn: Connection, audiences: Sequence[int], after: int, limit: int, by_user_id: bool
-) -> list[Any]:
-    """Desired-in members (id > `after`, in id order) of `audiences` that have no snapshot row."""
+def find_exits(conn: Connection, audiences: Sequence[int], by_user_id: bool) -> int:
+    """Record in EXITING, in one pass over the members, the desired-in members of `audiences`
+    that have no snapshot row; returns how many. The caller holds the transaction."""
     if not audiences:
-        return []
+        return 0
     member = m.table(m.Membership)
     audience = m.table(m.Audience)
     t = SNAPSHOT.c
@@ -325,15 +330,19 @@ def exiting_page(
         ~exists().where(t.audience_id == member.c.audience_id, rule)
         for rule in _same_member_rules(t, member, by_user_id)
     ]
-    page = (
+    found = (
         select(member.c.id, audience.c.audience_key, member.c.user_id, member.c.email)
         .select_from(member.join(audience, audience.c.id == member.c.audience_id))
-        .where(
-            member.c.id > after, member.c.desired == Desired.IN, member.c.audience_id.in_(audiences), *not_in
-        )
-        .order_by(member.c.id)
-        .limit(limit)
+        .where(member.c.desired == Desired.IN, member.c.audience_id.in_(audiences), *not_in)
     )
+    stmt = EXITING.insert().from_select(["id", "audience_key", "user_id", "email"], found)
+    return rows_affected(conn.execute(stmt, execution_options=_COUNTED))
+
+
+def exiting_page(conn: Connection, after: int, limit: int) -> list[Any]:
+    """The members `find_exits` recorded (id > `after`, in id order)."""
+    x = EXITING.c
+    page = select(x.id, x.audience_key, x.user_id, x.email).where(x.id > after).order_by(x.id).limit(limit)
     return list(conn.execute(page).all())
 
 

@@ -235,15 +235,18 @@ class Events:
     ) -> tuple[Any, ...]:
         message = message_id(audience, user_id, email, self.snapshot_id)
         anonymous_id = None if user_id else f"{ANONYMOUS_PREFIX}{email}"
+        who = (
+            f"{USER_ID_FIELD}{STRING(user_id)}"
+            if user_id
+            else f"{ANONYMOUS_ID_FIELD}{STRING(anonymous_id or '')}"
+        )
         holes = {
             MESSAGE_ID: STRING(message),
             PROPERTIES: properties,
             KEY: STRING(audience),
             FLAG: flag,
             EMAIL: f"{EMAIL_FIELD}{STRING(email)}" if email else "",
-            WHO: f"{USER_ID_FIELD}{STRING(user_id)}"
-            if user_id
-            else f"{ANONYMOUS_ID_FIELD}{STRING(anonymous_id)}",
+            WHO: who,
         }
         payload = "".join(holes.get(part, part) for part in self._parts[name])
         return message, user_id, anonymous_id, email, payload

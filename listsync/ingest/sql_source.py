@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -103,10 +104,11 @@ def poll_sql(
             try:
                 snapshot.create(conn)
                 events = Events(now, counts.snapshot_id)
-                present, last = _load_snapshot(conn, source, query, events, chunk, counts)
+                present = _load_snapshot(
+                    conn, source, query, _Writer(conn, events, by_user_id), chunk, counts
+                )
                 ids = _audiences(conn, present)
                 snapshot.index_snapshot(conn, for_exits=bool(ids))
-                _emit_enters(conn, events, (chunk, last), counts, by_user_id, check_members=bool(ids))
                 _emit_exits(conn, sorted(ids.values()), events, chunk, counts, by_user_id)
                 counts.held = snapshot.held_audiences(conn, sorted(present), SQL_MESSAGE_PREFIX)
             finally:
@@ -133,47 +135,121 @@ def _bind_of(factory: sessionmaker[Session]) -> Engine:
 
 
 def _load_snapshot(
-    conn: Connection, source: Engine, query: str, events: Events, chunk: int, counts: SqlSyncCounts
-) -> tuple[dict[str, int], int]:
-    """Stream the query's rows, validated and normalised, into the snapshot table; returns the
-    audience keys they name, with the ids they had when the load began (0: none yet), and the
-    last seq."""
-    known = snapshot.audience_ids(conn)
-    present: dict[str, int] = {}
-    seq = 0
-    with source.connect() as src:
+    conn: Connection, source: Engine, query: str, writer: _Writer, chunk: int, counts: SqlSyncCounts
+) -> dict[str, int]:
+    """Stream the query's rows, validated and normalised, into the snapshot table, and the
+    events of those that enter into the inbox; returns the audience keys they name, with the ids
+    they had when the load began (a negative stand-in for an audience that did not exist).
+
+    The rows are read and checked here while `writer` stores the previous chunk on a thread of
+    its own: the database's work runs outside the GIL, so the two overlap."""
+    chunks = _Chunks(snapshot.audience_ids(conn))
+    with source.connect() as src, ThreadPoolExecutor(1, thread_name_prefix="sql-snapshot") as pool:
         result = src.execution_options(stream_results=True, yield_per=chunk).execute(text(query))
-        reader = RowReader(list(result.keys()), events)
+        reader = RowReader(list(result.keys()), writer.events)
+        pending: Future[tuple[int, int]] | None = None
         for partition in _partitions(result, chunk):
-            rows = []
-            for row in partition:
-                member = reader.member(row)
-                if isinstance(member, Rejection):
-                    _invalid(counts, member.reason)
-                    continue
-                key = member[0]
-                audience_id = present.get(key)
-                if audience_id is None:
-                    audience_id = present[key] = known.get(key, 0)
-                seq += 1
-                rows.append((seq, audience_id, *member))
-            counts.rows += len(partition)
-            with conn.begin():
-                snapshot.load(conn, snapshot.SNAPSHOT, rows)
-    return present, seq
+            ready = chunks.read(reader, partition, counts)
+            if pending is not None:
+                _add_enters(counts, *pending.result())
+            pending = pool.submit(writer.store, ready)
+        if pending is not None:
+            _add_enters(counts, *pending.result())
+    return chunks.present
+
+
+@dataclass
+class _Chunk:
+    """A chunk of valid rows as the snapshot takes them, with what first appeared in it: the
+    messageIds that are not the readable ones, the audiences (key -> id or stand-in); and
+    whether any of its rows is of an audience that has members."""
+
+    rows: list[tuple[str | int, ...]]
+    long_ids: list[tuple[str | int, ...]]
+    audiences: dict[str, int]
+    check_members: bool
+
+
+class _Chunks:
+    """Source rows -> _Chunk, over one poll."""
+
+    def __init__(self, known: Mapping[str, int]) -> None:
+        self.present: dict[str, int] = {}
+        self._known = known
+        self._long_ids: set[tuple[int, str, str]] = set()
+
+    def read(self, reader: RowReader, partition: Sequence[Any], counts: SqlSyncCounts) -> _Chunk:
+        chunk = _Chunk([], [], {}, check_members=False)
+        for row in partition:
+            member = reader.member(row)
+            if isinstance(member, Rejection):
+                _invalid(counts, member.reason)
+                continue
+            audience, user_id, email, properties, message_id = member
+            audience_id = self.present.get(audience)
+            if audience_id is None:
+                audience_id = self.present[audience] = self._known.get(audience) or -len(self.present) - 1
+                chunk.audiences[audience] = audience_id
+            chunk.check_members |= audience_id > 0
+            chunk.rows.append((audience_id, user_id, email, properties))
+            if message_id is not None and (audience_id, user_id, email) not in self._long_ids:
+                self._long_ids.add((audience_id, user_id, email))
+                chunk.long_ids.append((audience_id, user_id, email, message_id))
+        counts.rows += len(partition)
+        return chunk
+
+
+class _Writer:
+    """Stores each _Chunk in the snapshot, and the events of its rows that enter in the inbox,
+    built in SQL (`snapshot.store_entering`), in one transaction."""
+
+    def __init__(self, conn: Connection, events: Events, by_user_id: bool) -> None:
+        self.events = events
+        self._conn = conn
+        self._by_user_id = by_user_id
+        self._parts = event_parts(AUDIENCE_ENTERED, events.now)
+
+    def store(self, chunk: _Chunk) -> tuple[int, int]:
+        """Returns (rows that enter, events that were new)."""
+        conn = self._conn
+        with conn.begin():
+            snapshot.store_audiences(conn, chunk.audiences)
+            snapshot.load(conn, snapshot.LONG_IDS, chunk.long_ids)
+            after = snapshot.last_seq(conn)
+            snapshot.load(conn, snapshot.SNAPSHOT, chunk.rows, _SNAPSHOT_COLUMNS)
+            return snapshot.store_entering(
+                conn,
+                after,
+                self._parts,
+                check_members=chunk.check_members,
+                by_user_id=self._by_user_id,
+                snapshot_id=self.events.snapshot_id,
+                event=AUDIENCE_ENTERED,
+                source=SQL_SOURCE,
+                now=self.events.now,
+                rules=stored.RULES,
+            )
+
+
+_SNAPSHOT_COLUMNS = ("audience_id", "user_id", "email", "properties")
+
+
+def _add_enters(counts: SqlSyncCounts, entered: int, new: int) -> None:
+    counts.entered += entered
+    counts.events.add(IngestCounts(accepted=new, duplicates=entered - new))
 
 
 def _audiences(conn: Connection, present: Mapping[str, int]) -> dict[str, int]:
-    """The ids of the present audiences that exist now. Those created by another writer during
-    the load give their ids to their snapshot rows (loaded with 0)."""
-    new = [key for key, audience_id in present.items() if not audience_id]
-    if not new:
-        return dict(present)
-    now_known = snapshot.audience_ids(conn)
-    created = {key: now_known[key] for key in new if key in now_known}
-    with conn.begin():
-        snapshot.resolve_audiences(conn, created)
-    return {key: audience_id for key, audience_id in present.items() if audience_id} | created
+    """The ids of the present audiences that exist now. Those another writer created during the
+    load give their ids to their snapshot rows (loaded with a stand-in; they all entered)."""
+    created: dict[int, int] = {}
+    if any(audience_id < 0 for audience_id in present.values()):
+        now_known = snapshot.audience_ids(conn)
+        created = {present[key]: now_known[key] for key in present if present[key] < 0 and key in now_known}
+        with conn.begin():
+            snapshot.resolve_audiences(conn, created)
+    ids = {key: created.get(audience_id, audience_id) for key, audience_id in present.items()}
+    return {key: audience_id for key, audience_id in ids.items() if audience_id > 0}
 
 
 def _partitions(result: CursorResult[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -195,37 +271,6 @@ def _invalid(counts: SqlSyncCounts, reason: str) -> None:
         )
 
 
-def _emit_enters(
-    conn: Connection,
-    events: Events,
-    pages: tuple[int, int],
-    counts: SqlSyncCounts,
-    by_user_id: bool,
-    *,
-    check_members: bool,
-) -> None:
-    """The events of the snapshot rows whose member is not desired-in, built and stored in SQL,
-    a page of `pages[0]` rows (in seq order, up to the last, pages[1]) per transaction."""
-    parts = event_parts(AUDIENCE_ENTERED, events.now)
-    size, last = pages
-    for after in range(0, last, size):
-        with conn.begin():
-            entered, new = snapshot.store_entering(
-                conn,
-                (after, after + size),
-                parts,
-                check_members=check_members,
-                by_user_id=by_user_id,
-                snapshot_id=events.snapshot_id,
-                event=AUDIENCE_ENTERED,
-                source=SQL_SOURCE,
-                now=events.now,
-                rules=stored.RULES,
-            )
-        counts.entered += entered
-        counts.events.add(IngestCounts(accepted=new, duplicates=entered - new))
-
-
 def _emit_exits(
     conn: Connection,
     audiences: Sequence[int],
@@ -234,11 +279,15 @@ def _emit_exits(
     counts: SqlSyncCounts,
     by_user_id: bool,
 ) -> None:
-    """Desired-in members of audiences in the result that have no row in it (keyset on id)."""
+    """Desired-in members of audiences in the result that have no row in it: found in one pass,
+    then their events built and stored a page at a time (keyset on id)."""
+    with conn.begin():
+        if not snapshot.find_exits(conn, audiences, by_user_id):
+            return
     after = 0
     while True:
         with conn.begin():
-            rows = snapshot.exiting_page(conn, audiences, after, chunk, by_user_id)
+            rows = snapshot.exiting_page(conn, after, chunk)
             built = [events.exited(r.audience_key, r.user_id or None, r.email or None) for r in rows]
             new = snapshot.store_events(
                 conn, built, event=AUDIENCE_EXITED, source=SQL_SOURCE, now=events.now, rules=stored.RULES

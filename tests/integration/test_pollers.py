@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from listsync.config import Settings
 from listsync.db import models as m
 from listsync.db.session import make_engine, session_factory, transaction
-from listsync.ingest import accept, files, sql_source
+from listsync.ingest import accept, files, sql_rows, sql_source, stored
 from listsync.lists.apply import apply_inbox
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -367,3 +367,88 @@ def test_poll_sql_checks_each_row_once_and_stores_events_in_bulk(
     assert (again.entered, again.exited, again.invalid) == (0, 1, 4)
     assert (members(factory, "vip", "in"), members(factory, "vip", "out")) == (1, 1)
     db.close()
+
+
+def test_poll_sql_builds_in_sql_the_events_the_python_builder_builds(
+    factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """The enters are built in SQL from the snapshot (JSON quoting by the database), the exits in
+    Python: both give the same events, stored with the rules that accepted them, and a long
+    messageId is the digest the Python builder makes."""
+    settings = Settings()
+    now = clock()
+    warehouse = Warehouse(tmp_path / "warehouse.db")
+    rows = [
+        ('q"uo\\te', "u1", "a@example.com", 'pl"a\\n\tZoë 🎉\x01'),
+        ("vip", None, "  Only.Email@Example.COM ", None),
+        ("vip", "u2", None, ""),
+        ("vip", "u3", "x" * 250 + "@example.com", "long"),  # the readable messageId does not fit
+        ("vip", "u3", "x" * 250 + "@example.com", "long"),  # twice: one event, one duplicate
+    ]
+    warehouse.add(rows)
+    first = sql_source.poll_sql(factory, warehouse.url, QUERY, settings, now, chunk=2)
+    assert (first.entered, first.events.accepted, first.events.duplicates) == (5, 4, 1)
+    taken = datetime.strptime(first.snapshot_id, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=UTC)
+    events = sql_rows.Events(taken, first.snapshot_id)
+    reader = sql_rows.RowReader(["audience_key", "user_id", "email", "plan"], events)
+    expected = {}
+    for row in rows:
+        audience, user_id, email, properties, _ = reader.member(row)
+        built = events.entered(audience, user_id or None, email or None, properties)
+        expected[built[0]] = (*built[1:4], json.loads(built[-1]))
+    with factory() as session:
+        stored_rows = session.execute(select(m.InboxEvent)).scalars().all()
+        got = {e.message_id: (e.user_id, e.anonymous_id, e.email, e.payload) for e in stored_rows}
+        assert {e.rules for e in stored_rows} == {stored.RULES}
+    assert got == expected
+    assert any(len(key) == 4 + 64 for key in got)
+    apply_all(factory, settings)
+    assert members(factory, "vip", "in") == 3
+
+    warehouse.delete("user_id = 'u2'")
+    again = sql_source.poll_sql(factory, warehouse.url, QUERY, settings, now)
+    assert (again.entered, again.exited) == (0, 1)
+    exit_id = f"sql:vip:u2::{again.snapshot_id}"
+    with factory() as session:
+        exit_event = session.scalars(select(m.InboxEvent).where(m.InboxEvent.message_id == exit_id)).one()
+    assert exit_event.rules == stored.RULES
+    assert exit_event.payload["properties"] == {"audience_key": "vip", "vip": False}
+    warehouse.close()
+
+
+def test_poll_sql_an_audience_created_during_the_load_gets_its_id(
+    factory: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An audience another writer creates while the rows load: its rows enter (nothing was known
+    of it), and its members that have no row exit, as for an audience known from the start."""
+    settings = Settings()
+    now = clock()
+    warehouse = Warehouse(tmp_path / "warehouse.db")
+    warehouse.add([("vip", "u1", None, "pro")])
+    sql_source.poll_sql(factory, warehouse.url, QUERY, settings, now)
+    apply_all(factory, settings)
+    with transaction(factory) as session:  # the audience is gone, to be created again mid-poll
+        session.execute(text("DELETE FROM audiences"))
+    reading = sql_source._Chunks.read
+
+    def read_and_create(self: Any, *args: Any) -> Any:
+        chunk = reading(self, *args)
+        with transaction(factory) as session:
+            session.add(m.Audience(audience_key="vip"))
+            session.flush()
+            audience_id = session.scalar(select(m.Audience.id))
+            session.add(
+                m.Membership(
+                    audience_id=audience_id,
+                    user_id="gone",
+                    desired="in",
+                    desired_at=T0,
+                    desired_message_id="sql:vip:gone::x",
+                )
+            )
+        return chunk
+
+    monkeypatch.setattr(sql_source._Chunks, "read", read_and_create)
+    again = sql_source.poll_sql(factory, warehouse.url, QUERY, settings, now)
+    assert (again.entered, again.exited) == (1, 1)
+    warehouse.close()
