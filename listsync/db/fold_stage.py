@@ -231,6 +231,22 @@ def stage_deltas(session: Session, rows: Sequence[tuple[int, int, Any, dict[str,
     )
 
 
+def drop_idle_changes(session: Session) -> None:
+    """Staged email changes of users the fold cannot touch become `none`: no membership has their
+    userId and no delta of the batch names it, so the change moves nothing (`identity.email_change`
+    acts on the user's memberships only). Profile updates arrive by the thousand; each would
+    otherwise be read in Python and look its user up alone."""
+    session.execute(_DROP_IDLE_CHANGES)
+
+
+_DROP_IDLE_CHANGES = text("""
+UPDATE fold_stage SET kind = 'none'
+WHERE kind = 'change'
+  AND user_id NOT IN (SELECT user_id FROM fold_stage WHERE kind IN ('delta', 'event') AND user_id IS NOT NULL)
+  AND NOT EXISTS (SELECT 1 FROM memberships m WHERE m.user_id = fold_stage.user_id)
+""")
+
+
 def staged_kinds(session: Session) -> set[str]:
     return set(session.scalars(select(STAGE.c.kind).distinct()))
 

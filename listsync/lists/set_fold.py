@@ -29,6 +29,7 @@ def fold_staged_inbox(session: Session, settings: Settings, now: datetime) -> Re
     if "check" in fold_stage.staged_kinds(session):
         rows = inbox.events_by_id(session, fold_stage.positions(session))
         return rules_fold.fold_events(session, settings, [rows[i] for i in sorted(rows)], now)
+    fold_stage.drop_idle_changes(session)
     keys = fold_stage.delta_keys(session)
     if not is_postgres(session):
         fold_stage.to_python(session, [key for key in keys if not fast_fold.path_safe(key)])
