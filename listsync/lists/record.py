@@ -92,8 +92,8 @@ def record_success(
             session, request_id, record, now, answer.refused, common=(ItemOutcome.OK.value, None)
         )
         if subscribing:
-            done = outcomes.confirm_subscribed(session, request_id, confirmed, now)
-            exceptions = [i for i in batch.member_ids if i not in done]
+            matched = outcomes.confirm_subscribed(session, request_id, confirmed, now)
+            exceptions = [i for i in batch.member_ids if i not in matched]
         else:
             exceptions = [i for i, (outcome, _) in answer.refused.items() if outcome not in confirmed]
             outcomes.confirm_unsubscribed(session, request_id, confirmed, now)
