@@ -120,8 +120,8 @@ def insert_deliveries(session: Session, rows: Sequence[tuple[Any, ...]]) -> None
         return stored[value]
 
     marks = ", ".join("?" for _ in DELIVERY_COLUMNS)
-    values = [(*row[:-2], stamp(row[-2]), stamp(row[-1])) for row in rows]
-    session.connection().exec_driver_sql(_INSERT.format(names=names, values=f"VALUES ({marks})"), values)
+    stamped = [(*row[:-2], stamp(row[-2]), stamp(row[-1])) for row in rows]
+    session.connection().exec_driver_sql(_INSERT.format(names=names, values=f"VALUES ({marks})"), stamped)
 
 
 def mark_routed(session: Session, ids: Sequence[int], now: datetime) -> None:
