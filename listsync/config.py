@@ -117,6 +117,21 @@ class SqlSourceSettings(Section):
     query: str = ""
     interval_seconds: float = Field(300.0, gt=0)
 
+    @field_validator("url")
+    @classmethod
+    def _readable_url(cls, value: SecretStr) -> SecretStr:
+        """A password with a raw '@' makes the rest of it the host, which every failed poll would
+        then log; refused here, in words that do not repeat the URL."""
+        text = value.get_secret_value()
+        if text:
+            try:
+                host = make_url(text).host or ""
+            except ArgumentError:
+                raise ValueError("expected a SQLAlchemy URL such as postgresql+psycopg://user@host/db") from None
+            if "@" in host:
+                raise ValueError("the URL has more than one '@': write an '@' in the password as %40")
+        return value
+
 
 class SourcesSettings(Section):
     files: FileSourceSettings = Field(default_factory=FileSourceSettings)

@@ -17,11 +17,12 @@ from listsync.db.session import insert_for, rows_affected
 def try_lease(session: Session, name: str, owner: str, now: datetime, ttl: timedelta) -> bool:
     """Take or renew the named lease if it is free, expired or already ours. Works on both databases:
     a lost race shows up as a row owned by someone else, not as an error."""
+    # RETURNING, not the rowcount: PostgreSQL's driver reports -1 for this INSERT through the session.
     inserted = session.execute(
-        insert_for(session, m.table(m.Lease)).on_conflict_do_nothing(index_elements=["name"]),
+        insert_for(session, m.table(m.Lease)).on_conflict_do_nothing(index_elements=["name"]).returning(m.Lease.name),
         {"name": name, "owner": owner, "until": now + ttl},
     )
-    if rows_affected(inserted):
+    if inserted.first() is not None:
         return True
     taken = session.execute(
         update(m.Lease)

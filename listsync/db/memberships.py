@@ -99,11 +99,13 @@ def write_members(
     changed: Mapping[int, Member],
     now: datetime,
 ) -> None:
-    """Delete `removed`, insert `created` ((audience_id, member), in that order) and update
-    `changed` by id; a member whose attempts were reset is due at once."""
+    """Delete `removed`, update `changed` by id, then insert `created` ((audience_id, member), in
+    that order); a member whose attempts were reset is due at once. Updates go first: one may take
+    a row's identifiers away (an email-only member getting its userId) that a new member of the
+    same batch then has."""
     delete_members(session, removed)
-    insert_members(session, created, now)
     update_members(session, changed, now)
+    insert_members(session, created, now)
 
 
 def delete_members(session: Session, removed: Iterable[int]) -> None:

@@ -59,9 +59,15 @@ class BulkCalls:
         self._users[key].update(users)
 
     def _run(self, key: Key, items: list[dict[str, Any]]) -> BulkResult | None:
+        """Send one call unless the pass was halted; a call that raises (a refused key, Iterable
+        unreachable) halts the pass, so the calls queued behind it stay pending."""
         if self._halted.is_set():
             return None
-        return self._send(key, items)
+        try:
+            return self._send(key, items)
+        except BaseException:
+            self._halted.set()
+            raise
 
     def queued(self, key: Key) -> int:
         """Calls of `key` not read back yet (queued, on the wire, or answered)."""

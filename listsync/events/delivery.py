@@ -178,13 +178,18 @@ class _Sender:
 
     def _settle_all(self) -> None:
         """Record every call still on the wire, each on its own: one that raises (a refused key)
-        does not leave the others' answers unread. The first error is raised after recording."""
+        does not leave the others' answers unread, and what is queued behind it is not sent.
+        Each answer is recorded as it is read, with the lease renewed: once the lease is lost,
+        nothing more goes out. The first error is raised after recording."""
         errors: list[BaseException] = []
         for key in self.calls.busy_keys():
             while self.calls.queued(key):
                 try:
                     self._settle_next(key)
+                    if not errors:
+                        self._record()
                 except BaseException as exc:
+                    self.calls.halt()
                     errors.append(exc)
         self.calls.close()
         self._record()

@@ -125,13 +125,13 @@ def _flush(
     before: int,
 ) -> None:
     """Write the rules' fold of `pending`, and insert the batch's new members positioned in
-    (after, before), in batch order (the rules' deletes first, their updates after, as
-    `memberships.write_members` orders them)."""
+    (after, before), in batch order (deletes, updates, inserts, as `memberships.write_members`
+    orders them)."""
     known = rules_fold.fold_by_rules(session, pending, project_type)
     memberships.delete_members(session, known.removed)
+    memberships.update_members(session, known.changed(), now)
     fold_stage.stage_created(session, known.created())
     fold.insert_new(session, after, before, now)
-    memberships.update_members(session, known.changed(), now)
 
 
 def _record_settings(session: Session, now: datetime) -> None:

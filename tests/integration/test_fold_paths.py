@@ -105,6 +105,29 @@ def _rows(session: Session, audience_id: int) -> list[tuple[Any, ...]]:
     return [tuple(row) for row in session.execute(stmt.order_by(table.c.id))]
 
 
+@pytest.mark.parametrize("set_based", [False, True])
+def test_a_member_known_by_email_takes_its_user_id_while_another_enters_by_that_email(
+    factory: sessionmaker[Session], set_based: bool
+) -> None:
+    """userId project: the stored email-only member becomes u2's, and a later email-only delta of
+    the batch is a new member; the rename is written before the insert that reuses its old key."""
+    def member(user_id: str, email: str) -> Member:
+        return Member(user_id=user_id, email=email, desired=Desired.IN, desired_at=T0, desired_message_id="m0",
+                      data_fields=None, synced=None, synced_email=None, synced_user_id=None, state=MemberState.PENDING)
+
+    with transaction(factory) as session:
+        audience_id = audiences.ensure_audiences(session, ["k"], T0)["k"]
+        _store(session, audience_id, [(member("u0", "a@x.io"), False), (member("", "c@x.io"), False)])
+    batch = [("u0", "a@x.io"), ("u2", "c@x.io"), (None, "c@x.io")]
+    items = [(audience_id, MembershipDelta("k", user, email, Desired.IN, T0, "m1"), None) for user, email in batch]
+    with transaction(factory) as session:
+        apply.apply_deltas(session, items, ProjectType.USER_ID, T0 + timedelta(days=1), set_based=set_based)
+    with factory() as session:
+        table = m.table(m.Membership)
+        rows = session.execute(select(table.c.user_id, table.c.email).order_by(table.c.id)).all()
+    assert [tuple(row) for row in rows] == [("u0", "a@x.io"), ("u2", "c@x.io"), ("", "c@x.io")]
+
+
 def test_set_based_fold_equals_the_rules(factory: sessionmaker[Session]) -> None:
     taken = FoldCounts()
 

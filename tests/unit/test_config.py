@@ -82,3 +82,12 @@ def test_cli_bad_value_is_one_line_and_exit_2(tmp_path: Path) -> None:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "iterable.project_type" in lines[0]
     assert "s3cr3t-key" not in done.stderr
+
+
+def test_a_warehouse_password_with_a_raw_at_sign_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    """Else the password's tail becomes the host, which every failed poll would log."""
+    path = tmp_path / "bad.toml"
+    path.write_text('[sources.sql]\nurl = "postgresql+psycopg://reporter:hunter2@prod-secret@127.0.0.1:1/dw"\n')
+    with pytest.raises(ConfigError, match=r"sources\.sql\.url.*%40") as refused:
+        load_settings(path)
+    assert "hunter2" not in str(refused.value) and "prod-secret" not in str(refused.value)
