@@ -253,9 +253,13 @@ def store_entering(
     page = select(t.seq).where(t.seq > after)
     if check_members:
         member = m.table(m.Membership)
+        # `desired` is tested as an expression, which no index serves: as a plain equality, SQLite
+        # (without statistics) would probe ix_memberships_desired (audience, desired) and read the
+        # whole audience for every row the exact pair misses, instead of the identity indexes.
+        wanted_in = case((member.c.desired == Desired.IN, 1), else_=0) == 1
         page = page.where(
             *(
-                ~exists().where(member.c.audience_id == t.audience_id, member.c.desired == Desired.IN, rule)
+                ~exists().where(member.c.audience_id == t.audience_id, wanted_in, rule)
                 for rule in _same_member_rules(t, member, by_user_id)
             )
         )
