@@ -37,6 +37,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.sql import Select
 
 from listsync.db import models as m
 from listsync.db import sql_events
@@ -231,6 +232,25 @@ def store_audiences(conn: Connection, ids: Mapping[str, int]) -> None:
     load(conn, AUDIENCES, [(audience_id, key) for key, audience_id in ids.items()])
 
 
+def entering_rows(after: int, *, check_members: bool, by_user_id: bool) -> Select[tuple[int]]:
+    """The seqs of the snapshot rows after `after` whose member is not desired-in."""
+    t = SNAPSHOT.c
+    page = select(t.seq).where(t.seq > after)
+    if check_members:
+        member = m.table(m.Membership)
+        # `desired` is tested as an expression, which no index serves: as a plain equality, SQLite
+        # (without statistics) would probe ix_memberships_desired (audience, desired) and read the
+        # whole audience for every row the exact pair misses, instead of the identity indexes.
+        wanted_in = case((member.c.desired == Desired.IN, 1), else_=0) == 1
+        page = page.where(
+            *(
+                ~exists().where(member.c.audience_id == t.audience_id, wanted_in, rule)
+                for rule in _same_member_rules(t, member, by_user_id)
+            )
+        )
+    return page
+
+
 def store_entering(
     conn: Connection,
     after: int,
@@ -250,19 +270,7 @@ def store_entering(
     `check_members` False: no row's audience has members (every row enters). The caller holds
     the transaction."""
     t = SNAPSHOT.c
-    page = select(t.seq).where(t.seq > after)
-    if check_members:
-        member = m.table(m.Membership)
-        # `desired` is tested as an expression, which no index serves: as a plain equality, SQLite
-        # (without statistics) would probe ix_memberships_desired (audience, desired) and read the
-        # whole audience for every row the exact pair misses, instead of the identity indexes.
-        wanted_in = case((member.c.desired == Desired.IN, 1), else_=0) == 1
-        page = page.where(
-            *(
-                ~exists().where(member.c.audience_id == t.audience_id, wanted_in, rule)
-                for rule in _same_member_rules(t, member, by_user_id)
-            )
-        )
+    page = entering_rows(after, check_members=check_members, by_user_id=by_user_id)
     entered = rows_affected(
         conn.execute(ENTERING.insert().from_select(["seq"], page), execution_options=_COUNTED)
     )

@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from listsync.config import Settings
 from listsync.db import models as m
-from listsync.db.session import make_engine, session_factory, transaction
+from listsync.db import snapshot
+from listsync.db.session import make_engine, session_factory, transaction, upgrade
 from listsync.ingest import accept, files, sql_rows, sql_source, stored
 from listsync.lists.apply import apply_inbox
 
@@ -452,3 +453,21 @@ def test_poll_sql_an_audience_created_during_the_load_gets_its_id(
     again = sql_source.poll_sql(factory, warehouse.url, QUERY, settings, now)
     assert (again.entered, again.exited) == (1, 1)
     warehouse.close()
+
+
+@pytest.mark.parametrize("by_user_id", [True, False])
+def test_the_re_poll_checks_members_through_their_identity_indexes(tmp_path: Path, by_user_id: bool) -> None:
+    """SQLite's plan of the re-poll's member checks: each probes memberships by its identifiers,
+    never by (audience, desired) alone, which would read the whole audience for every changed row
+    (a 1,000,000-row re-poll then did not finish)."""
+    url = f"sqlite:///{tmp_path / 'plan.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        snapshot.create(conn)
+        page = snapshot.entering_rows(0, check_members=True, by_user_id=by_user_id)
+        sql = str(page.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+        plan = [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
+    engine.dispose()
+    probes = [step for step in plan if "memberships" in step]
+    assert probes and all("user_id=?" in step or "email=?" in step for step in probes), plan
