@@ -147,8 +147,15 @@ def _stored_revision(database_url: str) -> str | None:
 
 
 def rows_affected(result: Result[Any]) -> int:
-    """Rows an INSERT, UPDATE or DELETE touched (the rowcount of the cursor result it returns)."""
-    return int(cast(CursorResult[Any], result).rowcount or 0)
+    """Rows an INSERT, UPDATE or DELETE touched (the rowcount of the cursor result it returns).
+
+    An unknown count raises: SQLAlchemy reports -1 for an `insert()` run through a session unless it
+    is executed with `preserve_rowcount`, and a -1 read as "some rows" once let every replica take
+    the same lease. Count such inserts with RETURNING or that option."""
+    count = cast(CursorResult[Any], result).rowcount
+    if count is None or count < 0:
+        raise RuntimeError("the database driver did not report how many rows the statement touched")
+    return int(count)
 
 
 def refused_by_data(exc: BaseException) -> bool:
