@@ -194,6 +194,7 @@ def test_a_request_run_again_alone_is_counted_once(factory: sessionmaker[Session
         if committer.queued() >= 2:
             break
         threading.Event().wait(0.01)
+    assert committer.queued() >= 2, "the requests never queued behind the blocker"
     release.set()
     for thread in threads:
         thread.join(60)
