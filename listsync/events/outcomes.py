@@ -8,7 +8,7 @@ changed before sending (an explicit newEmail), a failure and a retry each carry 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -58,6 +58,16 @@ class Outcomes:
         if row.user_id and row.email:
             self.known_emails[row.user_id] = row.email
         self.report.delivered += 1
+
+    def all_delivered(self, rows: Sequence[PendingDelivery]) -> None:
+        """`delivered` for each of `rows` (a bulk call whose answer refused none of them)."""
+        if self.renamed and not self.renamed.isdisjoint(row.id for row in rows):
+            for row in rows:
+                self.delivered(row)
+            return
+        self.delivered_ids.extend(row.id for row in rows)
+        self.known_emails.update((row.user_id, row.email) for row in rows if row.user_id and row.email)
+        self.report.delivered += len(rows)
 
     def fail(self, row: PendingDelivery, reason: str) -> None:
         now = self.clock()
