@@ -67,6 +67,21 @@ def dumps_bytes(value: Any) -> bytes | None:
         return None
 
 
+def finite_dumps(value: Any) -> str:
+    """JSON text that `json.loads` reads back as `value`, refusing what `json.dumps(value,
+    allow_nan=False)` refuses (ValueError for NaN or Infinity, TypeError for what JSON has no
+    type for). orjson writes non-finite floats as null, so text with a null in it, and whatever
+    orjson will not encode, is encoded again by the stdlib, which raises or gives its own text."""
+    if orjson is not None:
+        try:
+            fast = orjson.dumps(value)
+        except TypeError:  # a lone surrogate, an integer beyond 64 bits, depth, a non-JSON type
+            fast = None
+        if fast is not None and b"null" not in fast:
+            return fast.decode("utf-8")
+    return json.dumps(value, allow_nan=False)
+
+
 def _stdlib_dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
 

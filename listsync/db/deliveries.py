@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from listsync.db import models as m
 from listsync.db.inbox import stamp_for
-from listsync.db.session import is_postgres, key_filters
+from listsync.db.session import chunks, is_postgres, key_filters
 from listsync.domain import PendingDelivery
 from listsync.json_text import fast_loads, has_long_digits
 
@@ -125,9 +125,21 @@ def insert_deliveries(session: Session, rows: Sequence[tuple[Any, ...]]) -> None
 
 
 def mark_routed(session: Session, ids: Sequence[int], now: datetime) -> None:
+    if not is_postgres(session):
+        _update_ids(session, "inbox", "routed_at = ?", (stamp_for(False)(now),), ids)
+        return
     inbox = m.table(m.InboxEvent)
     for keys in key_filters(session, inbox.c.id, ids):
         session.execute(update(inbox).where(keys).values(routed_at=now))
+
+
+def _update_ids(session: Session, table: str, assignments: str, values: tuple[Any, ...], ids: Sequence[int]) -> None:
+    """SQLite: UPDATE `table` SET `assignments` (qmark parameters: `values`) where the id is one of
+    `ids`, written into the statement as integer literals, KEY_CHUNK a statement: compiling
+    SQLAlchemy's expanding IN list cost more than the update itself."""
+    for chunk in chunks(ids):
+        listed = ",".join(str(int(key)) for key in chunk)
+        session.connection().exec_driver_sql(f"UPDATE {table} SET {assignments} WHERE id IN ({listed})", values)
 
 
 _PENDING_PAGE = (
@@ -179,6 +191,11 @@ def count_pending(session: Session) -> int:
 
 def mark_delivered(session: Session, ids: Sequence[int], now: datetime) -> None:
     """Delivered as stored: attempts and email stay, the error and the retry time are cleared."""
+    if not is_postgres(session):
+        stamp = stamp_for(False)(now)
+        assignments = "state = ?, delivered_at = ?, updated_at = ?, next_attempt_at = NULL, last_error = NULL"
+        _update_ids(session, "event_deliveries", assignments, (m.DeliveryState.DELIVERED.value, stamp, stamp), ids)
+        return
     d = m.table(m.EventDelivery)
     for keys in key_filters(session, d.c.id, ids):
         session.execute(

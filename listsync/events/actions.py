@@ -23,7 +23,6 @@ Decisions beyond Segment's Iterable (Actions) destination (reference §2):
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -33,6 +32,7 @@ from typing import Any
 from listsync.domain import ActionKind, ProjectType
 from listsync.events.mapping import ActionMapping
 from listsync.iterable.dates import convert_dates, unix_seconds
+from listsync.json_text import finite_dumps
 
 MAX_EVENT_ID_BYTES = 512
 ENDPOINTS = {
@@ -358,7 +358,7 @@ def _check_sendable(request: Request) -> Request:
     """What the body builder produced can go on the wire: JSON without non-finite numbers, an id
     the ledger can hold. The request comes back with the JSON text, so routing stores it as is."""
     try:
-        text = json.dumps(request.body, allow_nan=False)
+        text = finite_dumps(request.body)
     except ValueError:
         raise _Invalid("invalid_field: a number in the request is not finite (JSON cannot carry it)") from None
     if request.iterable_id is not None and len(request.iterable_id) > MAX_ITERABLE_ID_LENGTH:

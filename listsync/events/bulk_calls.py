@@ -43,8 +43,9 @@ class Call:
 
 
 class BulkCalls:
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, *, stopped: Callable[[], bool] = lambda: False) -> None:
         self._send = send
+        self._stopped = stopped
         self._halted = threading.Event()
         self._pools: dict[Key, ThreadPoolExecutor] = {}
         self._calls: dict[Key, deque[Call]] = defaultdict(deque)
@@ -59,9 +60,10 @@ class BulkCalls:
         self._users[key].update(users)
 
     def _run(self, key: Key, items: list[dict[str, Any]]) -> BulkResult | None:
-        """Send one call unless the pass was halted; a call that raises (a refused key, Iterable
-        unreachable) halts the pass, so the calls queued behind it stay pending."""
-        if self._halted.is_set():
+        """Send one call unless the pass was halted or must stop (`stopped`: a graceful stop of
+        the daemon); a call that raises (a refused key, Iterable unreachable) halts the pass, so
+        the calls queued behind it stay pending."""
+        if self._halted.is_set() or self._stopped():
             return None
         try:
             return self._send(key, items)

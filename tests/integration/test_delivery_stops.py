@@ -9,7 +9,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from listsync import sync
 from listsync.db import models as m
@@ -64,3 +64,41 @@ def test_a_lost_lease_sends_none_of_the_calls_queued(database_url: str) -> None:
     # At most the call already on the wire, and the one its worker started as it was answered.
     assert sent - taken_after[0] <= 2 and sent < 11
     assert report.delivered == 1000 * (sent - 1) or report.delivered == 1000 * sent
+
+
+def test_a_graceful_stop_sends_none_of_the_calls_queued_and_the_next_run_sends_them(database_url: str) -> None:
+    emulator = IterableEmulator(project_type="hybrid", api_keys=API_KEY)
+    emulator.disable_rate_limits()
+    stopping = threading.Event()
+    stopped_after: list[int] = []
+    with EmulatorServer(emulator, latency_seconds=1.0) as server, \
+            sync_context(make_settings(database_url, server.url)) as ctx:  # fmt: skip
+        ingest(ctx, clicks(5500))  # six trackBulk calls, queued as routing goes on
+        ctx.should_stop = stopping.is_set
+
+        def sigterm() -> None:  # once every event is routed: the calls are queued behind the first
+            while _deliveries(ctx) < 5500:
+                time.sleep(0.02)
+            stopping.set()
+            stopped_after.append(len(emulator.requests_to("events/trackBulk")))
+
+        daemon = threading.Thread(target=sigterm)
+        daemon.start()
+        first = delivery.deliver_pending(ctx)
+        daemon.join(60)
+        sent = len(emulator.requests_to("events/trackBulk"))
+        # At most the call on the wire as the stop came.
+        assert sent - stopped_after[0] <= 1 and sent < 6
+        # What was routed and not sent stays pending; the rest of the inbox is routed next time.
+        assert first.delivered == 1000 * sent and first.retrying == first.routed - first.delivered
+
+        ctx.should_stop = lambda: False
+        second = delivery.deliver_pending(ctx)
+    assert second.delivered == 5500 - first.delivered and second.retrying == 0
+    tracked = [event["id"] for request in emulator.requests_to("events/trackBulk") for event in request.body["events"]]
+    assert sorted(tracked) == sorted(f"t{u}" for u in range(5500))  # each event sent once, none lost
+
+
+def _deliveries(ctx: Any) -> int:
+    with transaction(ctx.factory) as session:
+        return int(session.scalar(select(func.count()).select_from(m.EventDelivery)) or 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -251,3 +252,19 @@ def test_update_only_is_a_field_of_batched_upsert_user() -> None:
 def test_long_event_ids_are_replaced_by_a_derived_one() -> None:
     built = _build("Track Calls", {"type": "track", "event": "E", "userId": "u", "messageId": "x" * 600})
     assert isinstance(built, Request) and built.body["id"] == actions.derived_id("x" * 600, "Track Calls")
+
+
+@pytest.mark.parametrize(
+    ("value", "sendable"),
+    [(1.5, True), (None, True), ("nullable", True), (2**70, True), ("\ud800", True),
+     (float("nan"), False), (float("inf"), False), (-float("inf"), False)],  # fmt: skip
+)
+def test_a_body_is_stored_as_json_that_reads_back_as_it_and_non_finite_numbers_fail_the_event(
+    value: Any, sendable: bool
+) -> None:
+    built = _build("Track Calls", {"type": "track", "event": "E", "userId": "u", "properties": {"v": value}})
+    if not sendable:
+        assert built == Skip("invalid_field: a number in the request is not finite (JSON cannot carry it)", failed=True)
+        return
+    assert isinstance(built, Request) and built.body_json is not None
+    assert json.loads(built.body_json) == built.body and built.body["dataFields"]["v"] == value
