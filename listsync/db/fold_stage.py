@@ -26,7 +26,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cache
 from typing import Any
 
 from sqlalchemy import (
@@ -39,22 +38,21 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
-    TextClause,
     bindparam,
     delete,
     select,
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.schema import CreateIndex, CreateTable
 
+from listsync.db import fold_reads
 from listsync.db.models import BigId, UTCDateTime
 from listsync.db.session import is_postgres, rows_affected
 from listsync.domain import Member
-from listsync.json_text import dumps as json_text
 
 # Not part of the schema (no migration, no model): a connection's own scratch table.
 _META = MetaData()
@@ -102,7 +100,7 @@ def stage_inbox(session: Session, limit: int, rules: str) -> int:
     open_stage(session)
     params = {"limit": limit, "rules": rules}
     if is_postgres(session):
-        staged = rows_affected(session.execute(_STAGE_PG, params))
+        staged = rows_affected(session.execute(fold_reads.STAGE_PG, params))
         # Autovacuum never analyzes a temporary table: without statistics the planner guesses its
         # size and may join it to memberships and the inbox by scanning them whole.
         session.execute(text("ANALYZE fold_stage"))
@@ -111,7 +109,7 @@ def stage_inbox(session: Session, limit: int, rules: str) -> int:
         return staged
     try:
         with session.begin_nested():
-            return rows_affected(session.execute(_STAGE_SQLITE, params))
+            return rows_affected(session.execute(fold_reads.STAGE_SQLITE, params))
     except DBAPIError as exc:
         if "JSON" not in str(exc.orig):
             raise
@@ -122,97 +120,6 @@ def stage_inbox(session: Session, limit: int, rules: str) -> int:
 _STAGE_CHECK = text(
     "INSERT INTO fold_stage (pos, kind) SELECT id, 'check' FROM inbox WHERE applied_at IS NULL ORDER BY id LIMIT :limit"
 )
-
-
-def _quoted_flags(*desired: str) -> str:
-    """The flags spelled as JSON strings that `audience` reads as booleans, as SQL literals."""
-    return ", ".join(f"'\"{flag}\"'" for d in desired for flag in _STRING_FLAGS[d])
-
-
-_INSERT = "INSERT INTO fold_stage (pos, kind, audience_key, user_id, email, desired, ts, msg, has_settings)\n"
-_SETTING_NAMES = ("updateExistingUsersOnly", "globalUnsubscribe", "channelUnsubscribe", "campaignId")
-_STRING_FLAGS = {"in": ("true", "True", "TRUE"), "out": ("false", "False", "FALSE")}
-
-# SQLite parses the whole payload on every JSON call, so each row gets two: one json_extract of the
-# three fixed paths (one small JSON array), then the flag under the key read from it. Each level is
-# a subquery with a LIMIT, which SQLite neither flattens into the next nor materializes: it runs it
-# as a co-routine, each column computed once however often the next level uses it. The payloads are
-# standard JSON of bounded depth (written by json_text.dumps from events these rules accepted); a
-# key that a JSON path cannot quote is left to Python (`fold_stage.to_python`, `fast_fold.path_safe`).
-_STAGE_SQLITE = text(f"""
-{_INSERT}SELECT id,
-  CASE WHEN kind0 <> 'audience' THEN kind0
-       WHEN k IS NULL THEN 'none'
-       WHEN substr(flag, 1, 1) = '"' AND flag NOT IN ({_quoted_flags("in", "out")}) THEN 'event'
-       ELSE 'delta' END,
-  k, NULLIF(user_id, ''), NULLIF(email, ''),
-  CASE WHEN flag IN ('true', {_quoted_flags("in")}) THEN 'in'
-       WHEN flag IN ('false', {_quoted_flags("out")}) THEN 'out'
-       WHEN type = 'track' THEN CASE WHEN event = 'Audience Entered' THEN 'in' ELSE 'out' END
-       ELSE 'unknown' END,
-  timestamp, message_id, has_settings
-FROM (
-  SELECT b.*, CASE WHEN k IS NOT NULL THEN i.payload ->
-      (CASE WHEN b.type = 'track' THEN '$.properties."' ELSE '$.traits."' END || k || '"') END AS flag
-  FROM (
-    SELECT id, type, event, user_id, email, timestamp, message_id, kind0,
-      COALESCE(CASE WHEN type = 'track' AND json_type(found, '$[0]') = 'text' THEN NULLIF(found ->> '$[0]', '') END,
-               CASE WHEN json_type(found, '$[1]') = 'text' THEN NULLIF(found ->> '$[1]', '') END) AS k,
-      CASE WHEN substr(found, -6) <> ',null]' AND json_type(found, '$[2]') = 'object' THEN {" OR ".join(
-          f"COALESCE(json_type(found, '$[2].{name}'), 'null') <> 'null'" for name in _SETTING_NAMES)}
-           ELSE 0 END AS has_settings
-    FROM (
-      SELECT id, type, event, user_id, email, timestamp, message_id,
-        CASE WHEN rules IS NOT :rules THEN 'check'
-             WHEN NOT is_audience THEN
-               CASE WHEN type = 'identify' AND user_id IS NOT NULL AND email IS NOT NULL THEN 'change' ELSE 'none' END
-             ELSE 'audience' END AS kind0,
-        CASE WHEN rules IS :rules AND is_audience THEN json_extract(payload, '$.properties.audience_key',
-             '$.context.personas.computation_key', '$.context.personas.audience_settings') END AS found
-      FROM inbox WHERE applied_at IS NULL ORDER BY id LIMIT :limit
-    ) LIMIT :limit
-  ) b JOIN inbox i ON i.id = b.id LIMIT :limit
-) LIMIT :limit
-""")
-
-_STAGE_PG = text(f"""
-{_INSERT}WITH batch AS MATERIALIZED (
-  SELECT id, type, event, user_id, email, timestamp, message_id, payload, rules,
-         CASE WHEN type = 'track' THEN payload -> 'properties' ELSE payload -> 'traits' END AS src,
-         CASE WHEN rules IS DISTINCT FROM :rules THEN 'check'
-              WHEN NOT is_audience THEN
-                CASE WHEN type = 'identify' AND user_id IS NOT NULL AND email IS NOT NULL
-                     THEN 'change' ELSE 'none' END
-              ELSE 'audience' END AS kind0
-  FROM inbox WHERE applied_at IS NULL ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED
-), keyed AS MATERIALIZED (
-  SELECT b.*, CASE WHEN kind0 = 'audience' THEN COALESCE(
-      CASE WHEN type = 'track' AND jsonb_typeof(payload -> 'properties' -> 'audience_key') = 'string'
-           THEN NULLIF(payload -> 'properties' ->> 'audience_key', '') END,
-      CASE WHEN jsonb_typeof(payload -> 'context' -> 'personas' -> 'computation_key') = 'string'
-           THEN NULLIF(payload -> 'context' -> 'personas' ->> 'computation_key', '') END) END AS k
-  FROM batch b
-), flagged AS MATERIALIZED (
-  SELECT k.*, jsonb_typeof(src -> k) AS flag_type, src -> k #>> '{{}}' AS flag,
-    COALESCE(k IS NOT NULL AND jsonb_typeof(payload -> 'context' -> 'personas' -> 'audience_settings') = 'object'
-      AND EXISTS (SELECT 1 FROM jsonb_each(payload -> 'context' -> 'personas' -> 'audience_settings') s
-                  WHERE s.key IN ('updateExistingUsersOnly', 'globalUnsubscribe', 'channelUnsubscribe', 'campaignId')
-                    AND jsonb_typeof(s.value) <> 'null'), false) AS has_settings
-  FROM keyed k
-)
-SELECT id,
-  CASE WHEN kind0 <> 'audience' THEN kind0
-       WHEN k IS NULL THEN 'none'
-       WHEN flag_type = 'string' AND flag NOT IN ('true', 'false', 'True', 'False', 'TRUE', 'FALSE') THEN 'event'
-       ELSE 'delta' END,
-  k, NULLIF(user_id, ''), NULLIF(email, ''),
-  CASE WHEN flag_type IN ('boolean', 'string') AND lower(flag) = 'true' THEN 'in'
-       WHEN flag_type IN ('boolean', 'string') AND lower(flag) = 'false' THEN 'out'
-       WHEN type = 'track' THEN CASE WHEN event = 'Audience Entered' THEN 'in' ELSE 'out' END
-       ELSE 'unknown' END,
-  timestamp, message_id, has_settings
-FROM flagged ORDER BY id
-""")
 
 
 def stage_deltas(session: Session, rows: Sequence[tuple[int, int, Any, dict[str, Any] | None]]) -> None:
@@ -284,51 +191,11 @@ def select_data_fields(session: Session, names: Sequence[str], keys: Sequence[st
     `planner.select_data_fields` of the event's own traits/properties over context.traits, the
     flag (and a track's audience_key) left out; NULL when none is there."""
     if is_postgres(session):
-        session.execute(_FIELDS_PG, {"names": list(names), "keys": list(keys)})
+        session.execute(fold_reads.FIELDS_PG, {"names": list(names), "keys": list(keys)})
     else:
-        session.execute(_fields_sqlite(len(keys)), {"names": _json_list(names), **_key_params(keys)})
-
-
-_FIELDS_PG = text("""
-UPDATE fold_stage s SET data_fields = (
-  SELECT jsonb_object_agg(n, CASE WHEN jsonb_typeof(j.src) = 'object' AND j.src ? n THEN j.src -> n
-                                  ELSE j.ctx -> n END)
-  FROM inbox i
-  CROSS JOIN LATERAL (SELECT
-      CASE WHEN i.type = 'track' THEN i.payload -> 'properties' ELSE i.payload -> 'traits' END AS src,
-      CASE WHEN jsonb_typeof(i.payload -> 'context' -> 'traits') = 'object'
-           THEN i.payload -> 'context' -> 'traits' END AS ctx) j
-  CROSS JOIN unnest(CAST(:names AS text[])) AS n
-  WHERE i.id = s.pos AND n <> s.audience_key AND NOT (i.type = 'track' AND n = 'audience_key')
-    AND ((jsonb_typeof(j.src) = 'object' AND j.src ? n) OR (j.ctx IS NOT NULL AND j.ctx ? n)))
-WHERE s.kind = 'delta' AND s.audience_key = ANY(CAST(:keys AS text[]))
-""").bindparams(bindparam("names", type_=ARRAY(Text)), bindparam("keys", type_=ARRAY(Text)))
-
-
-@cache
-def _fields_sqlite(keys: int) -> TextClause:
-    src = "CASE WHEN i.type = 'track' THEN '$.properties' ELSE '$.traits' END"
-    own = f"({src} || '.\"' || n.value || '\"')"
-    ctx = "('$.context.traits.\"' || n.value || '\"')"
-    in_keys = ", ".join(f":k{i}" for i in range(keys))
-    return text(f"""
-UPDATE fold_stage SET data_fields = (
-  SELECT NULLIF(json_group_object(n.value, CASE WHEN json_type(i.payload, {own}) IS NOT NULL
-                                                THEN i.payload -> {own} ELSE i.payload -> {ctx} END), '{{}}')
-  FROM inbox i, json_each(:names) n
-  WHERE i.id = fold_stage.pos AND n.value <> fold_stage.audience_key
-    AND NOT (i.type = 'track' AND n.value = 'audience_key')
-    AND (json_type(i.payload, {own}) IS NOT NULL OR json_type(i.payload, {ctx}) IS NOT NULL))
-WHERE kind = 'delta' AND audience_key IN ({in_keys})
-""")
-
-
-def _json_list(names: Sequence[str]) -> str:
-    return json_text(list(names))
-
-
-def _key_params(keys: Sequence[str]) -> dict[str, str]:
-    return {f"k{i}": key for i, key in enumerate(keys)}
+        session.execute(
+            fold_reads.fields_sqlite(len(keys)), {"names": fold_reads.json_list(names), **fold_reads.key_params(keys)}
+        )
 
 
 @dataclass(frozen=True)

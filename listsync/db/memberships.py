@@ -7,7 +7,7 @@ decided in `listsync.lists`, not here.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -178,28 +178,40 @@ def due(now: datetime) -> Any:
     return or_(m.Membership.next_attempt_at.is_(None), m.Membership.next_attempt_at <= now)
 
 
-def guard_counts(session: Session, audience_id: int, now: datetime) -> tuple[int, int]:
+def guard_counts(
+    session: Session, audience_id: int, now: datetime, enough: Callable[[int], int | None] | None = None
+) -> tuple[int, int]:
     """(pending unsubscribes due now, members Iterable has as subscribed), from indexes: the
     pending rows (ix_memberships_pending), and the subscribed ones as the settled rows (the
     members wanted in, ix_memberships_desired, less the unsettled ones wanted in) plus the
     unsettled ones in the list (the partial ix_memberships_status). No row of the table is read
-    but the pending ones, however large the audience."""
+    but the pending ones, however large the audience.
+
+    `enough(unsubscribes)`: a count of subscribed members the caller needs no more than (None:
+    the exact count); the members wanted in are then counted only up to it, so a run with a few
+    thousand exits reads a few thousand entries of ix_memberships_desired, not the audience's.
+    The second figure is exact below that count and at least that count otherwise."""
     ms = m.table(m.Membership)
     audience = ms.c.audience_id == audience_id
     unsettled = text(m.UNSETTLED)
 
-    def count(*where: Any) -> Any:
-        return select(func.count()).select_from(select(ms.c.id).where(audience, *where).subquery())
+    def count(*where: Any, limit: int | None = None) -> Any:
+        return select(func.count()).select_from(select(ms.c.id).where(audience, *where).limit(limit).subquery())
 
     row = session.execute(
         select(
             count(ms.c.state == MemberState.PENDING, ms.c.desired != Desired.IN, due(now)).scalar_subquery(),
-            count(ms.c.desired == Desired.IN).scalar_subquery(),
             count(unsettled, ms.c.desired == Desired.IN).scalar_subquery(),
             count(unsettled, ms.c.synced == Synced.IN).scalar_subquery(),
         )
     ).one()
-    unsubscribes, wanted_in, unsettled_in, unsettled_listed = (int(v or 0) for v in row)
+    unsubscribes, unsettled_in, unsettled_listed = (int(v or 0) for v in row)
+    needed = enough(unsubscribes) if enough is not None else None
+    # synced = wanted_in - unsettled_in + unsettled_listed reaches `needed` once wanted_in reaches cap
+    cap = None if needed is None else needed + unsettled_in - unsettled_listed
+    wanted_in = 0
+    if cap is None or cap > 0:
+        wanted_in = int(session.scalar(count(ms.c.desired == Desired.IN, limit=cap)) or 0)
     return unsubscribes, wanted_in - unsettled_in + unsettled_listed
 
 

@@ -43,8 +43,11 @@ from listsync.domain import MembershipDelta
 
 FoldItem = tuple[int, MembershipDelta, dict[str, Any] | None]  # (audience_id, delta, data fields)
 
-# What a quoted label of an SQLite JSON path can hold (the staged SQL builds paths from names).
-_PATH_SAFE = re.compile(r"[A-Za-z0-9_ .:-]+")
+# What a quoted label of an SQLite JSON path can hold (the staged SQL builds paths from names):
+# SQLite reads the label up to the next '"' and compares it with the key as the stored JSON text
+# spells it, so anything that text spells as itself: all but '"', '\\' and the control characters,
+# which the JSON encoders escape (and lone surrogates, which no UTF-8 text holds).
+_PATH_SAFE = re.compile(r'[^"\\\x00-\x1f\ud800-\udfff]+')
 
 
 @dataclass

@@ -8,6 +8,7 @@ the identifier the project type needs), and whether the mass-unsubscribe guard h
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,18 @@ def guard_hold_reason(unsubscribes: int, synced_members: int, limits: GuardLimit
         f"sync.max_unsubscribe_fraction = {limits.max_unsubscribe_fraction}; "
         "run `listsync sync --allow-mass-unsubscribe` to release"
     )
+
+
+def guard_enough(unsubscribes: int, limits: GuardLimits) -> int | None:
+    """How many synced members are enough to know the guard holds nothing (`guard_hold_reason`
+    is None from that count up), so a run need not count a large audience to the end; None when
+    only the exact count will do. No unsubscribe: none are needed."""
+    if unsubscribes == 0:
+        return 0
+    if limits.max_unsubscribe_fraction <= 0:
+        return None
+    # unsubscribes <= fraction * synced from here up (one more absorbs the division's rounding)
+    return max(limits.min_list_size, math.ceil(unsubscribes / limits.max_unsubscribe_fraction) + 1)
 
 
 def select_data_fields(traits: Mapping[str, Any] | None, names: Sequence[str]) -> dict[str, Any] | None:

@@ -30,8 +30,13 @@ def effective_settings(settings: Settings, audience: m.Audience) -> AudienceSett
 def held(ctx: SyncContext, audience: m.Audience, options: RunOptions, report: RunReport) -> bool:
     sync = ctx.settings.sync
     limits = planner.GuardLimits(sync.max_unsubscribe_fraction, sync.guard_min_list_size)
+
+    def enough(unsubscribes: int) -> int | None:
+        """The synced members worth counting (none when the run may unsubscribe any share)."""
+        return 0 if options.allow_mass_unsubscribe else planner.guard_enough(unsubscribes, limits)
+
     with transaction(ctx.factory) as session:
-        unsubscribes, synced = memberships.guard_counts(session, audience.id, ctx.clock())
+        unsubscribes, synced = memberships.guard_counts(session, audience.id, ctx.clock(), enough)
         reason = (
             None
             if options.allow_mass_unsubscribe

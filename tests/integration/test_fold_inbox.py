@@ -25,16 +25,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from listsync.config import Settings
 from listsync.db import fold_stage, inbox
 from listsync.db import models as m
-from listsync.db.session import make_engine, session_factory, transaction
+from listsync.db.session import is_postgres, make_engine, session_factory, transaction
 from listsync.domain import InboundEvent, ProjectType
 from listsync.ingest import accept, audience, extract, stored
-from listsync.lists import apply, rules_fold
+from listsync.lists import apply, fast_fold, rules_fold
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 NOW = T0 + timedelta(days=1)
 USERS = [None, "u0", "u1", "u2"]
 EMAILS = [None, "a@x.io", "b@x.io", "c@x.io"]
-KEYS = ["vip", "gold", "vip-list.2"]
+KEYS = ["vip", "gold", "vip-list.2", "Gold (é) [1]'s", 'say "hi"']  # the last one Python reads
 FLAGS = [True, False, "true", "FALSE", " True ", "yes", 1, None, "missing"]
 SETTINGS = [None, {"campaignId": "7"}, {"globalUnsubscribe": True, "campaignId": 3}, {"other": 1}]
 MEMBER_COLUMNS = ("audience_id", "user_id", "email", "desired", "desired_at", "desired_message_id", "data_fields",
@@ -87,7 +87,8 @@ def events(draw: st.DrawFn) -> dict[str, Any]:
 def _settings(project_type: ProjectType) -> Settings:
     return Settings.model_validate({
         "iterable": {"project_type": project_type.value},
-        "audiences": {"vip": {"data_fields": ["plan", "score", "vip"]}, "vip-list.2": {"data_fields": ["plan"]}},
+        "audiences": {"vip": {"data_fields": ["plan", "score", "vip"]}, "vip-list.2": {"data_fields": ["plan"]},
+                      "Gold (é) [1]'s": {"data_fields": ["score", "Gold (é) [1]'s"]}},
     })
 
 
@@ -166,10 +167,13 @@ def test_the_database_reads_deltas_as_python_does(factory: sessionmaker[Session]
             fold_stage.stage_inbox(session, 1000, stored.RULES)
             staged = {row.pos: row for row in session.execute(select(fold_stage.STAGE))}
             rows = inbox.events_by_id(session, list(staged))
+            postgres = is_postgres(session)
         for pos, row in rows.items():
             got, event = staged[pos], rules_fold.event_of(row)
             assert isinstance(event, InboundEvent)
             deltas, change = audience.extract_deltas(event), audience.extract_email_change(event)
+            if not postgres and deltas and not fast_fold.path_safe(deltas[0].audience_key):
+                continue  # a key no JSON path can quote: the fold hands it to Python (`to_python`)
             if got.kind == "delta":
                 (delta,) = deltas
                 assert (got.audience_key, got.user_id, got.email, got.desired, got.ts, got.msg) == (

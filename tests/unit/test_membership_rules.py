@@ -147,3 +147,22 @@ def test_guard_holds_large_share_of_unsubscribes_only() -> None:
     assert planner.guard_hold_reason(6, 10, limits) is not None
     assert planner.guard_hold_reason(5, 10, limits) is None
     assert planner.guard_hold_reason(1, 1, limits) is None  # tiny lists are exempt
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    unsubscribes=st.integers(0, 100_000),
+    synced=st.integers(0, 300_000),
+    fraction=st.sampled_from([0.0, 0.01, 0.1, 0.3, 0.5, 0.7, 1.0]),
+    min_size=st.integers(0, 50),
+)
+def test_guard_enough_is_where_the_guard_stops_holding(
+    unsubscribes: int, synced: int, fraction: float, min_size: int
+) -> None:
+    """From `guard_enough` synced members up the guard holds nothing, so counting can stop there."""
+    limits = planner.GuardLimits(fraction, min_size)
+    enough = planner.guard_enough(unsubscribes, limits)
+    if enough is None:
+        assert fraction == 0
+    elif synced >= enough:
+        assert planner.guard_hold_reason(unsubscribes, synced, limits) is None
