@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from listsync.db import models as m
 from listsync.db.inbox import stamp_for
-from listsync.db.session import chunks, is_postgres, key_filters
+from listsync.db.session import chunks, is_postgres, key_filters, rows_affected
 from listsync.domain import PendingDelivery
 from listsync.json_text import fast_loads, has_long_digits
 
@@ -36,16 +36,36 @@ class Unrouted(NamedTuple):
 
 _UNROUTED = (
     "SELECT id, message_id, type, event, {payload}, timestamp, is_audience FROM inbox "
-    "WHERE routed_at IS NULL ORDER BY id LIMIT {limit}"
+    "WHERE routed_at IS NULL {audiences}ORDER BY id LIMIT {limit}"
+)
+
+_AUDIENCE_ROUTED = (
+    "UPDATE inbox SET routed_at = {now} WHERE id IN "
+    "(SELECT id FROM inbox WHERE routed_at IS NULL AND is_audience ORDER BY id LIMIT {limit})"
 )
 
 
-def unrouted(session: Session, limit: int) -> list[Unrouted]:
-    """The next `limit` unrouted inbox events in id order (locked, skipping locked ones, on
-    PostgreSQL). Read by the driver, each payload decoded once here: SQLAlchemy's per-row JSON and
-    datetime processing cost more than the query."""
+def mark_audience_routed(session: Session, now: datetime, limit: int) -> int:
+    """Marks up to `limit` unrouted audience events routed without reading them (when no mapping
+    takes audience events they make no delivery); returns how many it marked. A first sync's
+    inbox is mostly such events: reading and decoding each cost more than the rest of routing."""
     postgres = is_postgres(session)
-    sql = _UNROUTED.format(payload="payload::text" if postgres else "payload", limit=int(limit))
+    sql = _AUDIENCE_ROUTED.format(now="%s" if postgres else "?", limit=int(limit))
+    value: Any = now if postgres else stamp_for(False)(now)
+    result = session.connection().exec_driver_sql(sql, (value,))
+    return rows_affected(result)
+
+
+def unrouted(session: Session, limit: int, *, audiences: bool = True) -> list[Unrouted]:
+    """The next `limit` unrouted inbox events in id order (locked, skipping locked ones, on
+    PostgreSQL); without the audience events when `audiences` is False. Read by the driver, each
+    payload decoded once here: SQLAlchemy's per-row JSON and datetime processing cost more than
+    the query."""
+    postgres = is_postgres(session)
+    sql = _UNROUTED.format(
+        payload="payload::text" if postgres else "payload", limit=int(limit),
+        audiences="" if audiences else "AND NOT is_audience ",
+    )
     rows = _fetch_all(session, sql + (" FOR UPDATE SKIP LOCKED" if postgres else ""))
     payloads = decode_all([row[4] for row in rows])
     return [

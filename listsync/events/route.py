@@ -24,6 +24,7 @@ from listsync.events.mapping import ActionMapping
 logger = logging.getLogger(__name__)
 
 ROUTE_BATCH = 1000
+AUDIENCE_BATCH = 20_000  # audience events marked routed unread per transaction, when no mapping takes them
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Router:
             settings.map_all_pages, settings.track_all_pages, settings.track_categorized_pages,
             settings.track_named_pages,
         )
+        self.takes_audiences = any(mapping.audiences for mapping in mappings)
         self.done = False
 
     def route_batch(self, report: RouteCounts) -> bool:
@@ -81,15 +83,16 @@ class Router:
         commit together, or neither); False once none is left."""
         if self.done:
             return False
-        rows = deliveries_db.unrouted(session, ROUTE_BATCH)
         now = self.clock()
+        unread = 0 if self.takes_audiences else deliveries_db.mark_audience_routed(session, now, AUDIENCE_BATCH)
+        rows = deliveries_db.unrouted(session, ROUTE_BATCH, audiences=self.takes_audiences)
         made = [d for row in rows for d in self._route(row, now)]
         deliveries_db.insert_deliveries(session, made)
         deliveries_db.mark_routed(session, [row.id for row in rows], now)
-        report.routed += len(rows)
+        report.routed += len(rows) + unread
         report.skipped += sum(d[_STATE] == _SKIPPED for d in made)
         report.failed += sum(d[_STATE] == _FAILED for d in made)
-        self.done = len(rows) < ROUTE_BATCH
+        self.done = len(rows) < ROUTE_BATCH and unread < AUDIENCE_BATCH
         return not self.done
 
     def _route(self, row: deliveries_db.Unrouted, now: datetime) -> list[tuple[Any, ...]]:

@@ -218,6 +218,32 @@ def test_audience_events_reach_profiles_only_through_a_configured_mapping(
     assert [e["eventName"] for e in emu.events.values()] == ["Audience Entered"]
 
 
+def test_audience_events_no_mapping_takes_are_routed_unread_in_batches(
+    database_url: str, emulator: tuple[IterableEmulator, str], monkeypatch: Any
+) -> None:
+    """With only the presets (none takes audience events) those events are marked routed in SQL;
+    small batches make every loop turn: the rest of the inbox is still routed, in id order."""
+    from listsync.events import route
+
+    monkeypatch.setattr(route, "AUDIENCE_BATCH", 3)
+    monkeypatch.setattr(route, "ROUTE_BATCH", 2)
+    emu, url = emulator
+    events: list[dict[str, Any]] = []
+    for i in range(5):
+        events += [audience_event("vip", inside=True, user_id=f"a{i}-{j}", message_id=f"a{i}-{j}") for j in range(2)]
+        events.append(_event("identify", f"i{i}", userId=f"u{i}", traits={"email": f"u{i}@x.com"}))
+    with sync_context(make_settings(database_url, url, actions={"batching": False})) as ctx:
+        ingest(ctx, events)
+        report = sync.run_once(ctx)
+        assert report.exit_code == 0, report.summary()
+        with ctx.factory() as session:
+            unrouted = session.execute(text("SELECT count(*) FROM inbox WHERE routed_at IS NULL")).scalar_one()
+            routed = session.execute(text("SELECT count(*) FROM inbox WHERE routed_at IS NOT NULL")).scalar_one()
+        assert (unrouted, routed) == (0, 15)
+        assert [row["event"] for row in _status(ctx)] == [f"i{i}" for i in range(5)]
+    assert [body["userId"] for body in _bodies(emu, "users/update")] == [f"u{i}" for i in range(5)]
+
+
 def _mixed_events(count: int, rng: random.Random) -> list[dict[str, Any]]:
     events = []
     for i in range(count):
