@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from listsync.db import models as m
-from listsync.db.session import is_postgres
+from listsync.db.session import is_postgres, rows_affected
 from listsync.domain import Desired, MemberState, Synced
 
 _MEMBERS = m.table(m.Membership)
@@ -69,9 +69,10 @@ def _sent_params(session: Session, sent: Sent) -> dict[str, Any]:
 
 def confirm_subscribed(session: Session, sent: Sent, now: datetime) -> set[int]:
     """Confirm the subscribe for the members Iterable confirmed (`sent`) whose row is as it was
-    sent (same identifiers, still wanted in); returns their ids. The request's other members
-    (refused, changed meanwhile, or gone) are the caller's to decide, with their rows read under
-    lock: a row this UPDATE did not match is not locked by it.
+    sent (same identifiers, still wanted in); returns the ids of the others (changed meanwhile,
+    or gone), which the caller decides with their rows read under lock: a row this UPDATE did
+    not match is not locked by it. They are looked for only when the UPDATE matched fewer rows
+    than were sent (RETURNING every id would cost more than the UPDATE's own index work).
 
     This is `membership.confirm(row, IN, sent email, sent userId)` for exactly those rows: synced
     becomes in with the sent identifiers, which equal the row's own (so NULLIF of them), attempts
@@ -81,16 +82,12 @@ def confirm_subscribed(session: Session, sent: Sent, now: datetime) -> set[int]:
     """
     if not sent:
         return set()
-    member_id, email, user_id = _sent_columns(session)
-    stmt = (
+    params = _sent_params(session, sent)
+    as_sent = _as_sent(session)
+    result = session.execute(
         update(_MEMBERS)
         # UPDATE ... FROM the sent rows (both databases): one primary-key probe per member.
-        .where(
-            _MEMBERS.c.id == member_id,
-            _MEMBERS.c.email == email,
-            _MEMBERS.c.user_id == user_id,
-            _MEMBERS.c.desired == Desired.IN,
-        )
+        .where(*as_sent)
         .values(
             synced=Synced.IN,
             synced_email=func.nullif(_MEMBERS.c.email, ""),
@@ -101,10 +98,25 @@ def confirm_subscribed(session: Session, sent: Sent, now: datetime) -> set[int]:
             next_attempt_at=null(),
             updated_at=now,
         )
-        .returning(_MEMBERS.c.id)
-        .execution_options(synchronize_session=False)
+        .execution_options(synchronize_session=False),
+        params,
     )
-    return set(session.execute(stmt, _sent_params(session, sent)).scalars())
+    if rows_affected(result) == len(sent):
+        return set()
+    # The UPDATE changed none of the columns this condition reads: it still tells which matched.
+    matched = set(session.scalars(select(_MEMBERS.c.id).where(*as_sent), params))
+    return {member_id for member_id, _, _ in sent} - matched
+
+
+def _as_sent(session: Session) -> tuple[ColumnElement[bool], ...]:
+    """The member's row still carries the identifiers its subscribe was sent with, and still wants in."""
+    member_id, email, user_id = _sent_columns(session)
+    return (
+        _MEMBERS.c.id == member_id,
+        _MEMBERS.c.email == email,
+        _MEMBERS.c.user_id == user_id,
+        _MEMBERS.c.desired == Desired.IN,
+    )
 
 
 def confirm_unsubscribed(session: Session, member_ids: Sequence[int], now: datetime) -> int:

@@ -98,8 +98,8 @@ def record_success(
             session, request_id, record, now, answer.refused, common=ok, sent=_sent_identities(batch, answer)
         )
         if subscribing:
-            matched = outcomes.confirm_subscribed(session, confirmed_sent, now)
-            exceptions = [i for i in batch.member_ids if i not in matched]
+            unmatched = outcomes.confirm_subscribed(session, confirmed_sent, now)
+            exceptions = [i for i in batch.member_ids if i in unmatched or i in answer.refused]
         else:
             exceptions = [i for i, (outcome, _) in answer.refused.items() if outcome not in confirmed]
             outcomes.confirm_unsubscribed(session, [i for i, _, _ in confirmed_sent], now)
