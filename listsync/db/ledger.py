@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from listsync.db import models as m
@@ -107,6 +107,9 @@ def finish_request(
         .where(m.ApiRequest.id == request_id)
         .values(**dataclasses.asdict(record), finished_at=now)
     )
+    if common is None:
+        # Every member named: a request written before revision 0010 already has its items.
+        session.execute(delete(m.RequestItem).where(m.RequestItem.request_id == request_id))
     others = {i: o for i, o in outcomes.items() if o != common} if common is not None else outcomes
     _insert_items(session, request_id, others, sent or {})
 
