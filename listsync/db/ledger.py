@@ -1,21 +1,16 @@
 """The request ledger: each Iterable call of the lists pipeline, written before it is sent and
-completed with its members' outcomes after it is answered."""
+completed with its members' outcomes after it is answered. A request's row names its members; an
+item row is written only for a member whose outcome is not the request's own (see revision 0010)."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import (
-    bindparam,
-    insert,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from listsync.db import models as m
@@ -31,10 +26,9 @@ def begin_request(
     member_ids: Sequence[int],
     owner: str,
     now: datetime,
-    sent: Sequence[tuple[str | None, str | None]] | None = None,
 ) -> int:
-    """Write the request and its members before the call, so a crash leaves a trace to resolve.
-    `sent`: the (email, userId) each member is sent with, in `member_ids` order."""
+    """Write the request before the call, its members in its own row (one row per request, not
+    per member), so a crash leaves a trace to resolve."""
     requests = m.table(m.ApiRequest)
     request_id = session.execute(
         insert(requests)
@@ -45,45 +39,43 @@ def begin_request(
             item_count=len(member_ids),
             status=m.RequestStatus.IN_FLIGHT,
             owner=owner,
+            member_ids=json.dumps(list(member_ids), separators=(",", ":")),
             started_at=now,
         )
         .returning(requests.c.id)
     ).scalar_one()
-    if member_ids:
-        _insert_items(session, request_id, member_ids, sent or [(None, None)] * len(member_ids))
     return int(request_id)
 
 
-_ITEM_COLUMNS = "request_id, membership_id, sent_email, sent_user_id"
+_ITEM_COLUMNS = "request_id, membership_id, outcome, error, sent_email, sent_user_id"
+
+_ITEM_ARRAYS = ("ids", "outcomes", "errors", "emails", "users")
+
+Sent = Mapping[int, tuple[str | None, str | None]]
+"""The (email, userId) each member was sent with, by membership id."""
 
 
 def _insert_items(
-    session: Session,
-    request_id: int,
-    member_ids: Sequence[int],
-    sent: Sequence[tuple[str | None, str | None]],
+    session: Session, request_id: int, outcomes: Mapping[int, tuple[str, str | None]], sent: Sent
 ) -> None:
-    """A request's members, on the hot path of a large sync: one statement of arrays on PostgreSQL,
-    the driver's own executemany on SQLite (no per-row parameter processing either way)."""
-    if len(sent) != len(member_ids):
-        raise ValueError("one sent identity per member")
+    """The members whose outcome is not the request's own: one statement of arrays on
+    PostgreSQL, the driver's own executemany on SQLite (a resolved request names every member)."""
+    rows = [(i, outcome, error, *sent.get(i, (None, None))) for i, (outcome, error) in outcomes.items()]
+    if not rows:
+        return
     if is_postgres(session):
         session.execute(
             text(
                 f"INSERT INTO api_request_items ({_ITEM_COLUMNS}) SELECT :r, t.* FROM unnest("
-                "CAST(:ids AS bigint[]), CAST(:emails AS varchar[]), CAST(:users AS varchar[])) AS t"
+                "CAST(:ids AS bigint[]), CAST(:outcomes AS varchar[]), CAST(:errors AS text[]), "
+                "CAST(:emails AS varchar[]), CAST(:users AS varchar[])) AS t"
             ),
-            {
-                "r": request_id,
-                "ids": list(member_ids),
-                "emails": [e for e, _ in sent],
-                "users": [u for _, u in sent],
-            },
+            {"r": request_id, **{name: [row[n] for row in rows] for n, name in enumerate(_ITEM_ARRAYS)}},
         )
         return
     session.connection().exec_driver_sql(
-        f"INSERT INTO api_request_items ({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?)",
-        [(request_id, i, e, u) for i, (e, u) in zip(member_ids, sent, strict=True)],
+        f"INSERT INTO api_request_items ({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+        [(request_id, *row) for row in rows],
     )
 
 
@@ -105,34 +97,21 @@ def finish_request(
     now: datetime,
     outcomes: Mapping[int, tuple[str, str | None]],
     common: tuple[str, str | None] | None = None,
+    sent: Sent | None = None,
 ) -> None:
-    """Complete the request. `outcomes`: (outcome, error) by member; with `common`, only the
-    members whose outcome differs from it need be named."""
+    """Complete the request. `outcomes`: (outcome, error) by member; with `common` (the
+    request's own outcome, which `record.status` implies), only the members whose outcome
+    differs from it are named, and only those get an item row."""
     session.execute(
         update(m.ApiRequest)
         .where(m.ApiRequest.id == request_id)
         .values(**dataclasses.asdict(record), finished_at=now)
     )
-    items = m.table(m.RequestItem)
-    if common is None and outcomes:
-        # Most members of a request share one outcome: one statement for it, then the exceptions.
-        common = Counter(outcomes.values()).most_common(1)[0][0]
-    if common is not None:
-        session.execute(
-            update(items).where(items.c.request_id == request_id).values(outcome=common[0], error=common[1])
-        )
-        others = [
-            {"b_member": member_id, "b_outcome": outcome, "b_error": error}
-            for member_id, (outcome, error) in outcomes.items()
-            if (outcome, error) != common
-        ]
-        if others:
-            session.execute(
-                update(items)
-                .where(items.c.request_id == request_id, items.c.membership_id == bindparam("b_member"))
-                .values(outcome=bindparam("b_outcome"), error=bindparam("b_error")),
-                others,
-            )
+    if common is None:
+        # Every member named: a request written before revision 0010 already has its items.
+        session.execute(delete(m.RequestItem).where(m.RequestItem.request_id == request_id))
+    others = {i: o for i, o in outcomes.items() if o != common} if common is not None else outcomes
+    _insert_items(session, request_id, others, sent or {})
 
 
 def in_flight_requests(session: Session, audience_id: int) -> list[m.ApiRequest]:
@@ -146,6 +125,11 @@ def in_flight_requests(session: Session, audience_id: int) -> list[m.ApiRequest]
 
 
 def request_member_ids(session: Session, request_id: int) -> list[int]:
+    """The members a request was sent for: its own row's list (requests written before revision
+    0010 named each member in api_request_items instead)."""
+    packed = session.scalar(select(m.ApiRequest.member_ids).where(m.ApiRequest.id == request_id))
+    if packed is not None:
+        return [int(i) for i in json.loads(packed)]
     return list(
         session.scalars(select(m.RequestItem.membership_id).where(m.RequestItem.request_id == request_id))
     )

@@ -391,6 +391,9 @@ class ApiRequest(Base):
     fail_count: Mapped[int | None] = mapped_column(Integer, comment="Iterable's failCount")
     error: Mapped[str | None] = mapped_column(Text, comment="error text, redacted")
     owner: Mapped[str] = mapped_column(String(255), comment="replica that sent it")
+    member_ids: Mapped[str | None] = mapped_column(
+        Text, comment="list calls: the membership ids sent, a JSON array in body order (NULL before 0010)"
+    )
     started_at: Mapped[datetime] = mapped_column(default=utcnow, comment="UTC")
     finished_at: Mapped[datetime | None] = mapped_column(comment="UTC")
     elapsed_ms: Mapped[int | None] = mapped_column(
@@ -402,7 +405,11 @@ class RequestItem(Base):
     __tablename__ = "api_request_items"
     __table_args__ = (
         Index("ix_api_request_items_membership_id", "membership_id"),
-        {"comment": "Per-member outcome of each list request."},
+        {
+            "comment": "Members of a list request whose outcome is not the request's own (refused"
+            " items; every member of a resolved request). A member without a row had the request's:"
+            " ok for ok/partial, error for failed."
+        },
     )
 
     request_id: Mapped[int] = mapped_column(

@@ -1,7 +1,7 @@
 """Retention: what finished work is deleted, and when, so the database stays bounded.
 
 What grows without bound otherwise: the inbox (one row per accepted event, with its event
-deliveries), the request ledger (api_requests, and api_request_items: one row per member sent),
+deliveries), the request ledger (api_requests, and api_request_items: a row per member refused),
 sync_runs, and dead_letters. Memberships do not: there is one row per (audience, subscriber).
 
 Only finished work is pruned. An inbox event goes once it is applied to memberships, routed to its

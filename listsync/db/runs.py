@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from listsync.db import models as m
@@ -79,26 +79,46 @@ _TIMESTAMPS = ("started_at", "finished_at")
 
 
 def audience_breakdown(session: Session, run_id: int) -> list[dict[str, Any]]:
-    """Per audience: the requests a run sent and what Iterable confirmed of them."""
+    """Per audience: the requests a run sent and what Iterable confirmed of them. A member with
+    no ledger item had its request's own outcome (revision 0010); requests written before it
+    have an item per member."""
     r, i, a = m.ApiRequest.__table__, m.RequestItem.__table__, m.Audience.__table__
-    stmt = (
-        select(a.c.audience_key, r.c.id, r.c.endpoint, i.c.outcome)
-        .select_from(r.join(a, a.c.id == r.c.audience_id).outerjoin(i, i.c.request_id == r.c.id))
+    sent = (
+        select(a.c.audience_key, r.c.id, r.c.endpoint, r.c.status, r.c.item_count, r.c.member_ids.is_not(None))
+        .select_from(r.join(a, a.c.id == r.c.audience_id))
         .where(r.c.run_id == run_id)
     )
+    items = (
+        select(i.c.request_id, i.c.outcome, func.count())
+        .select_from(i.join(r, r.c.id == i.c.request_id))
+        .where(r.c.run_id == run_id)
+        .group_by(i.c.request_id, i.c.outcome)
+    )
+    outcomes: dict[int, dict[str | None, int]] = {}
+    for request_id, outcome, count in session.execute(items):
+        outcomes.setdefault(request_id, {})[outcome] = count
     rows: dict[str, dict[str, Any]] = {}
-    requests: dict[str, set[int]] = {}
-    for key, request_id, endpoint, outcome in session.execute(stmt):
+    requests: dict[str, int] = {}
+    for key, request_id, endpoint, status, item_count, compact in session.execute(sent):
         row = rows.setdefault(key, {"audience": key, "subscribed": 0, "unsubscribed": 0, "not_confirmed": 0})
-        requests.setdefault(key, set()).add(request_id)
-        if outcome is None:
-            continue
+        requests[key] = requests.get(key, 0) + 1
+        counts = dict(outcomes.get(request_id, {}))
+        own = _REQUEST_OUTCOME.get(str(status)) if compact else None
+        if own is not None:
+            counts[own] = counts.get(own, 0) + item_count - sum(counts.values())
         subscribing = endpoint == "lists/subscribe"
-        if outcome in (_SUBSCRIBED if subscribing else _UNSUBSCRIBED):
-            row["subscribed" if subscribing else "unsubscribed"] += 1
-        else:
-            row["not_confirmed"] += 1
-    return [{**rows[key], "requests": len(requests[key])} for key in sorted(rows)]
+        for outcome, count in counts.items():
+            if outcome is None:
+                continue
+            if outcome in (_SUBSCRIBED if subscribing else _UNSUBSCRIBED):
+                row["subscribed" if subscribing else "unsubscribed"] += count
+            else:
+                row["not_confirmed"] += count
+    return [{**rows[key], "requests": requests[key]} for key in sorted(rows)]
+
+
+# The outcome of a request's members that have no ledger item, by the request's status.
+_REQUEST_OUTCOME = {m.RequestStatus.OK.value: "ok", m.RequestStatus.PARTIAL.value: "ok", m.RequestStatus.FAILED.value: "error"}
 
 
 def start_run(session: Session, *, trigger: str, owner: str, now: datetime) -> int:

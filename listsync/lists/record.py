@@ -87,22 +87,37 @@ def record_success(
         fail_count=result.fail_count,
         elapsed_ms=result.elapsed_ms,
     )
+    ok = (ItemOutcome.OK.value, None)
+    confirmed_sent = [
+        (i, s.email or "", s.user_id or "")
+        for i, s in zip(batch.member_ids, batch.subscribers, strict=True)
+        if answer.refused.get(i, ok)[0] in confirmed
+    ]
     with transaction(ctx.factory, durable=False) as session:
         ledger.finish_request(
-            session, request_id, record, now, answer.refused, common=(ItemOutcome.OK.value, None)
+            session, request_id, record, now, answer.refused, common=ok, sent=_sent_identities(batch, answer)
         )
         if subscribing:
-            matched = outcomes.confirm_subscribed(session, request_id, confirmed, now)
-            exceptions = [i for i in batch.member_ids if i not in matched]
+            unmatched = outcomes.confirm_subscribed(session, confirmed_sent, now)
+            exceptions = [i for i in batch.member_ids if i in unmatched or i in answer.refused]
         else:
             exceptions = [i for i, (outcome, _) in answer.refused.items() if outcome not in confirmed]
-            outcomes.confirm_unsubscribed(session, request_id, confirmed, now)
+            outcomes.confirm_unsubscribed(session, [i for i, _, _ in confirmed_sent], now)
         _decide_exceptions(ctx, session, batch, exceptions, answer, now)
     failed = sum(outcome not in confirmed for outcome, _ in answer.refused.values())
     report.failed += failed
     done = len(batch.member_ids) - failed
     report.subscribed += done if subscribing else 0
     report.unsubscribed += 0 if subscribing else done
+
+
+def _sent_identities(batch: planner.Batch, answer: Answer) -> dict[int, tuple[str | None, str | None]]:
+    """What the refused members were sent with, for their ledger items."""
+    return {
+        i: (s.email or None, s.user_id or None)
+        for i, s in zip(batch.member_ids, batch.subscribers, strict=True)
+        if i in answer.refused
+    }
 
 
 def _decide_exceptions(
@@ -153,12 +168,12 @@ def record_failure(
     )
     with transaction(ctx.factory, durable=False) as session:
         ledger.finish_request(session, request_id, record, now, {}, common=("error", reason))
-        outcomes.lock_members(session, request_id)
+        outcomes.lock_members(session, batch.member_ids)
         if keep_pending:
-            _put_back(ctx, session, request_id, reason if retry else None, now)
+            _put_back(ctx, session, batch.member_ids, reason if retry else None, now)
         else:
-            unwanted = outcomes.failed_unwanted(session, request_id, subscribing=subscribing)
-            outcomes.fail_wanted(session, request_id, reason, subscribing=subscribing, now=now)
+            unwanted = outcomes.failed_unwanted(session, batch.member_ids, subscribing=subscribing)
+            outcomes.fail_wanted(session, batch.member_ids, reason, subscribing=subscribing, now=now)
             project_type = ctx.settings.iterable.project_type
             states = memberships.member_states(session, unwanted)
             settled = {
@@ -177,20 +192,22 @@ def record_failure(
     )
 
 
-def _put_back(ctx: SyncContext, session: Session, request_id: int, reason: str | None, now: datetime) -> None:
+def _put_back(
+    ctx: SyncContext, session: Session, member_ids: Sequence[int], reason: str | None, now: datetime
+) -> None:
     """`membership.retry_later` (when `reason`) set-based: one UPDATE per distinct attempt count,
     as the backoff delay depends on it (usually one: the members of a batch move together)."""
     if reason is None:
-        outcomes.put_back(session, request_id, now, reason=None)
+        outcomes.put_back(session, member_ids, now, reason=None)
         return
     sync = ctx.settings.sync
     # Highest count first: each UPDATE raises its members' count, which must not make them match
     # the next, lower count's UPDATE as well.
-    for attempts in sorted(outcomes.attempts_of(session, request_id), reverse=True):
+    for attempts in sorted(outcomes.attempts_of(session, member_ids), reverse=True):
         delay = rules.retry_delay(attempts + 1, sync.retry_base_seconds, sync.retry_max_seconds)
         outcomes.put_back(
             session,
-            request_id,
+            member_ids,
             now,
             reason=reason,
             attempts=attempts,

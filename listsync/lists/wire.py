@@ -135,7 +135,6 @@ class Wire:
             member_ids=batch.member_ids,
             owner=self.ctx.owner,
             now=self.ctx.clock(),
-            sent=[(s.email or None, s.user_id or None) for s in batch.subscribers],
         )
 
     def _land(self, *, block: bool) -> None:

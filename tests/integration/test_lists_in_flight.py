@@ -223,7 +223,6 @@ def test_set_based_record_equals_the_pure_rules(
                 member_ids=batch.member_ids,
                 owner="test",
                 now=T0,
-                sent=[(s.email, s.user_id) for s in subscribers],
             )
         changed = {
             i: MEANWHILE[n % len(MEANWHILE)](s) for n, (i, s) in enumerate(zip(ids, initial, strict=True))
@@ -269,7 +268,7 @@ def test_a_transient_failure_counts_one_more_attempt_for_each_member(database_ur
         with transaction(ctx.factory) as session:
             request_id = ledger.begin_request(
                 session, run_id=None, audience_id=None, endpoint="lists/subscribe", member_ids=batch.member_ids,
-                owner="test", now=T0, sent=[(s.email, s.user_id) for s in subscribers],
+                owner="test", now=T0,
             )
         now = ctx.clock()
         record.record_failure(
@@ -283,3 +282,42 @@ def test_a_transient_failure_counts_one_more_attempt_for_each_member(database_ur
         delay = rules.retry_delay(before.attempts + 1, 100, 10_000)  # 100, 200 or 400 s
         assert row.next_attempt_at is not None
         assert abs((row.next_attempt_at - now).total_seconds() - delay) < 50
+
+
+def test_the_ledger_names_members_in_the_request_row_and_reads_requests_written_before(
+    database_url: str,
+) -> None:
+    """A request's row names its members and only refused members get an item; a request left in
+    flight by a release before revision 0010 (an item per member, member_ids NULL) is read from
+    its items, and settling it replaces them."""
+    settings = make_settings(database_url, "http://127.0.0.1:9")
+    with sync_context(settings) as ctx:
+        with transaction(ctx.factory) as session:
+            session.add(m.Audience(audience_key="ledger", list_state=m.ListState.PENDING, settings={},
+                                   created_at=T0, updated_at=T0))
+        ids = _store(ctx, int(_scalar(ctx, "SELECT id FROM audiences")), [_row(i) for i in range(4)])
+        with transaction(ctx.factory) as session:
+            compact = ledger.begin_request(session, run_id=None, audience_id=None, endpoint="lists/subscribe",
+                                           member_ids=ids, owner="test", now=T0)
+            legacy = ledger.begin_request(session, run_id=None, audience_id=None, endpoint="lists/subscribe",
+                                          member_ids=ids[:2], owner="test", now=T0)
+            session.execute(text("UPDATE api_requests SET member_ids = NULL WHERE id = :r"), {"r": legacy})
+            for i in ids[:2]:
+                session.execute(text("INSERT INTO api_request_items (request_id, membership_id) VALUES (:r, :i)"),
+                                {"r": legacy, "i": i})
+        with transaction(ctx.factory) as session:
+            assert ledger.request_member_ids(session, compact) == ids
+            assert ledger.request_member_ids(session, legacy) == ids[:2]
+            done = ledger.RequestRecord(status=m.RequestStatus.PARTIAL)
+            ledger.finish_request(session, compact, done, T0, {ids[1]: ("invalid", "why")}, common=("ok", None),
+                                  sent={ids[1]: ("u1@example.com", "u1")})
+            settled = {ids[0]: ("applied", None), ids[1]: ("not_applied", None)}
+            ledger.finish_request(session, legacy, ledger.RequestRecord(status=m.RequestStatus.RESOLVED), T0, settled)
+        with ctx.factory() as session:
+            items = session.execute(text(
+                "SELECT request_id, membership_id, outcome, sent_email FROM api_request_items ORDER BY 1, 2")).all()
+        assert [tuple(r) for r in items] == [
+            (compact, ids[1], "invalid", "u1@example.com"),
+            (legacy, ids[0], "applied", None),
+            (legacy, ids[1], "not_applied", None),
+        ]
