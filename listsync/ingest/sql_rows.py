@@ -63,8 +63,8 @@ EVENT_SHAPE: tuple[str, ...] = (
 HOLES = frozenset({MESSAGE_ID, PROPERTIES, KEY, FLAG, EMAIL, WHO})  # per event; the others per poll
 
 # Identifiers of a shape `validate_member` keeps as they are, whatever goes with them: a userId of
-# these characters (no space to strip, ASCII, at most 52), an email already trimmed and lower-cased
-# that has its "name@domain.tld" shape, short enough for the anonymousId `email:<email>` (255). A
+# these characters (no space to strip, ASCII, at most 52), an email with nothing to trim that has
+# its "name@domain.tld" shape once lower-cased, short enough for the anonymousId `email:<email>` (255). A
 # row of such identifiers, whose audience and traits passed once (`_Traits.plain`), is accepted
 # without `validate_member`; any other row takes it.
 _PLAIN_USER_ID = re.compile(r"[A-Za-z0-9._:@+\-]{1,52}").fullmatch
@@ -129,10 +129,10 @@ class RowReader:
         user_id = None if self._user_id is None else _text(row[self._user_id])
         email = None if self._email is None else _text(row[self._email])
         traits = self._traits(audience, self._values(row))
-        if traits.plain and _plain(user_id, email):
-            user_id, email = user_id or "", email or ""
-            long_id = self._events.long_message_id(audience, user_id, email)
-            return audience, user_id, email, traits.properties, long_id
+        plain = _plain(user_id, email) if traits.plain else None
+        if plain is not None:
+            long_id = self._events.long_message_id(audience, *plain)
+            return audience, *plain, traits.properties, long_id
         checked = validate.validate_member(
             audience, user_id, email, traits.values, traits_json=traits.encoded
         )
@@ -187,13 +187,17 @@ def _with_plain(audience: Any, traits: _Traits) -> _Traits:
     return _Traits(traits.values, traits.encoded, traits.properties, traits.size, plain=True)
 
 
-def _plain(user_id: Any, email: Any) -> bool:
-    """Whether validate_member would keep these identifiers as they are (see _PLAIN_USER_ID)."""
+def _plain(user_id: Any, email: Any) -> tuple[str, str] | None:
+    """The (userId, email) of the snapshot row when validate_member would keep these identifiers
+    as they are but for lower-casing the email (see _PLAIN_USER_ID), else None."""
     if user_id is not None and not (type(user_id) is str and _PLAIN_USER_ID(user_id)):
-        return False
+        return None
     if email is None:
-        return user_id is not None
-    return type(email) is str and len(email) <= _PLAIN_EMAIL_LENGTH and _PLAIN_EMAIL(email) is not None
+        return None if user_id is None else (user_id, "")
+    if type(email) is not str or len(email) > _PLAIN_EMAIL_LENGTH:
+        return None
+    email = email.lower()  # as validate_member has it; a space to strip is not plain
+    return (user_id or "", email) if _PLAIN_EMAIL(email) else None
 
 
 def _picker(indexes: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
