@@ -37,7 +37,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.sql import Select
+from sqlalchemy.sql import ColumnElement, Select
 
 from listsync.db import models as m
 from listsync.db import sql_events
@@ -257,6 +257,7 @@ def store_entering(
     parts: Sequence[str],
     *,
     check_members: bool,
+    loaded: int,
     by_user_id: bool,
     snapshot_id: str,
     event: str,
@@ -267,13 +268,19 @@ def store_entering(
     """Append to the inbox the `event` of each snapshot row after seq `after` whose member is
     not desired-in, built in SQL from `parts` (sql_rows.event_parts); a
     messageId already there is skipped. Returns (rows that enter, events that were new).
-    `check_members` False: no row's audience has members (every row enters). The caller holds
-    the transaction."""
+    `check_members` False: no row's audience has members (every one of the `loaded` rows
+    enters). The caller holds the transaction."""
     t = SNAPSHOT.c
-    page = entering_rows(after, check_members=check_members, by_user_id=by_user_id)
-    entered = rows_affected(
-        conn.execute(ENTERING.insert().from_select(["seq"], page), execution_options=_COUNTED)
-    )
+    if check_members:
+        page = entering_rows(after, check_members=True, by_user_id=by_user_id)
+        entered = rows_affected(
+            conn.execute(ENTERING.insert().from_select(["seq"], page), execution_options=_COUNTED)
+        )
+        rows: Any = ENTERING.join(SNAPSHOT, t.seq == ENTERING.c.seq)
+        where: ColumnElement[bool] = true()
+        order = ENTERING.c.seq
+    else:  # every row after `after` enters: read straight from the snapshot
+        entered, rows, where, order = loaded, SNAPSHOT, t.seq > after, t.seq
     if not entered:
         return 0, 0
     key, long_id = AUDIENCES.c.audience_key, LONG_IDS.c
@@ -305,8 +312,7 @@ def store_entering(
             literal(rules),
         )
         .select_from(
-            ENTERING.join(SNAPSHOT, t.seq == ENTERING.c.seq)
-            .join(AUDIENCES, AUDIENCES.c.audience_id == t.audience_id)
+            rows.join(AUDIENCES, AUDIENCES.c.audience_id == t.audience_id)
             .outerjoin(
                 LONG_IDS,
                 and_(
@@ -316,8 +322,8 @@ def store_entering(
                 ),
             )
         )
-        .where(true())  # SQLite: INSERT ... SELECT ... ON CONFLICT needs a WHERE to parse
-        .order_by(ENTERING.c.seq)
+        .where(where)  # SQLite: INSERT ... SELECT ... ON CONFLICT needs a WHERE to parse
+        .order_by(order)
     )
     inbox = m.table(m.InboxEvent)
     stmt = (
@@ -326,7 +332,8 @@ def store_entering(
         .on_conflict_do_nothing(index_elements=["message_id"])
     )
     new = rows_affected(conn.execute(stmt, execution_options=_COUNTED))
-    conn.execute(delete(ENTERING))
+    if check_members:
+        conn.execute(delete(ENTERING))
     return entered, new
 
 

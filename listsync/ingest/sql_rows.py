@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
+import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,15 @@ EVENT_SHAPE: tuple[str, ...] = (
 )  # fmt: skip
 HOLES = frozenset({MESSAGE_ID, PROPERTIES, KEY, FLAG, EMAIL, WHO})  # per event; the others per poll
 
+# Identifiers of a shape `validate_member` keeps as they are, whatever goes with them: a userId of
+# these characters (no space to strip, ASCII, at most 52), an email with nothing to trim that has
+# its "name@domain.tld" shape once lower-cased, short enough for the anonymousId `email:<email>` (255). A
+# row of such identifiers, whose audience and traits passed once (`_Traits.plain`), is accepted
+# without `validate_member`; any other row takes it.
+_PLAIN_USER_ID = re.compile(r"[A-Za-z0-9._:@+\-]{1,52}").fullmatch
+_PLAIN_EMAIL = re.compile(r"[a-z0-9._+\-]+@[a-z0-9\-]+(?:\.[a-z0-9\-]+)+").fullmatch
+_PLAIN_USER_ID_LENGTH, _PLAIN_EMAIL_LENGTH = 52, 255 - len("email:")
+
 # What RowReader.member makes of a valid row: the snapshot's (audience_key, user_id, email,
 # properties, message_id) values; '' for a missing identifier, message_id only when the readable
 # one does not fit (else None: it is `sql:<audience>:<user>:<email>:<snapshot>`).
@@ -86,12 +96,15 @@ def check_columns(columns: Sequence[str]) -> None:
 class _Traits:
     """One row's traits: as validate_member takes them, as JSON (None: not encodable, let
     validate_member say why), as the leading members of the event's properties, and the
-    byte size of the JSON."""
+    byte size of the JSON. `plain`: with their audience, they pass validate_member unchanged
+    whatever plain identifiers go with them, and the event of the longest such fits
+    MAX_EVENT_BYTES (see _PLAIN_USER_ID)."""
 
     values: Mapping[str, Any]
     encoded: str | None
     properties: str
     size: int
+    plain: bool = False
 
 
 class RowReader:
@@ -116,6 +129,10 @@ class RowReader:
         user_id = None if self._user_id is None else _text(row[self._user_id])
         email = None if self._email is None else _text(row[self._email])
         traits = self._traits(audience, self._values(row))
+        plain = _plain(user_id, email) if traits.plain else None
+        if plain is not None:
+            long_id = self._events.long_message_id(audience, *plain)
+            return audience, *plain, traits.properties, long_id
         checked = validate.validate_member(
             audience, user_id, email, traits.values, traits_json=traits.encoded
         )
@@ -147,7 +164,7 @@ class RowReader:
         if cached is None:
             if len(self._cache) >= _TRAITS_CACHE_SIZE:
                 self._cache.clear()
-            cached = self._cache[key] = self._read_traits(audience, values)
+            cached = self._cache[key] = _with_plain(audience, self._read_traits(audience, values))
         return cached
 
     def _read_traits(self, audience: Any, values: tuple[Any, ...]) -> _Traits:
@@ -155,6 +172,32 @@ class RowReader:
         if isinstance(audience, str):
             traits.pop(audience, None)  # the event's own flag of that name overrides it
         return _traits_of(traits)
+
+
+def _with_plain(audience: Any, traits: _Traits) -> _Traits:
+    """`traits`, marked plain when they are (see _Traits); checked once per audience and traits."""
+    if traits.encoded is None:
+        return traits
+    checked = validate.validate_member(audience, "u", None, traits.values, traits_json=traits.encoded)
+    if isinstance(checked, Rejection) or checked.traits is not traits.values:
+        return traits
+    longest = validate.CheckedMember("u" * _PLAIN_USER_ID_LENGTH, "e" * _PLAIN_EMAIL_LENGTH, traits.values)
+    if _size_bound(audience, longest, traits.size) > extract.MAX_EVENT_BYTES:
+        return traits
+    return _Traits(traits.values, traits.encoded, traits.properties, traits.size, plain=True)
+
+
+def _plain(user_id: Any, email: Any) -> tuple[str, str] | None:
+    """The (userId, email) of the snapshot row when validate_member would keep these identifiers
+    as they are but for lower-casing the email (see _PLAIN_USER_ID), else None."""
+    if user_id is not None and not (type(user_id) is str and _PLAIN_USER_ID(user_id)):
+        return None
+    if email is None:
+        return None if user_id is None else (user_id, "")
+    if type(email) is not str or len(email) > _PLAIN_EMAIL_LENGTH:
+        return None
+    email = email.lower()  # as validate_member has it; a space to strip is not plain
+    return (user_id or "", email) if _PLAIN_EMAIL(email) else None
 
 
 def _picker(indexes: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:

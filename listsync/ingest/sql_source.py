@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Connection, CursorResult, Engine, create_engine, text
@@ -178,23 +179,28 @@ class _Chunks:
         self._known = known
         self._long_ids: set[tuple[int, str, str]] = set()
 
+    def _first_seen(self, chunk: _Chunk, audience: str) -> int:
+        audience_id = self._known.get(audience) or -len(self.present) - 1
+        self.present[audience] = chunk.audiences[audience] = audience_id
+        return audience_id
+
     def read(self, reader: RowReader, partition: Sequence[Any], counts: SqlSyncCounts) -> _Chunk:
         chunk = _Chunk([], [], {}, check_members=False)
-        for row in partition:
-            member = reader.member(row)
+        present, member_of, append = self.present, reader.member, chunk.rows.append
+        for row in partition:  # the per-row loop of a poll: names bound locally
+            member = member_of(row)
             if isinstance(member, Rejection):
                 _invalid(counts, member.reason)
                 continue
             audience, user_id, email, properties, message_id = member
-            audience_id = self.present.get(audience)
+            audience_id = present.get(audience)
             if audience_id is None:
-                audience_id = self.present[audience] = self._known.get(audience) or -len(self.present) - 1
-                chunk.audiences[audience] = audience_id
-            chunk.check_members |= audience_id > 0
-            chunk.rows.append((audience_id, user_id, email, properties))
+                audience_id = self._first_seen(chunk, audience)
+            append((audience_id, user_id, email, properties))
             if message_id is not None and (audience_id, user_id, email) not in self._long_ids:
                 self._long_ids.add((audience_id, user_id, email))
                 chunk.long_ids.append((audience_id, user_id, email, message_id))
+        chunk.check_members = max(map(itemgetter(0), chunk.rows), default=0) > 0
         counts.rows += len(partition)
         return chunk
 
@@ -222,6 +228,7 @@ class _Writer:
                 after,
                 self._parts,
                 check_members=chunk.check_members,
+                loaded=len(chunk.rows),
                 by_user_id=self._by_user_id,
                 snapshot_id=self.events.snapshot_id,
                 event=AUDIENCE_ENTERED,

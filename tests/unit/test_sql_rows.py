@@ -180,3 +180,63 @@ def test_identifier_columns_of_other_types_are_refused_as_the_receiver_refuses_t
     for odd, kind in ((True, "boolean"), (1.5, "number")):
         refused = reader.member(("gold", odd, None))
         assert isinstance(refused, Rejection) and refused.reason.startswith("invalid_user_id:") and kind in refused.reason
+
+
+USER_IDS: list[Any] = ["u1", "U-1.x:y@z+w_9", "u" * 52, "u" * 53, " u1", "u1 ", "u 1", "u\t1", "ü1", "u\x001", None]
+EMAILS: list[Any] = [
+    "a@example.com",
+    "a.b+c_d-e@ex-ample.co.uk",
+    "A@Example.COM",
+    "\u212a@example.com",  # the Kelvin sign: lower-cased, a plain "k"
+    "\u0130@example.com",  # İ: lower-cased, "i" and a combining dot
+    " a@example.com",
+    "a@example.com\n",
+    "a@b",
+    "a@b.",
+    "a@.b",
+    "a@@b.c",
+    "a@b@c.d",
+    "a b@c.d",
+    "é@example.com",
+    "a" * 244 + "@b.cd",  # 249: the anonymousId `email:<email>` is 255
+    "a" * 245 + "@b.cd",
+    "a\x00@b.cd",
+    None,
+]
+
+
+def test_plain_identifiers_are_ones_validate_member_keeps_as_they_are() -> None:
+    """The reader accepts a row of plain identifiers without validate_member: every pair it calls
+    plain must be one validate_member accepts unchanged; the others take validate_member."""
+    plain = 0
+    for user_id in USER_IDS:
+        for email in EMAILS:
+            read = sql_rows._plain(user_id, email)
+            if read is None:
+                continue
+            plain += 1
+            checked = validate.validate_member("gold", user_id, email, {"plan": "pro"})
+            assert not isinstance(checked, Rejection), (user_id, email, checked)
+            assert (checked.user_id or "", checked.email or "") == read
+    assert plain == 4 * 6 - 1  # 3 plain userIds or none, by 5 plain emails or none, less (None, None)
+    odd_types = (True, 1.5, 42, b"u")
+    assert all(sql_rows._plain(odd, None) is None and sql_rows._plain(None, odd) is None for odd in odd_types)
+
+
+def test_a_row_of_plain_identifiers_reads_as_validate_member_reads_it() -> None:
+    """The same snapshot row by either way, for traits that may take the plain way and ones that
+    may not (a write key dropped, a NUL, a large value)."""
+    columns = ["audience_key", "user_id", "email", "plan", "writeKey"]
+    events = sql_rows.Events(NOW, "snap")
+    for aud in ("gold", "g" * 250, "", "go\x00ld"):
+        for values in (("pro", None), ("pro", "s3cret"), ("p\x00", None), ("x" * 31_000, None)):
+            traits = dict(zip(columns[3:], values, strict=True))
+            for user_id, email in (("u1", None), (None, "a@example.com"), ("u1", "a@example.com")):
+                got = sql_rows.RowReader(columns, events).member((aud, user_id, email, *values))
+                expected = reference(aud, user_id, email, traits)
+                if isinstance(expected, str):
+                    assert isinstance(got, Rejection) and got.reason.startswith(expected + ":"), got
+                    continue
+                assert not isinstance(got, Rejection), got
+                assert got[:3] == (aud, user_id or "", email or "")
+                assert "s3cret" not in got[3]
