@@ -105,3 +105,14 @@ def test_listsync_ingest_reads_stdin(tmp_path: Path) -> None:
             assert conn.scalar(select(func.count()).select_from(m.DeadLetter)) == 1
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("forked", [True, False], ids=["worker", "in-process"])
+def test_both_ways_of_reading_a_stream_store_the_same(
+    factory: sessionmaker[Session], forked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stream_worker, "can_fork", lambda: forked)
+    body = [line(n) for n in range(7)] + [b"\n", b"[1]\n", line(3)]
+    counts = files.ingest_stream(factory, body, source="file:test", now_fn=lambda: NOW, chunk=4)
+    assert (counts.accepted, counts.duplicates, counts.rejected) == (7, 1, 1)
+    assert stored(factory) == {f"m{n}" for n in range(7)}
