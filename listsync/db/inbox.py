@@ -30,14 +30,19 @@ def store_events(
 ) -> int:
     """Append events to the inbox; a messageId already there is skipped. Returns how many were new.
 
-    One prepared INSERT run by the driver's executemany (psycopg pipelines it, sqlite3 steps
-    it), with the values already in the column's stored form: SQLAlchemy's per-row bind
-    processing and a multi-VALUES statement re-parsed per batch cost more than the insert.
-    `rules`: the fingerprint of the validation rules that accepted them (`stored.RULES`).
-    """
-    if not events:
-        return 0
-    postgres = is_postgres(session)
+    `rules`: the fingerprint of the validation rules that accepted them (`stored.RULES`)."""
+    rows = stored_rows(events, source=source, now=now, rules=rules, postgres=is_postgres(session))
+    return insert_stored(session, rows)
+
+
+StoredRow = tuple[Any, ...]
+"""An inbox row in its columns' stored form, as `stored_rows` makes it and `insert_stored` takes it."""
+
+
+def stored_rows(
+    events: Sequence[InboxRow], *, source: str, now: datetime, rules: str | None, postgres: bool
+) -> list[StoredRow]:
+    """The events as the driver takes them (no database needed: a worker process may make them)."""
     to_stored = stamp_for(postgres)
     stamps: dict[datetime, Any] = {}  # events of one batch often share a timestamp
 
@@ -48,7 +53,7 @@ def store_events(
         return stored
 
     received = stamp(now)
-    rows = [
+    return [
         (
             e.message_id,
             e.type,
@@ -65,10 +70,25 @@ def store_events(
         )
         for e in events
     ]
+
+
+def stored_payload(row: StoredRow) -> str:
+    """The payload's JSON text of a stored row."""
+    return str(row[9])
+
+
+def insert_stored(session: Session, rows: Sequence[StoredRow]) -> int:
+    """Insert stored rows, skipping messageIds already there; returns how many were new.
+
+    One prepared INSERT run by the driver's executemany (psycopg pipelines it, sqlite3 steps
+    it), with the values already in the column's stored form: SQLAlchemy's per-row bind
+    processing and a multi-VALUES statement re-parsed per batch cost more than the insert."""
+    if not rows:
+        return 0
     # DO NOTHING skips messageIds already stored (also by a concurrent writer); the rowcount counts
     # only what this transaction really inserted.
-    result = session.connection().exec_driver_sql(_INSERT_PG if postgres else _INSERT_SQLITE, rows)
-    return rows_affected(result)
+    statement = _INSERT_PG if is_postgres(session) else _INSERT_SQLITE
+    return rows_affected(session.connection().exec_driver_sql(statement, list(rows)))
 
 
 _INBOX_COLUMNS = (

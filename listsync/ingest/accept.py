@@ -7,6 +7,7 @@ durable. Folding the inbox into memberships is the lists pipeline's first step
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from listsync import metrics
 from listsync.db import inbox
-from listsync.db.session import describe_refusal, refused_by_data
+from listsync.db.session import describe_refusal, is_postgres, refused_by_data
 from listsync.domain import Rejection
 from listsync.ingest import extract, stored, validate
 from listsync.ingest.fast_path import InboxRow, accepted_row, row_of
@@ -103,43 +104,61 @@ def store_checked(
 
     `isolate`: should the database refuse an event, store the others and dead-letter it (in
     savepoints); False lets the refusal raise, for a caller that runs the work again isolated."""
-    events = checked.events
-    unique = _unique_by_message_id(events)
+    prepared = prepare(checked, source=source, now=now, postgres=is_postgres(session))
+    return store_prepared(session, prepared, isolate=isolate)
+
+
+@dataclass
+class Prepared:
+    """Checked events in the inbox's stored form, unique by messageId, made without a session
+    (`listsync ingest` makes them in a worker process), and the chunk's rejections."""
+
+    rows: list[inbox.StoredRow]
+    events: int  # accepted events, duplicates within the chunk included
+    rejections: list[tuple[str, str]]
+    source: str
+    now: datetime
+
+
+def prepare(checked: Checked, *, source: str, now: datetime, postgres: bool) -> Prepared:
+    """`checked` as the inbox stores it (`postgres`: for which database)."""
+    unique = _unique_by_message_id(checked.events)
+    rows = inbox.stored_rows(unique, source=source, now=now, rules=stored.RULES, postgres=postgres)
+    return Prepared(rows, len(checked.events), checked.rejections, source, now)
+
+
+def store_prepared(session: Session, prepared: Prepared, *, isolate: bool = True) -> IngestCounts:
+    """`store_checked` of a prepared chunk."""
     if isolate:
-        new, refused = _store_isolated(session, unique, source=source, now=now)
+        new, refused = _store_isolated(session, prepared.rows)
     else:
-        new, refused = _store(session, unique, source=source, now=now), []
-    rejections = checked.rejections + refused
-    inbox.store_rejections(session, rejections, source=source, now=now)
-    return IngestCounts(accepted=new, duplicates=len(events) - new - len(refused), rejected=len(rejections))
+        new, refused = inbox.insert_stored(session, prepared.rows), []
+    rejections = prepared.rejections + refused
+    inbox.store_rejections(session, rejections, source=prepared.source, now=prepared.now)
+    return IngestCounts(accepted=new, duplicates=prepared.events - new - len(refused), rejected=len(rejections))
 
 
-def _store_isolated(
-    session: Session, events: Sequence[InboxRow], *, source: str, now: datetime
-) -> tuple[int, list[tuple[str, str]]]:
-    """Store the events in one statement; should the database refuse one, store them one by one so
+def _store_isolated(session: Session, rows: Sequence[inbox.StoredRow]) -> tuple[int, list[tuple[str, str]]]:
+    """Store the rows in one statement; should the database refuse one, store them one by one so
     that only the refused events become rejections. Returns (new events, rejections)."""
     try:
         with session.begin_nested():
-            return _store(session, events, source=source, now=now), []
+            return inbox.insert_stored(session, rows), []
     except Exception as exc:
         if not refused_by_data(exc):
             raise
     new = 0
     refused: list[tuple[str, str]] = []
-    for event in events:
+    for row in rows:
         try:
             with session.begin_nested():
-                new += _store(session, [event], source=source, now=now)
+                new += inbox.insert_stored(session, [row])
         except Exception as exc:
             if not refused_by_data(exc):
                 raise
-            refused.append((f"storage_refused: {describe_refusal(exc)}", kept_payload(event.payload)))
+            payload = json.loads(inbox.stored_payload(row))
+            refused.append((f"storage_refused: {describe_refusal(exc)}", kept_payload(payload)))
     return new, refused
-
-
-def _store(session: Session, events: Sequence[InboxRow], *, source: str, now: datetime) -> int:
-    return inbox.store_events(session, events, source=source, now=now, rules=stored.RULES)
 
 
 def _unique_by_message_id(events: Sequence[InboxRow]) -> list[InboxRow]:

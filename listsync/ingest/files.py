@@ -41,9 +41,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from listsync.db import source_files
 from listsync.db.inbox import store_rejections
-from listsync.db.session import transaction
+from listsync.db.session import is_postgres, transaction
 from listsync.domain import FileVersion, Rejection
-from listsync.ingest import extract
+from listsync.ingest import extract, stream_worker
 from listsync.ingest.accept import IngestCounts, accept_items
 
 logger = logging.getLogger(__name__)
@@ -101,14 +101,22 @@ def ingest_stream(
 ) -> IngestCounts:
     """Store Segment-format events, one JSON object per line; blank lines are skipped.
 
-    Each chunk of lines is one transaction: a failure loses at most the chunk in flight, and a
+    Each chunk of lines is one transaction: a failure loses at most the chunks in flight, and a
     rerun of the same input stores nothing twice (events dedupe on messageId). A stream is read
-    through `bounded_lines`.
+    through `bounded_lines`; where the system can fork, by a worker process that also parses and
+    validates, while this one stores (`stream_worker`).
     """
     if hasattr(lines, "readline"):
         lines = bounded_lines(cast(IO[bytes], lines))
     total = IngestCounts()
     with _rare_collections():
+        if stream_worker.can_fork():
+            with factory() as session:
+                postgres = is_postgres(session)
+            batches = _batched(lines, chunk)
+            return stream_worker.ingest_forked(
+                factory, batches, _parse_lines, source=source, now_fn=now_fn, postgres=postgres
+            )
         for batch in _batched(lines, chunk):
             items = _parse_lines(batch)
             if not items:

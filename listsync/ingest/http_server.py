@@ -1,11 +1,16 @@
 """The socket and HTTP protocol under the receiver and the status page (`ReceiverServer`): a
-listener with Nagle's algorithm off, and uvicorn's h11 protocol with a deadline for headers."""
+listener with Nagle's algorithm off, uvicorn's h11 protocol with a deadline for headers, and
+an app that serves its busiest POST paths without Starlette's routing."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Any
 
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 # A connection that has not sent a request's headers within this time is closed (slow clients).
@@ -74,3 +79,41 @@ class GuardedH11Protocol(H11Protocol):
         self._header_deadline = None
         if not self.transport.is_closing():
             self.transport.close()
+
+
+class DirectPostApp(Starlette):
+    """Starlette, with `POST <path>` for the paths of `direct` served straight by their ASGI app:
+    the receiver's handler gives the same answers as through its routes, without the middleware
+    and route matching around each of its many requests. Any other request (another method, path
+    or a mount's) takes the routes."""
+
+    def __init__(self, *, routes: list[Any], direct: dict[str, ASGIApp]) -> None:
+        super().__init__(routes=routes)
+        self._direct = direct
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+            direct = self._direct.get(scope["path"])
+            if direct is not None:
+                scope["app"] = self
+                await _answering_errors(direct, scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+async def _answering_errors(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """What Starlette's ServerErrorMiddleware does for the routes: an exception that escapes is
+    answered 500 (if no answer was started) and raised again for the server to log."""
+    started = False
+
+    async def sending(message: Message) -> None:
+        nonlocal started
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, receive, sending)
+    except Exception:
+        if not started:
+            await PlainTextResponse("Internal Server Error", status_code=500)(scope, receive, send)
+        raise

@@ -57,7 +57,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from listsync import health, metrics
 from listsync.config import Settings
@@ -66,7 +66,7 @@ from listsync.domain import Rejection, utcnow
 from listsync.ingest import accept, extract, http_body, validate
 from listsync.ingest.group_commit import GroupCommitter
 from listsync.ingest.http_body import Outcome
-from listsync.ingest.http_server import GuardedH11Protocol, listening_socket
+from listsync.ingest.http_server import DirectPostApp, GuardedH11Protocol, listening_socket
 from listsync.ingest.scrub import scrub_text
 from listsync.ingest.webhook_route import Parser, webhook_route
 
@@ -115,7 +115,8 @@ def build_app(
     routes.append(webhook_route(settings, handler))
     routes += health.routes(settings, factory)
     routes.append(Route("/metrics", _metrics_endpoint(factory), methods=["GET"]))
-    return Starlette(routes=routes)
+    direct = {f"/v1/{name}": handler.asgi(kind) for name, kind in _ENDPOINTS.items()}
+    return DirectPostApp(routes=routes, direct=direct)
 
 
 def _metrics_endpoint(factory: sessionmaker[Session]) -> Callable[[Request], Any]:
@@ -143,6 +144,15 @@ class _Handler:
             return outcome.response()
 
         return receive
+
+    def asgi(self, path_type: str | None) -> ASGIApp:
+        """`endpoint` as a bare ASGI app (`http_server.DirectPostApp`)."""
+
+        async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+            outcome = await self._receive(Request(scope, receive), path_type)
+            await outcome.response()(scope, receive, send)
+
+        return serve
 
     async def _receive(self, request: Request, path_type: str | None) -> Outcome:
         header_key = http_body.header_write_key(request.headers.get("authorization"))
