@@ -40,8 +40,8 @@ _UNROUTED = (
 )
 
 _AUDIENCE_ROUTED = (
-    "UPDATE inbox SET routed_at = {now} WHERE id IN "
-    "(SELECT id FROM inbox WHERE routed_at IS NULL AND is_audience ORDER BY id LIMIT {limit})"
+    "UPDATE inbox SET routed_at = {now} WHERE routed_at IS NULL AND id IN "
+    "(SELECT id FROM inbox WHERE routed_at IS NULL AND is_audience ORDER BY id LIMIT {limit}{lock})"
 )
 
 
@@ -50,7 +50,11 @@ def mark_audience_routed(session: Session, now: datetime, limit: int) -> int:
     takes audience events they make no delivery); returns how many it marked. A first sync's
     inbox is mostly such events: reading and decoding each cost more than the rest of routing."""
     postgres = is_postgres(session)
-    sql = _AUDIENCE_ROUTED.format(now="%s" if postgres else "?", limit=int(limit))
+    # Rows a fold holds are left for the next batch, as `unrouted` does: waiting on them could
+    # deadlock with a `listsync plan` that folds and routes in one transaction.
+    sql = _AUDIENCE_ROUTED.format(
+        now="%s" if postgres else "?", limit=int(limit), lock=" FOR UPDATE SKIP LOCKED" if postgres else ""
+    )
     value: Any = now if postgres else stamp_for(False)(now)
     result = session.connection().exec_driver_sql(sql, (value,))
     return rows_affected(result)

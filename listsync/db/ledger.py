@@ -59,7 +59,9 @@ def _insert_items(
     session: Session, request_id: int, outcomes: Mapping[int, tuple[str, str | None]], sent: Sent
 ) -> None:
     """The members whose outcome is not the request's own: one statement of arrays on
-    PostgreSQL, the driver's own executemany on SQLite (a resolved request names every member)."""
+    PostgreSQL, the driver's own executemany on SQLite (a resolved request names every member).
+    A member a fold deleted while the request was out is left out (its items went with it before
+    revision 0010, by the foreign key's cascade)."""
     rows = [(i, outcome, error, *sent.get(i, (None, None))) for i, (outcome, error) in outcomes.items()]
     if not rows:
         return
@@ -68,14 +70,16 @@ def _insert_items(
             text(
                 f"INSERT INTO api_request_items ({_ITEM_COLUMNS}) SELECT :r, t.* FROM unnest("
                 "CAST(:ids AS bigint[]), CAST(:outcomes AS varchar[]), CAST(:errors AS text[]), "
-                "CAST(:emails AS varchar[]), CAST(:users AS varchar[])) AS t"
+                "CAST(:emails AS varchar[]), CAST(:users AS varchar[])) AS t(id, o, e, em, u) "
+                "WHERE EXISTS (SELECT 1 FROM memberships ms WHERE ms.id = t.id)"
             ),
             {"r": request_id, **{name: [row[n] for row in rows] for n, name in enumerate(_ITEM_ARRAYS)}},
         )
         return
     session.connection().exec_driver_sql(
-        f"INSERT INTO api_request_items ({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-        [(request_id, *row) for row in rows],
+        f"INSERT INTO api_request_items ({_ITEM_COLUMNS}) SELECT ?, ?, ?, ?, ?, ? "
+        "WHERE EXISTS (SELECT 1 FROM memberships WHERE id = ?)",
+        [(request_id, *row, row[0]) for row in rows],
     )
 
 
@@ -107,10 +111,15 @@ def finish_request(
         .where(m.ApiRequest.id == request_id)
         .values(**dataclasses.asdict(record), finished_at=now)
     )
+    others = {i: o for i, o in outcomes.items() if o != common} if common is not None else outcomes
+    if others:
+        # Only members the request still carries: one a fold deleted meanwhile left it (on SQLite
+        # its id may already be a newcomer's).
+        carried = set(request_member_ids(session, request_id))
+        others = {i: o for i, o in others.items() if i in carried}
     if common is None:
         # Every member named: a request written before revision 0010 already has its items.
         session.execute(delete(m.RequestItem).where(m.RequestItem.request_id == request_id))
-    others = {i: o for i, o in outcomes.items() if o != common} if common is not None else outcomes
     _insert_items(session, request_id, others, sent or {})
 
 

@@ -12,7 +12,8 @@ Revision ID: 0010
 Revises: 0009
 Create Date: 2026-12-01
 
-Rules for every revision: see 0001. Additive: one nullable column. The previous release ignores
+Rules for every revision: see 0001. Additive: one nullable column (and, on SQLite, a trigger that takes
+a deleted member out of the requests in flight). The previous release ignores
 it; it would resolve a request left in flight by this one as having no members (they are still
 pending, so they are simply sent again).
 """
@@ -36,6 +37,27 @@ _ITEMS_COMMENT = (
 )
 _ITEMS_COMMENT_BEFORE = "Per-member outcome of each list request."
 
+# SQLite gives a deleted row's id to the next insert when it was the highest (PostgreSQL's
+# sequences never do). A member a fold deletes while its request is in flight must leave the
+# request, as its item row did by the foreign key's cascade: else recovery would read the new
+# member that took its id as one the request carried.
+_LEAVE_TRIGGER = "memberships_leave_in_flight_requests"
+_LEAVE_SQLITE = f"""
+CREATE TRIGGER {_LEAVE_TRIGGER} AFTER DELETE ON memberships
+FOR EACH ROW WHEN EXISTS (
+    SELECT 1 FROM api_requests WHERE status = 'in_flight' AND audience_id = OLD.audience_id
+)
+BEGIN
+    UPDATE api_requests SET member_ids = (
+        SELECT json_group_array(value) FROM (
+            SELECT j.value AS value FROM json_each(api_requests.member_ids) AS j
+            WHERE j.value <> OLD.id ORDER BY j.key
+        )
+    )
+    WHERE status = 'in_flight' AND audience_id = OLD.audience_id AND member_ids IS NOT NULL;
+END
+"""
+
 
 def upgrade() -> None:
     with op.batch_alter_table("api_requests", schema=None) as batch_op:
@@ -49,10 +71,14 @@ def upgrade() -> None:
         )
     if op.get_bind().dialect.name == "postgresql":
         op.create_table_comment("api_request_items", _ITEMS_COMMENT, existing_comment=_ITEMS_COMMENT_BEFORE)
+    else:
+        op.execute(_LEAVE_SQLITE)
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.create_table_comment("api_request_items", _ITEMS_COMMENT_BEFORE, existing_comment=_ITEMS_COMMENT)
+    else:
+        op.execute(f"DROP TRIGGER IF EXISTS {_LEAVE_TRIGGER}")
     with op.batch_alter_table("api_requests", schema=None) as batch_op:
         batch_op.drop_column("member_ids")

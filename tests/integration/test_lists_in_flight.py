@@ -321,3 +321,31 @@ def test_the_ledger_names_members_in_the_request_row_and_reads_requests_written_
             (legacy, ids[0], "applied", None),
             (legacy, ids[1], "not_applied", None),
         ]
+
+
+def test_a_member_deleted_while_its_request_is_in_flight_leaves_the_request(database_url: str) -> None:
+    """The highest membership deleted (a fold's merge) while its request is out: SQLite hands its id
+    to the next member stored, which must not become one the request carried; and recording a
+    refusal for the deleted member writes no item for it, nor fails the record."""
+    settings = make_settings(database_url, "http://127.0.0.1:9")
+    with sync_context(settings) as ctx:
+        with transaction(ctx.factory) as session:
+            session.add(m.Audience(audience_key="gone", list_state=m.ListState.PENDING, settings={},
+                                   created_at=T0, updated_at=T0))
+        audience_id = int(_scalar(ctx, "SELECT id FROM audiences"))
+        ids = _store(ctx, audience_id, [_row(i) for i in range(3)])
+        with transaction(ctx.factory) as session:
+            request = ledger.begin_request(session, run_id=None, audience_id=audience_id, endpoint="lists/subscribe",
+                                           member_ids=ids, owner="test", now=T0)
+        with transaction(ctx.factory) as session:
+            memberships.delete_members(session, [ids[-1]])
+        newcomer = [i for i in _store(ctx, audience_id, [_row(9)]) if i not in ids[:-1]]
+        with transaction(ctx.factory) as session:
+            carried = ledger.request_member_ids(session, request)
+            assert newcomer[0] not in carried and [i for i in carried if i != ids[-1]] == ids[:-1]
+            refused = {ids[0]: ("invalid", "why"), ids[-1]: ("invalid", "why")}
+            ledger.finish_request(session, request, ledger.RequestRecord(status=m.RequestStatus.PARTIAL), T0,
+                                  refused, common=("ok", None))
+        with ctx.factory() as session:
+            items = session.execute(text("SELECT membership_id FROM api_request_items ORDER BY 1")).scalars().all()
+        assert list(items) == [ids[0]] and len(newcomer) == 1
