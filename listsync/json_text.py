@@ -68,10 +68,11 @@ def dumps_bytes(value: Any) -> bytes | None:
 
 
 def finite_dumps(value: Any) -> str:
-    """JSON text that `json.loads` reads back as `value`, refusing what `json.dumps(value,
-    allow_nan=False)` refuses (ValueError for NaN or Infinity, TypeError for what JSON has no
-    type for). orjson writes non-finite floats as null, so text with a null in it, and whatever
-    orjson will not encode, is encoded again by the stdlib, which raises or gives its own text."""
+    """JSON text that `json.loads` reads back as `value`, for a value made of JSON types (what a
+    request body holds): refusing what `json.dumps(value, allow_nan=False)` refuses (ValueError
+    for NaN or Infinity). orjson writes non-finite floats as null, so text with a null in it, and
+    whatever orjson will not encode, is encoded again by the stdlib, which raises or gives its own
+    text. (orjson also encodes dates, UUIDs and enums, which bodies never hold.)"""
     if orjson is not None:
         try:
             fast = orjson.dumps(value)

@@ -58,6 +58,9 @@ def guard_hold_reason(unsubscribes: int, synced_members: int, limits: GuardLimit
     )
 
 
+_COUNT_LIMIT = 2**62
+
+
 def guard_enough(unsubscribes: int, limits: GuardLimits) -> int | None:
     """How many synced members are enough to know the guard holds nothing (`guard_hold_reason`
     is None from that count up), so a run need not count a large audience to the end; None when
@@ -67,7 +70,10 @@ def guard_enough(unsubscribes: int, limits: GuardLimits) -> int | None:
     if limits.max_unsubscribe_fraction <= 0:
         return None
     # unsubscribes <= fraction * synced from here up (one more absorbs the division's rounding)
-    return max(limits.min_list_size, math.ceil(unsubscribes / limits.max_unsubscribe_fraction) + 1)
+    enough = unsubscribes / limits.max_unsubscribe_fraction
+    if enough >= _COUNT_LIMIT:  # a tiny fraction: beyond what a LIMIT (bigint) can say
+        return None
+    return max(limits.min_list_size, math.ceil(enough) + 1)
 
 
 def select_data_fields(traits: Mapping[str, Any] | None, names: Sequence[str]) -> dict[str, Any] | None:

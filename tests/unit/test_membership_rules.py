@@ -166,3 +166,9 @@ def test_guard_enough_is_where_the_guard_stops_holding(
         assert fraction == 0
     elif synced >= enough:
         assert planner.guard_hold_reason(unsubscribes, synced, limits) is None
+
+
+def test_guard_enough_with_a_tiny_fraction_asks_for_the_exact_count() -> None:
+    """A fraction so small that the bound would not fit a bigint LIMIT: count exactly instead."""
+    assert planner.guard_enough(5, planner.GuardLimits(1e-300, 0)) is None
+    assert planner.guard_enough(5, planner.GuardLimits(5e-300, 0)) is None
