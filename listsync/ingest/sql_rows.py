@@ -155,8 +155,11 @@ class RowReader:
         )
 
     def _traits(self, audience: Any, values: tuple[Any, ...]) -> _Traits:
-        # Typed key: 1, 1.0 and True are equal keys, but not the same JSON.
-        key = (audience, values, tuple(map(type, values)))
+        # Typed key: 1, 1.0 and True are equal keys, but not the same JSON; and values whose
+        # equal ones may encode differently (Decimal 1.0 and 1.00, -0.0 and 0.0, datetimes in
+        # two offsets) are keyed by their repr.
+        exact = tuple(value if type(value) in _EXACT_KEYS else repr(value) for value in values)
+        key = (audience, exact, tuple(map(type, values)))
         try:
             cached = self._cache.get(key)
         except TypeError:  # a value that is not hashable (a JSON column): not remembered
@@ -172,6 +175,9 @@ class RowReader:
         if isinstance(audience, str):
             traits.pop(audience, None)  # the event's own flag of that name overrides it
         return _traits_of(traits)
+
+
+_EXACT_KEYS = frozenset({str, int, bool, type(None)})
 
 
 def _with_plain(audience: Any, traits: _Traits) -> _Traits:

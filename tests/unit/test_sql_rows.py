@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -127,12 +128,13 @@ def test_the_row_reader_keeps_what_the_receiver_would_accept(row: tuple[Any, ...
 
 def test_one_reader_reads_every_row_as_a_fresh_reader_would() -> None:
     """The reader remembers the traits it encoded (per audience, by value and type, so 1, 1.0 and
-    True stay apart): rows that share them read exactly as each would alone, whatever their
+    True stay apart, and by repr where equal values encode apart: Decimal 1.0 and 1.00): rows that share them read exactly as each would alone, whatever their
     identities; and a snapshot row's messageId is the one its events get."""
     columns = ["audience_key", "user_id", "email", "plan", "n"]
     events = sql_rows.Events(NOW, "snap")
     identities = [("u1", None), (None, "a@example.com"), ("u\x00", None), ("u2", "x" * 250 + "@example.com")]
-    traits = [("pro", 1), ("pro", 1.0), ("pro", True), (None, {"a": [1]}), ("p\x00", 1), ("pro", float("nan"))]
+    traits = [("pro", 1), ("pro", 1.0), ("pro", True), (None, {"a": [1]}), ("p\x00", 1), ("pro", float("nan")),
+              ("pro", Decimal("1.0")), ("pro", Decimal("1.00")), ("pro", -0.0), ("pro", 0.0)]
     rows = [(aud, *who, *values) for aud in ("gold", "plan") for who in identities for values in traits]
     shared = sql_rows.RowReader(columns, events)
     for row in rows + rows[::-1]:
@@ -142,7 +144,8 @@ def test_one_reader_reads_every_row_as_a_fresh_reader_would() -> None:
             audience, user_id, email, properties, message_id = got
             built = events.entered(audience, user_id or None, email or None, properties)
             assert (message_id or f"sql:{audience}:{user_id}:{email}:snap") == built[0]
-            assert json.loads(built[-1])["properties"]["n"] == row[-1]
+            n = json.loads(built[-1])["properties"]["n"]
+            assert n == (str(row[-1]) if isinstance(row[-1], Decimal) else row[-1])
 
 
 def test_built_events_match_the_documented_shape() -> None:
