@@ -88,14 +88,17 @@ def ingest(settings: Settings, path: str, *, progress: bool = True) -> int:
 
     with _database(settings) as (_engine, factory):
         try:
-            if progress:
-                from listsync import progress as progress_display
+            # The reading worker is forked here, before the progress display opens a connection
+            # and starts its threads: a fork copies them.
+            with sources.path_reader(factory, path) as store:
+                if progress:
+                    from listsync import progress as progress_display
 
-                bars = progress_display.Display(terminal=sys.stderr.isatty())
-                with bars.shown(), progress_display.IngestMonitor(factory, bars):
-                    counts = sources.ingest_path(factory, path)
-            else:
-                counts = sources.ingest_path(factory, path)
+                    bars = progress_display.Display(terminal=sys.stderr.isatty())
+                    with bars.shown(), progress_display.IngestMonitor(factory, bars):
+                        counts = store()
+                else:
+                    counts = store()
         except OSError as exc:
             print(f"listsync: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
             return 2

@@ -3,6 +3,7 @@
     ListsyncError
     ├── ConfigError                 bad configuration: stop, exit status 2
     ├── IngestError                 an inbound event or body that cannot be accepted (dead-lettered)
+    ├── WorkerFailed                `listsync ingest`'s reading process failed or died (exit status 1)
     └── IterableError               anything Iterable answered, or failed to answer
         ├── RetryableError          429, 5xx, timeouts, dropped connections: try again later
         │   └── RateLimitedError    429 RateLimitExceeded; carries retry_after when known
@@ -27,6 +28,10 @@ class ConfigError(ListsyncError):
 
 class IngestError(ListsyncError):
     """An inbound event or request body that cannot be accepted."""
+
+
+class WorkerFailed(ListsyncError):
+    """The worker process that reads `listsync ingest`'s input failed or died; chunks stored before stay."""
 
 
 class IterableError(ListsyncError):

@@ -103,27 +103,64 @@ def ingest_stream(
 
     Each chunk of lines is one transaction: a failure loses at most the chunks in flight, and a
     rerun of the same input stores nothing twice (events dedupe on messageId). A stream is read
-    through `bounded_lines`; where the system can fork, by a worker process that also parses and
-    validates, while this one stores (`stream_worker`).
+    through `bounded_lines`. An input that cannot be read raises OSError (a corrupt or truncated
+    gzip too).
     """
+    with stream_reader(factory, lines, source=source, now_fn=now_fn, chunk=chunk) as store:
+        return store()
+
+
+@contextmanager
+def stream_reader(
+    factory: sessionmaker[Session],
+    lines: Iterable[bytes | _LongLine] | BinaryIO | IO[bytes],
+    *,
+    source: str,
+    now_fn: NowFn,
+    chunk: int = STREAM_CHUNK,
+) -> Iterator[stream_worker.Store]:
+    """`ingest_stream` in two steps: where the system can fork, a worker process that reads,
+    parses and validates starts here (`stream_worker`), and the store yielded stores what it makes.
+    Enter this before opening a connection or starting a thread: the worker would inherit them."""
     if hasattr(lines, "readline"):
         lines = bounded_lines(cast(IO[bytes], lines))
-    total = IngestCounts()
+    batches = _read(_batched(lines, chunk))
     with _rare_collections():
-        if stream_worker.can_fork():
-            with factory() as session:
-                postgres = is_postgres(session)
-            batches = _batched(lines, chunk)
-            return stream_worker.ingest_forked(
-                factory, batches, _parse_lines, source=source, now_fn=now_fn, postgres=postgres
-            )
-        for batch in _batched(lines, chunk):
-            items = _parse_lines(batch)
-            if not items:
-                continue
-            with transaction(factory) as session:
-                total.add(accept_items(session, items, source=source, now=now_fn()))
+        if not stream_worker.can_fork():
+            yield lambda: _store_here(factory, batches, source, now_fn)
+            return
+        with factory() as session:
+            postgres = is_postgres(session)  # from the engine: no connection is opened
+        with stream_worker.forked(
+            factory, batches, _parse_lines, source=source, now_fn=now_fn, postgres=postgres
+        ) as store:
+            yield store
+
+
+def _store_here(
+    factory: sessionmaker[Session], batches: Iterable[list[Any]], source: str, now_fn: NowFn
+) -> IngestCounts:
+    total = IngestCounts()
+    for batch in batches:
+        items = _parse_lines(batch)
+        if not items:
+            continue
+        with transaction(factory) as session:
+            total.add(accept_items(session, items, source=source, now=now_fn()))
     return total
+
+
+def _read(batches: Iterator[list[Any]]) -> Iterator[list[Any]]:
+    """`batches`, where an input that is corrupt or ends mid-stream (gzip's zlib.error and
+    EOFError) raises the OSError of any input that cannot be read."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (EOFError, zlib.error) as exc:
+            raise OSError(str(exc)) from exc
+        yield batch
 
 
 @contextmanager

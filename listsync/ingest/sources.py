@@ -4,7 +4,8 @@ configured source (drop folder, SQL query)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from listsync.config import Settings
 from listsync.domain import utcnow
 from listsync.ingest.accept import IngestCounts
-from listsync.ingest.files import ingest_stream, open_ndjson, poll_folder
+from listsync.ingest.files import open_ndjson, poll_folder, stream_reader
 from listsync.ingest.sql_source import poll_sql
 
 logger = logging.getLogger(__name__)
@@ -22,11 +23,13 @@ logger = logging.getLogger(__name__)
 NowFn = Callable[[], datetime]
 
 
-def ingest_path(factory: sessionmaker[Session], path: str) -> IngestCounts:
-    """`listsync ingest FILE`: NDJSON from a file, a .gz file, or stdin for `-`."""
+@contextmanager
+def path_reader(factory: sessionmaker[Session], path: str) -> Iterator[Callable[[], IngestCounts]]:
+    """`listsync ingest FILE`: NDJSON from a file, a .gz file, or stdin for `-`. The reading starts
+    here (see `files.stream_reader`); the function yielded stores it all and returns the counts."""
     source = "stdin" if path == "-" else f"file:{Path(path).name}"
-    with open_ndjson(path) as handle:
-        return ingest_stream(factory, handle, source=source, now_fn=utcnow)
+    with open_ndjson(path) as handle, stream_reader(factory, handle, source=source, now_fn=utcnow) as store:
+        yield store
 
 
 def poll_configured_sources(factory: sessionmaker[Session], settings: Settings) -> None:
