@@ -69,6 +69,10 @@ class Router:
             settings.track_named_pages,
         )
         self.takes_audiences = any(mapping.audiences for mapping in mappings)
+        # Marking audience events unread stops once a call finds fewer than a batch: each call
+        # scans the unrouted events, so calling it for every batch of an inbox without audience
+        # events would read the whole inbox per batch. Later arrivals wait for the next run.
+        self.unread_left = not self.takes_audiences
         self.done = False
 
     def route_batch(self, report: RouteCounts) -> bool:
@@ -84,7 +88,10 @@ class Router:
         if self.done:
             return False
         now = self.clock()
-        unread = 0 if self.takes_audiences else deliveries_db.mark_audience_routed(session, now, AUDIENCE_BATCH)
+        unread = 0
+        if self.unread_left:
+            unread = deliveries_db.mark_audience_routed(session, now, AUDIENCE_BATCH)
+            self.unread_left = unread == AUDIENCE_BATCH
         rows = deliveries_db.unrouted(session, ROUTE_BATCH, audiences=self.takes_audiences)
         made = [d for row in rows for d in self._route(row, now)]
         deliveries_db.insert_deliveries(session, made)
@@ -92,7 +99,7 @@ class Router:
         report.routed += len(rows) + unread
         report.skipped += sum(d[_STATE] == _SKIPPED for d in made)
         report.failed += sum(d[_STATE] == _FAILED for d in made)
-        self.done = len(rows) < ROUTE_BATCH and unread < AUDIENCE_BATCH
+        self.done = len(rows) < ROUTE_BATCH and not self.unread_left
         return not self.done
 
     def _route(self, row: deliveries_db.Unrouted, now: datetime) -> list[tuple[Any, ...]]:
