@@ -727,7 +727,7 @@ def test_dry_run_still_enforces_batch_limits() -> None:
 def test_api_key_never_reaches_logs_exceptions_or_reprs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     for name in ("httpx", "httpcore", "listsync"):
-        logging.getLogger(name).setLevel(logging.DEBUG)
+        caplog.set_level(logging.DEBUG, logger=name)  # restored after the test, unlike setLevel
     echo = f"Invalid API key: {KEY}"
     scenarios: list[tuple[Handler, Callable[[IterableClient], object]]] = [
         (lambda r: ok_bulk(), lambda c: c.subscribe(1, [ALICE], update_existing_users_only=False)),
