@@ -221,12 +221,22 @@ def test_audience_events_reach_profiles_only_through_a_configured_mapping(
 def test_audience_events_no_mapping_takes_are_routed_unread_in_batches(
     database_url: str, emulator: tuple[IterableEmulator, str], monkeypatch: Any
 ) -> None:
-    """With only the presets (none takes audience events) those events are marked routed in SQL;
-    small batches make every loop turn: the rest of the inbox is still routed, in id order."""
+    """With only the presets (none takes audience events) those events are marked routed in SQL,
+    never read; small batches make every loop turn: the rest of the inbox is still routed, in id
+    order."""
     from listsync.events import route
 
     monkeypatch.setattr(route, "AUDIENCE_BATCH", 3)
     monkeypatch.setattr(route, "ROUTE_BATCH", 2)
+    read: list[str] = []
+    read_unrouted = route.deliveries_db.unrouted
+
+    def reading(*args: Any, **kwargs: Any) -> Any:
+        rows = read_unrouted(*args, **kwargs)
+        read.extend(row.message_id for row in rows)
+        return rows
+
+    monkeypatch.setattr(route.deliveries_db, "unrouted", reading)
     emu, url = emulator
     events: list[dict[str, Any]] = []
     for i in range(5):
@@ -240,6 +250,7 @@ def test_audience_events_no_mapping_takes_are_routed_unread_in_batches(
             unrouted = session.execute(text("SELECT count(*) FROM inbox WHERE routed_at IS NULL")).scalar_one()
             routed = session.execute(text("SELECT count(*) FROM inbox WHERE routed_at IS NOT NULL")).scalar_one()
         assert (unrouted, routed) == (0, 15)
+        assert read == [f"i{i}" for i in range(5)]  # no audience event was read
         assert [row["event"] for row in _status(ctx)] == [f"i{i}" for i in range(5)]
     assert [body["userId"] for body in _bodies(emu, "users/update")] == [f"u{i}" for i in range(5)]
 
