@@ -335,6 +335,6 @@ def test_the_worker_ends_with_a_killed_parent(tmp_path: Path) -> None:
             return True
         return False
 
-    _until(nobody_reads_stdin, "the worker to end and release stdin", seconds=30)
+    _until(nobody_reads_stdin, "the worker to end and release stdin")
     with contextlib.suppress(BrokenPipeError):
         running.stdin.close()
